@@ -1,0 +1,75 @@
+"""What every collector hands the estimators: additive statistics of one optimizer step's small batches.
+
+A collector never returns a ratio.  Everything it returns is a sum (of squared norms, of counts, of inverse
+sizes), so statistics from several micro-batches or several ranks combine by addition before any estimate is
+computed (STYLE.md rule 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["SmallBatchStats", "Collector", "equal_split"]
+
+
+@dataclass(frozen=True)
+class SmallBatchStats:
+    """Sufficient statistics of the small batches of one optimizer step.
+
+    Units: gradients are measured in the units of ``p.grad`` *as if* ``p.grad`` held the mean gradient over the
+    step's ``B`` examples.  A small batch ``j`` of ``b_j`` examples whose share of ``p.grad`` is ``c_j`` has the
+    mean gradient ``G_j = (B / b_j) c_j``.  This makes B_simple independent of whether the loss is a mean or a
+    sum and of any 1/k accumulation scaling: both only rescale ``p.grad`` and every ``G_j`` alike.
+
+    Attributes:
+        small_sq_sum: ``(P,)`` tensor, ``sum_j |G_{j,p}|^2`` for each monitored parameter tensor ``p``.
+        n_small: number of small batches ``k``.
+        inv_size_sum: ``sum_j 1 / b_j``.
+        examples: examples the hooks saw in this step, or ``None`` when the source cannot count them.
+    """
+
+    small_sq_sum: torch.Tensor
+    n_small: int
+    inv_size_sum: float
+    examples: int | None
+
+
+class Collector(Protocol):
+    """A source of small-batch statistics, installed as hooks on the user's model.
+
+    A collector owns its buffers and hook handles; it never sets attributes on the user's modules or tensors.
+    """
+
+    source: str
+    """Name of the source: ``"example"``, ``"microbatch"``, ``"rank"``."""
+
+    params: Sequence[tuple[str, nn.Parameter]]
+    """The parameter tensors this collector measures, in the order of ``SmallBatchStats.small_sq_sum``."""
+
+    def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
+        """Return the statistics gathered since the last ``reset()``.
+
+        Raises:
+            StepError: if no backward pass reached the hooks, or ``batch_size`` contradicts what they saw.
+        """
+        ...
+
+    def reset(self) -> None:
+        """Forget what was gathered; called once per optimizer step, after ``collect``."""
+        ...
+
+    def close(self) -> None:
+        """Remove every hook; later backward passes of graphs built earlier are ignored."""
+        ...
+
+
+def equal_split(batch_size: int, n: int) -> list[int]:
+    """Sizes of ``n`` micro-batches that split ``batch_size`` examples as evenly as possible (``torch.tensor_split``-like:
+    the first ones take the remainder)."""
+    base, rem = divmod(batch_size, n)
+    return [base + (1 if i < rem else 0) for i in range(n)]

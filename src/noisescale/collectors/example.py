@@ -1,0 +1,227 @@
+"""The ``example`` source: per-example squared gradient norms from module hooks.
+
+Each layer with a registered norm rule gets one forward hook.  When the layer runs with autograd on, the hook
+registers a tensor hook on the layer's output; in the backward pass that hook receives the output gradient and
+the layer's rule turns ``(inputs, grad_output)`` into per-example squared norms of each parameter's gradient.
+Only their sum over examples is kept (one 0-d tensor per parameter and backward), because the two-batch
+estimator needs only ``sum_i |g_i|^2`` (McCandlish et al. 2018, App. A with small batches of one example).
+
+Needs only activations and output gradients, never ``p.grad``, so it also works on sharded parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from noisescale.collectors.base import SmallBatchStats
+from noisescale.collectors.rules import find_norm_rule, is_norm_layer
+from noisescale.collectors.rules.registry import NormRule
+from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
+
+__all__ = ["ExampleCollector", "Policy", "Scope"]
+
+Policy = Literal["error", "warn", "ignore"]
+Scope = Literal["all", "norm"]
+
+
+class ExampleCollector:
+    """Per-example squared gradient norms through the rule registry.
+
+    Args:
+        model: the model whose layers are hooked.
+        on_unsupported: what to do with trainable parameters that no rule covers (a layer without a rule, or a
+            parameter tied between layers): ``"error"`` raises at construction, ``"warn"`` warns once and leaves
+            them out, ``"ignore"`` leaves them out silently.  Left-out parameters are excluded from the big-batch
+            norm as well, so the estimate stays unbiased on the parameters it covers; see ``coverage``.
+        scope: ``"all"`` measures every supported layer; ``"norm"`` only normalisation layers (LayerNorm,
+            RMSNorm, ...), the cheap proxy of Gray et al. 2024.
+        keep_per_example: also keep the per-example vectors (for tests and diagnostics; costs memory).
+
+    Raises:
+        UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
+        SharedParameterError: with ``on_unsupported="error"``, for a parameter used by two layers.
+    """
+
+    source = "example"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        on_unsupported: Policy = "error",
+        scope: Scope = "all",
+        keep_per_example: bool = False,
+    ) -> None:
+        self.keep_per_example = keep_per_example
+        self.enabled = True
+        self._handles: list[RemovableHandle] = []
+        owners: dict[int, list[str]] = {}
+        for mname, module in model.named_modules(remove_duplicate=False):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append(_join(mname, pname))
+
+        covered: list[tuple[str, nn.Parameter]] = []
+        self._slots: dict[nn.Module, tuple[NormRule, dict[str, int]]] = {}
+        problems: list[str] = []
+        shared: list[str] = []
+        seen_modules: set[int] = set()
+        for mname, module in model.named_modules(remove_duplicate=False):
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if id(module) in seen_modules:
+                shared.append(f"module '{mname}' is registered twice in the model")
+                continue
+            seen_modules.add(id(module))
+            rule = find_norm_rule(module)
+            if rule is None:
+                problems.append(f"'{mname}' ({type(module).__name__}, params {[n for n, _ in own]})")
+                continue
+            if scope == "norm" and not is_norm_layer(module):
+                continue
+            index: dict[str, int] = {}
+            for pname, p in own:
+                names = owners[id(p)]
+                if len(names) > 1:
+                    shared.append(f"parameter shared by {names}")
+                    continue
+                index[pname] = len(covered)
+                covered.append((_join(mname, pname), p))
+            if index:
+                self._slots[module] = (rule, index)
+        if problems and on_unsupported != "ignore":
+            msg = (
+                "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
+                "Register one with @noisescale.register_norm_rule(LayerClass), use source='microbatch', or pass "
+                "on_unsupported='warn' to measure the other layers (coverage is reported)."
+            )
+            if on_unsupported == "error":
+                raise UnsupportedLayerError(msg)
+            warnings.warn(msg, stacklevel=3)
+        if shared and on_unsupported != "ignore":
+            msg = (
+                "tied weights cannot be measured per example by adding per-layer norms: "
+                + "; ".join(sorted(set(shared)))
+                + ". Pass on_unsupported='warn' to leave them out (coverage is reported), or use source='microbatch'."
+            )
+            if on_unsupported == "error":
+                raise SharedParameterError(msg)
+            warnings.warn(msg, stacklevel=3)
+        if scope == "norm" and not covered:
+            raise UnsupportedLayerError(
+                "scope='norm' found no trainable normalisation layer (LayerNorm, RMSNorm, ...) in the model; "
+                "use scope='all'"
+            )
+
+        self.params: list[tuple[str, nn.Parameter]] = covered
+        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.coverage = (sum(p.numel() for _, p in covered) / total) if total else 0.0
+        self._device = covered[0][1].device if covered else torch.device("cpu")
+        self._idx: list[int] = []
+        self._vals: list[torch.Tensor] = []
+        self._per_example: dict[int, list[torch.Tensor]] = {}
+        self._examples: dict[nn.Module, int] = {}
+        for module in self._slots:
+            self._handles.append(module.register_forward_hook(self._on_forward))
+
+    # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
+
+    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if not (self.enabled and torch.is_grad_enabled()):
+            return
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        # The closure keeps `inputs` alive until backward; autograd already saves them for the weight gradient.
+        output.register_hook(functools.partial(self._on_grad_output, module, inputs))
+
+    def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        rule, index = self._slots[module]
+        with torch.no_grad():
+            norms = rule(module, inputs, grad_output)
+            for pname, sq in norms.items():
+                slot = index.get(pname)
+                if slot is None:
+                    continue
+                self._idx.append(slot)
+                self._vals.append(sq.sum(dtype=torch.float32) if sq.dtype != torch.float64 else sq.sum())
+                if self.keep_per_example:
+                    self._per_example.setdefault(slot, []).append(sq.detach())
+        self._examples[module] = self._examples.get(module, 0) + grad_output.shape[0]
+
+    # -- step interface ----------------------------------------------------------------------------------------
+
+    def examples_seen(self) -> int | None:
+        """Examples whose output gradients reached the hooks since the last reset (checked consistent)."""
+        if not self._examples:
+            return None
+        counts = set(self._examples.values())
+        if len(counts) > 1:
+            detail = ", ".join(f"{type(m).__name__}: {n}" for m, n in self._examples.items())
+            raise StepError(
+                "layers saw different numbers of examples in this step "
+                f"({detail}); a layer called several times per example (shared weights, recurrence) cannot be "
+                "measured per example. Use source='microbatch' or exclude that layer."
+            )
+        return counts.pop()
+
+    def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
+        """Sum the per-example squared norms gathered since the last reset; see ``SmallBatchStats``."""
+        seen = self.examples_seen()
+        if seen is None or not self._vals:
+            raise StepError(
+                "monitor.step() was called but no backward pass reached the monitored layers since the last "
+                "step; call loss.backward() (for every micro-batch) before monitor.step()"
+            )
+        if seen != batch_size:
+            raise StepError(
+                f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
+                "last step; pass the number of examples of the whole optimizer step (all micro-batches)"
+            )
+        vals = torch.stack(self._vals)
+        dtype = vals.dtype
+        sums = torch.zeros(len(self.params), dtype=dtype, device=vals.device)
+        sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals)
+        # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units).
+        return SmallBatchStats(
+            small_sq_sum=sums * float(batch_size) ** 2,
+            n_small=batch_size,
+            inv_size_sum=float(batch_size),
+            examples=seen,
+        )
+
+    def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
+        """Per-example squared norms (shares of ``p.grad``) gathered since the last reset, by parameter name.
+
+        Needs ``keep_per_example=True``.  Micro-batches are concatenated in the order their backward ran.
+        """
+        if not self.keep_per_example:
+            raise RuntimeError("construct the collector with keep_per_example=True to keep per-example norms")
+        return {self.params[slot][0]: torch.cat(v) for slot, v in self._per_example.items()}
+
+    def reset(self) -> None:
+        self._idx = []
+        self._vals = []
+        self._per_example = {}
+        self._examples = {}
+
+    def close(self) -> None:
+        self.enabled = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+

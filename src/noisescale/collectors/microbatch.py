@@ -1,0 +1,116 @@
+"""The ``microbatch`` source: the squared norm of each micro-batch's gradient under gradient accumulation.
+
+A tensor hook on every parameter receives the gradient of each backward pass *before* it is added to
+``p.grad``, so each micro-batch's share ``c_{j,p}`` is seen without copying any gradient.  Only
+``sum_j |c_{j,p}|^2`` is kept per parameter (one dot product per parameter and backward): the estimator
+needs ``sum_j |G_j|^2`` and ``sum_j |G_{j,p}|^2 = sum_j (B/b_j)^2 |c_{j,p}|^2`` is additive over parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from noisescale.collectors.base import SmallBatchStats, equal_split
+from noisescale.errors import StepError
+
+__all__ = ["MicrobatchCollector"]
+
+
+class MicrobatchCollector:
+    """Squared norms of the micro-batch gradients of one optimizer step.
+
+    Each ``backward()`` between two ``step()`` calls is one micro-batch.  Their sizes default to an even split
+    of the step's batch (``torch.tensor_split``-like); pass ``micro_batch_sizes`` to ``collect`` otherwise.
+    Shares are weighted as if every example contributed equally to ``p.grad`` (a mean or sum loss over the
+    whole step, the usual ``loss / k`` accumulation with equal micro-batches).
+
+    Args:
+        model: the model whose trainable parameters are hooked.
+    """
+
+    source = "microbatch"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.enabled = True
+        self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.coverage = 1.0 if self.params else 0.0
+        self._handles: list[RemovableHandle] = [
+            p.register_hook(functools.partial(self._on_grad, i)) for i, (_, p) in enumerate(self.params)
+        ]
+        self._idx: list[int] = []
+        self._vals: list[torch.Tensor] = []
+        self._counts = [0] * len(self.params)
+
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        flat = grad.detach().reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        self._idx.append(slot)
+        self._vals.append(torch.dot(flat, flat))  # one kernel, no temporary
+        self._counts[slot] += 1
+
+    def micro_batches_seen(self) -> int:
+        """Backward passes seen since the last reset (the most any one parameter received)."""
+        return max(self._counts, default=0)
+
+    def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
+        """Micro-batch statistics since the last reset; see ``SmallBatchStats``."""
+        k = self.micro_batches_seen()
+        if k == 0:
+            raise StepError(
+                "monitor.step() was called but no backward pass reached the model's parameters since the last "
+                "step; call loss.backward() (for every micro-batch) before monitor.step()"
+            )
+        if micro_batch_sizes is None:
+            if k > batch_size:
+                raise StepError(
+                    f"saw {k} backward passes but batch_size={batch_size}: each micro-batch needs at least one "
+                    "example; pass the number of examples of the whole optimizer step"
+                )
+            sizes = equal_split(batch_size, k)
+        else:
+            sizes = [int(s) for s in micro_batch_sizes]
+            if len(sizes) != k or sum(sizes) != batch_size or min(sizes) <= 0:
+                raise StepError(
+                    f"micro_batch_sizes={list(sizes)} must list {k} positive sizes (one per backward seen) that "
+                    f"sum to batch_size={batch_size}"
+                )
+        vals = torch.stack(self._vals)
+        sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+        if len(set(sizes)) == 1:
+            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals)
+            sums = sums * (batch_size / sizes[0]) ** 2
+        else:
+            # The n-th gradient a parameter received belongs to micro-batch n.
+            order: list[int] = []
+            seen = [0] * len(self.params)
+            for slot in self._idx:
+                order.append(seen[slot])
+                seen[slot] += 1
+            weights = torch.tensor([(batch_size / sizes[j]) ** 2 for j in order], dtype=vals.dtype, device=vals.device)
+            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals * weights)
+        return SmallBatchStats(
+            small_sq_sum=sums,
+            n_small=k,
+            inv_size_sum=sum(1.0 / s for s in sizes),
+            examples=None,
+        )
+
+    def reset(self) -> None:
+        self._idx = []
+        self._vals = []
+        self._counts = [0] * len(self.params)
+
+    def close(self) -> None:
+        self.enabled = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()

@@ -1,0 +1,59 @@
+"""Per-example squared gradient norms of ``nn.Linear``.
+
+For one example with inputs ``x_t`` (``t`` over the sequence positions, ``T = 1`` for a 2-D input) and output
+gradients ``g_t``, the weight gradient is ``W_i = sum_t g_t x_t^T`` and the bias gradient ``sum_t g_t``.
+
+* 2-D input ``(B, d_in)``: ``|W_i|^2 = |g_i|^2 |x_i|^2`` exactly, at ``O(B (d_in + d_out))``.
+* 3-D input ``(B, T, d_in)``: either the "ghost" form (Goodfellow 2015; Li et al. 2022)
+  ``|W_i|^2 = sum_{t,s} (x_t . x_s)(g_t . g_s)``, at ``O(B T^2 (d_in + d_out))`` and ``(B, T, T)`` memory, or
+  the materialised ``W_i = G_i^T X_i`` at ``O(B T d_in d_out)`` and ``(B, d_out, d_in)`` memory; the cheaper
+  one is chosen per call from the shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noisescale.collectors.rules.common import as_float, flatten_sequence
+from noisescale.collectors.rules.registry import register_norm_rule
+
+__all__ = ["linear_rule", "sq_norm_of_sum_over_positions"]
+
+
+def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example ``|sum_t g_t x_t^T|_F^2`` for ``x: (B, T, m)`` and ``g: (B, T, n)``; returns ``(B,)``.
+
+    Picks the ghost Gram form when ``T^2 (m + n) < T m n`` (fewer multiply-adds), else materialises.
+    """
+    _, t, m = x.shape
+    n = g.shape[-1]
+    if t * (m + n) < m * n:
+        # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
+        gram_x = torch.bmm(x, x.transpose(1, 2))
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        return (gram_x * gram_g).sum(dim=(1, 2))
+    per_example = torch.bmm(g.transpose(1, 2), x)  # (B, n, m)
+    return per_example.square().sum(dim=(1, 2))
+
+
+@register_norm_rule(nn.Linear)
+def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.Linear`` (see the module docstring)."""
+    assert isinstance(module, nn.Linear)
+    x = as_float(inputs[0])  # type: ignore[arg-type]
+    g = as_float(grad_output)
+    out: dict[str, torch.Tensor] = {}
+    if x.dim() == 2:
+        g_sq = g.square().sum(1)  # (B,)
+        if module.weight.requires_grad:
+            out["weight"] = g_sq * x.square().sum(1)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = g_sq
+        return out
+    x3, g3 = flatten_sequence(x), flatten_sequence(g)  # (B, T, d)
+    if module.weight.requires_grad:
+        out["weight"] = sq_norm_of_sum_over_positions(x3, g3)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = g3.sum(1).square().sum(1)
+    return out

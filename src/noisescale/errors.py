@@ -1,0 +1,34 @@
+"""The one small hierarchy of errors noisescale raises.
+
+Every message says what was expected, what came, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NoiseScaleError",
+    "ConfigError",
+    "UnsupportedLayerError",
+    "SharedParameterError",
+    "StepError",
+]
+
+
+class NoiseScaleError(Exception):
+    """Base class of every error raised by noisescale."""
+
+
+class ConfigError(NoiseScaleError, ValueError):
+    """An argument given at construction is out of range or of the wrong kind."""
+
+
+class UnsupportedLayerError(NoiseScaleError, TypeError):
+    """A layer holds trainable parameters but no per-example norm rule is registered for it."""
+
+
+class SharedParameterError(NoiseScaleError, ValueError):
+    """A parameter is used by several layers (tied weights), so per-layer norms cannot simply be added."""
+
+
+class StepError(NoiseScaleError, RuntimeError):
+    """``GNSMonitor.step()`` was called in a state that cannot give a measurement (no backward, wrong size)."""

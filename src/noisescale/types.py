@@ -1,0 +1,220 @@
+"""What ``GNSMonitor.step()`` returns: a measurement of the gradient noise scale, whole-model and per layer.
+
+A ``Measurement`` holds its numbers as one small device tensor and turns them into Python floats only when one
+is read, so a training loop that does not look at every step pays no host synchronisation for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
+
+Status = Literal["ok", "skipped", "undefined"]
+
+COLUMNS = (
+    "b_simple",
+    "b_simple_low",
+    "b_simple_high",
+    "b_simple_raw",
+    "grad_sq",
+    "trace_cov",
+    "grad_sq_raw",
+    "trace_cov_raw",
+)
+"""The columns of a measurement table, in order; one row for the whole model, then one per layer/module."""
+
+
+def _clean(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """The noise scale of one parameter tensor or one module (smoothed, with band, and this step's raw value).
+
+    Attributes:
+        b_simple: smoothed ``tr(Sigma) / |G|^2``; ``None`` while undefined (no signal yet, zero gradient).
+        b_simple_low, b_simple_high: the uncertainty band (``0`` and ``inf`` when the data cannot bound it).
+        b_simple_raw: this step alone (noisy, biased); ``None`` where its ``|G|^2`` estimate is not positive.
+        grad_sq, trace_cov: smoothed unbiased ``|G|^2`` and ``tr(Sigma)``.
+        grad_sq_raw, trace_cov_raw: this step's unbiased estimates (``|G|^2`` may be negative).
+    """
+
+    b_simple: float | None
+    b_simple_low: float | None
+    b_simple_high: float | None
+    b_simple_raw: float | None
+    grad_sq: float | None
+    trace_cov: float | None
+    grad_sq_raw: float | None
+    trace_cov_raw: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {c: getattr(self, c) for c in COLUMNS}
+
+
+class Measurement:
+    """One optimizer step's measurement.  Reading any number synchronises with the device once.
+
+    Attributes:
+        step: optimizer steps measured so far, this one included.
+        examples: examples seen so far, this step included.
+        batch_size: examples in this step (all micro-batches, all ranks).
+        source: the collector that produced it (``"example"``, ``"microbatch"``, ``"rank"``).
+        coverage: fraction of trainable parameter entries the measurement covers.
+        b_simple, b_simple_low, b_simple_high, b_simple_raw, grad_sq, trace_cov, grad_sq_raw, trace_cov_raw:
+            whole-model values, as in ``LayerMeasurement``.
+        layers: per parameter tensor (``"encoder.0.weight"``), empty unless ``per_layer``.
+        modules: the same grouped per module (``"encoder.0"``).
+        status: ``"ok"``; ``"skipped"`` when the step had a non-finite gradient or statistic and was left out of
+            the averages; ``"undefined"`` when it carried no signal (zero gradient) or too few small batches.
+        skipped_steps: steps skipped so far for non-finite values.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: torch.Tensor,
+        flags: torch.Tensor,
+        layer_names: Sequence[str],
+        module_names: Sequence[str],
+        step: int,
+        examples: int,
+        batch_size: int,
+        source: str,
+        coverage: float,
+        undefined_reason: str | None = None,
+    ) -> None:
+        self._table = table.detach()
+        self._flags = flags.detach()
+        self._layer_names = tuple(layer_names)
+        self._module_names = tuple(module_names)
+        self._rows: list[list[float]] | None = None
+        self._status: Status | None = None
+        self._skipped = 0
+        self.step = step
+        self.examples = examples
+        self.batch_size = batch_size
+        self.source = source
+        self.coverage = coverage
+        self.undefined_reason = undefined_reason
+        self._layers: dict[str, LayerMeasurement] | None = None
+        self._modules: dict[str, LayerMeasurement] | None = None
+
+    def _materialize(self) -> list[list[float]]:
+        if self._rows is None:
+            # The single host sync of a measurement: one small copy, only when a number is read.
+            self._rows = self._table.to("cpu", torch.float64).tolist()
+            nonfinite, undefined, skipped = self._flags.to("cpu").tolist()
+            self._skipped = int(skipped)
+            if nonfinite:
+                self._status = "skipped"
+            elif undefined or self.undefined_reason:
+                self._status = "undefined"
+            else:
+                self._status = "ok"
+        return self._rows
+
+    def _value(self, col: int) -> float | None:
+        return _clean(self._materialize()[0][col])
+
+    @property
+    def b_simple(self) -> float | None:
+        """Whole-model ``b_simple`` (see ``LayerMeasurement``)."""
+        return self._value(0)
+
+    @property
+    def b_simple_low(self) -> float | None:
+        """Whole-model ``b_simple_low`` (see ``LayerMeasurement``)."""
+        return self._value(1)
+
+    @property
+    def b_simple_high(self) -> float | None:
+        """Whole-model ``b_simple_high`` (see ``LayerMeasurement``)."""
+        return self._value(2)
+
+    @property
+    def b_simple_raw(self) -> float | None:
+        """Whole-model ``b_simple_raw`` (see ``LayerMeasurement``)."""
+        return self._value(3)
+
+    @property
+    def grad_sq(self) -> float | None:
+        """Whole-model ``grad_sq`` (see ``LayerMeasurement``)."""
+        return self._value(4)
+
+    @property
+    def trace_cov(self) -> float | None:
+        """Whole-model ``trace_cov`` (see ``LayerMeasurement``)."""
+        return self._value(5)
+
+    @property
+    def grad_sq_raw(self) -> float | None:
+        """Whole-model ``grad_sq_raw`` (see ``LayerMeasurement``)."""
+        return self._value(6)
+
+    @property
+    def trace_cov_raw(self) -> float | None:
+        """Whole-model ``trace_cov_raw`` (see ``LayerMeasurement``)."""
+        return self._value(7)
+
+    def _row(self, i: int) -> LayerMeasurement:
+        return LayerMeasurement(*(_clean(v) for v in self._materialize()[i]))
+
+    @property
+    def total(self) -> LayerMeasurement:
+        """The whole-model row."""
+        return self._row(0)
+
+    @property
+    def status(self) -> Status:
+        self._materialize()
+        assert self._status is not None
+        return self._status
+
+    @property
+    def skipped_steps(self) -> int:
+        self._materialize()
+        return self._skipped
+
+    @property
+    def layers(self) -> Mapping[str, LayerMeasurement]:
+        if self._layers is None:
+            self._layers = {n: self._row(1 + i) for i, n in enumerate(self._layer_names)}
+        return self._layers
+
+    @property
+    def modules(self) -> Mapping[str, LayerMeasurement]:
+        if self._modules is None:
+            off = 1 + len(self._layer_names)
+            self._modules = {n: self._row(off + i) for i, n in enumerate(self._module_names)}
+        return self._modules
+
+    def to_dict(self, *, per_layer: bool = True) -> dict[str, Any]:
+        """Plain Python values (JSON-ready; ``inf`` stays a float), for stores and sinks."""
+        out: dict[str, Any] = {
+            "step": self.step,
+            "examples": self.examples,
+            "batch_size": self.batch_size,
+            "source": self.source,
+            "coverage": self.coverage,
+            "status": self.status,
+            "skipped_steps": self.skipped_steps,
+            **self.total.to_dict(),
+        }
+        if per_layer:
+            out["layers"] = {n: v.to_dict() for n, v in self.layers.items()}
+            out["modules"] = {n: v.to_dict() for n, v in self.modules.items()}
+        return out
+
+    def __repr__(self) -> str:
+        t = self.total
+        band = f"[{t.b_simple_low:.4g}, {t.b_simple_high:.4g}]" if t.b_simple_low is not None else "[?]"
+        b = f"{t.b_simple:.4g}" if t.b_simple is not None else "undefined"
+        return f"Measurement(step={self.step}, b_simple={b} {band}, status={self.status!r}, source={self.source!r})"
