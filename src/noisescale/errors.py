@@ -6,11 +6,11 @@ Every message says what was expected, what came, and how to fix it.
 from __future__ import annotations
 
 __all__ = [
-    "NoiseScaleError",
     "ConfigError",
-    "UnsupportedLayerError",
+    "NoiseScaleError",
     "SharedParameterError",
     "StepError",
+    "UnsupportedLayerError",
 ]
 
 

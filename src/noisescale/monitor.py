@@ -92,7 +92,9 @@ class GNSMonitor:
         _check_choice("scope", scope, _SCOPES)
         if scope == "norm" and source == "microbatch":
             raise ConfigError("scope='norm' needs per-example norms: use source='example' or 'auto'")
-        if halflife is not None and not (isinstance(halflife, (int, float)) and math.isfinite(halflife) and halflife > 0):
+        if halflife is not None and not (
+            isinstance(halflife, (int, float)) and math.isfinite(halflife) and halflife > 0
+        ):
             raise ConfigError(f"halflife must be a positive number of examples or None, got {halflife!r}")
         if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
             raise ConfigError(f"confidence must be a float in (0, 1), e.g. 0.9, got {confidence!r}")
@@ -139,7 +141,7 @@ class GNSMonitor:
 
     @property
     def coverage(self) -> float | None:
-        return self._active.coverage if self._active is not None else None  # type: ignore[attr-defined]
+        return self._active.coverage if self._active is not None else None
 
     def step(self, batch_size: int, *, micro_batch_sizes: Sequence[int] | None = None) -> Measurement:
         """Measure the step whose gradients were just accumulated; call once per optimizer step.
@@ -287,7 +289,9 @@ class GNSMonitor:
         low = torch.where(defined, low, nan_r)
         high = torch.where(defined, high, nan_r)
         raw_ok = mask & (grad_sq_raw > 0)
-        b_raw = torch.where(raw_ok, trace_cov_raw / torch.where(raw_ok, grad_sq_raw, torch.ones_like(grad_sq_raw)), nan_r)
+        b_raw = torch.where(
+            raw_ok, trace_cov_raw / torch.where(raw_ok, grad_sq_raw, torch.ones_like(grad_sq_raw)), nan_r
+        )
         g_raw = torch.where(finite, grad_sq_raw, nan_r)
         t_raw = torch.where(finite, trace_cov_raw, nan_r)
         table = torch.stack([b_simple, low, high, b_raw, mom.grad_sq, mom.trace_cov, g_raw, t_raw], dim=1)
@@ -301,7 +305,7 @@ class GNSMonitor:
             examples=self.examples,
             batch_size=batch_size,
             source=collector.source,
-            coverage=collector.coverage,  # type: ignore[attr-defined]
+            coverage=collector.coverage,
             undefined_reason=undefined_reason,
         )
 

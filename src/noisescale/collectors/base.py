@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["SmallBatchStats", "Collector", "equal_split"]
+__all__ = ["Collector", "SmallBatchStats", "equal_split"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,20 @@ class Collector(Protocol):
     A collector owns its buffers and hook handles; it never sets attributes on the user's modules or tensors.
     """
 
-    source: str
-    """Name of the source: ``"example"``, ``"microbatch"``, ``"rank"``."""
+    @property
+    def source(self) -> str:
+        """Name of the source: ``"example"``, ``"microbatch"``, ``"rank"``."""
+        ...
 
-    params: Sequence[tuple[str, nn.Parameter]]
-    """The parameter tensors this collector measures, in the order of ``SmallBatchStats.small_sq_sum``."""
+    @property
+    def params(self) -> Sequence[tuple[str, nn.Parameter]]:
+        """The parameter tensors this collector measures, in the order of ``SmallBatchStats.small_sq_sum``."""
+        ...
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the model's trainable parameter entries that ``params`` covers."""
+        ...
 
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
         """Return the statistics gathered since the last ``reset()``.
@@ -69,7 +78,9 @@ class Collector(Protocol):
 
 
 def equal_split(batch_size: int, n: int) -> list[int]:
-    """Sizes of ``n`` micro-batches that split ``batch_size`` examples as evenly as possible (``torch.tensor_split``-like:
-    the first ones take the remainder)."""
+    """Sizes of ``n`` micro-batches that split ``batch_size`` examples as evenly as possible.
+
+    Like ``torch.tensor_split``: the first ones take the remainder.
+    """
     base, rem = divmod(batch_size, n)
     return [base + (1 if i < rem else 0) for i in range(n)]

@@ -224,4 +224,3 @@ class ExampleCollector:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-__all__ = ["EMAState", "SmoothedMoments", "ema_init", "ema_update", "ema_moments", "decay_for"]
+__all__ = ["EMAState", "SmoothedMoments", "decay_for", "ema_init", "ema_moments", "ema_update"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ def ema_init(rows: int, *, device: torch.device | str = "cpu", dtype: torch.dtyp
     return EMAState(w=z, w2=z, g=z, t=z, gg=z, tt=z, gt=z, n=z)
 
 
-def ema_update(state: EMAState, grad_sq: torch.Tensor, trace_cov: torch.Tensor, beta: float, mask: torch.Tensor) -> EMAState:
+def ema_update(
+    state: EMAState, grad_sq: torch.Tensor, trace_cov: torch.Tensor, beta: float, mask: torch.Tensor
+) -> EMAState:
     """Fold one step's raw estimates into the averages, for the rows where ``mask`` is true.
 
     Rows where ``mask`` is false (a skipped or undefined step) keep their state unchanged: no decay either, so a

@@ -1,0 +1,290 @@
+"""GNSMonitor: invariances, bad input, state_dict round trip, clean removal."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import noisescale as ns
+
+B = 32
+
+
+def make_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def batch(seed, n=B, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g, dtype=dtype)
+    # Labels mostly follow the inputs, so the mean gradient is clearly non-zero at initialisation.
+    y = torch.where(torch.rand(n, generator=g) < 0.8, x[:, :3].argmax(1), torch.randint(0, 3, (n,), generator=g))
+    return x, y
+
+
+def run_step(model, monitor, x, y, *, reduction="mean", k=1, scaler=None, micro_scale=True):
+    for xs, ys in zip(x.chunk(k), y.chunk(k)):
+        loss = nn.functional.cross_entropy(model(xs), ys, reduction=reduction)
+        if micro_scale:
+            loss = loss / k
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    m = monitor.step(batch_size=len(x))
+    return m
+
+
+@pytest.mark.parametrize("source", ["example", "microbatch"])
+def test_b_simple_invariant_to_mean_vs_sum_accumulation_scale_and_loss_scale(source):
+    x, y = batch(1)
+    values = []
+    settings = [
+        dict(reduction="mean", k=4),
+        dict(reduction="sum", k=4),
+        dict(reduction="mean", k=4, micro_scale=False),
+        dict(reduction="mean", k=4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12)),
+    ]
+    if source == "example":
+        settings += [dict(reduction="mean", k=1), dict(reduction="sum", k=2)]
+    for kw in settings:
+        model = make_model()
+        scaler = kw.get("scaler")
+        with ns.GNSMonitor(model, source=source, scaler=scaler) as mon:
+            m = run_step(model, mon, x, y, **kw)
+        layer = m.layers["2.weight"]
+        values.append((m.trace_cov_raw / m.grad_sq_raw, layer.trace_cov_raw / layer.grad_sq_raw))
+    for v in values[1:]:
+        assert v[0] == pytest.approx(values[0][0], rel=1e-9)
+        assert v[1] == pytest.approx(values[0][1], rel=1e-9)
+
+
+def test_grad_sq_is_reported_unscaled_under_grad_scaler_before_or_after_unscale():
+    x, y = batch(2)
+    ref_model = make_model()
+    with ns.GNSMonitor(ref_model, source="example") as mon:
+        ref = run_step(ref_model, mon, x, y)
+    for unscale_first in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        with ns.GNSMonitor(model, source="example", scaler=scaler) as mon:
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            if unscale_first:
+                scaler.unscale_(opt)
+            m = mon.step(batch_size=B)
+        assert m.grad_sq_raw == pytest.approx(ref.grad_sq_raw, rel=1e-9)
+        assert m.trace_cov_raw == pytest.approx(ref.trace_cov_raw, rel=1e-9)
+
+
+def test_per_layer_rows_add_up_to_the_total():
+    model = make_model()
+    x, y = batch(3)
+    with ns.GNSMonitor(model, source="example") as mon:
+        m = run_step(model, mon, x, y)
+    assert set(m.layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert set(m.modules) == {"0", "2"}
+    assert sum(v.trace_cov_raw for v in m.layers.values()) == pytest.approx(m.trace_cov_raw)
+    assert m.modules["0"].grad_sq_raw == pytest.approx(
+        m.layers["0.weight"].grad_sq_raw + m.layers["0.bias"].grad_sq_raw
+    )
+
+
+def test_nan_gradient_is_skipped_and_counted_without_moving_the_average():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        for s in range(5):
+            m = run_step(model, mon, *batch(s))
+            model.zero_grad()
+        before = (m.b_simple, m.grad_sq, m.trace_cov)
+        x, y = batch(99)
+        x[3, 0] = float("nan")
+        bad = run_step(model, mon, x, y)
+        assert bad.status == "skipped" and bad.skipped_steps == 1
+        assert (bad.b_simple, bad.grad_sq, bad.trace_cov) == before
+        assert bad.b_simple_raw is None
+        model.zero_grad()
+        good = run_step(model, mon, *batch(6))
+        assert good.status == "ok" and good.skipped_steps == 1 and math.isfinite(good.b_simple)
+
+
+def test_fp16_style_overflow_step_is_skipped():
+    model = make_model(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # The first step overflows float32 (as fp16 steps overflow at 65504); the scaler then backs off far.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-110)
+    with ns.GNSMonitor(model, source="example", scaler=scaler) as mon:
+        statuses = []
+        for s in range(10):
+            x, y = batch(s, dtype=torch.float32)
+            # x1000 so that the first, hugely scaled backward overflows to inf like an fp16 step does.
+            scaler.scale(1000 * nn.functional.cross_entropy(model(x), y)).backward()
+            m = mon.step(batch_size=B)
+            statuses.append(m.status)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert statuses[0] == "skipped"
+    assert statuses[1:] == ["ok"] * 9 and math.isfinite(m.b_simple)
+    assert m.skipped_steps == 1
+
+
+def test_zero_gradient_is_explicitly_undefined():
+    model = make_model()
+    x, _ = batch(0)
+    with ns.GNSMonitor(model, source="example") as mon:
+        (0.0 * model(x).sum()).backward()
+        m = mon.step(batch_size=B)
+    assert m.status == "undefined"
+    assert m.b_simple is None and m.b_simple_raw is None
+
+
+def test_step_without_backward_is_a_clear_error():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        with pytest.raises(ns.StepError, match="no backward"):
+            mon.step(batch_size=B)
+    with ns.GNSMonitor(model, source="microbatch") as mon:
+        with pytest.raises(ns.StepError, match="no backward"):
+            mon.step(batch_size=B)
+
+
+def test_batch_size_that_contradicts_the_hooks():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        x, y = batch(0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        with pytest.raises(ns.StepError, match="hooks saw 32 examples"):
+            mon.step(batch_size=64)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "32", None])
+def test_non_positive_or_non_int_batch_size(bad):
+    model = make_model()
+    with ns.GNSMonitor(model) as mon:
+        with pytest.raises(ns.ConfigError, match="positive int"):
+            mon.step(batch_size=bad)
+
+
+def test_frozen_parameters_are_not_measured():
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    with ns.GNSMonitor(model, source="example") as mon:
+        m = run_step(model, mon, *batch(0))
+    assert "0.weight" not in m.layers and "0.bias" in m.layers
+    assert m.coverage == 1.0
+
+
+def test_parameters_without_gradients_are_undefined_not_a_crash():
+    model = make_model()
+    model.add_module("unused", nn.Linear(3, 3).double())  # never called in forward
+    for source in ("example", "microbatch"):
+        with ns.GNSMonitor(model, source=source) as mon:
+            out = model[2](model[1](model[0](batch(0)[0])))
+            nn.functional.cross_entropy(out / 2, batch(0)[1]).backward()
+            out2 = model[2](model[1](model[0](batch(1)[0])))
+            nn.functional.cross_entropy(out2 / 2, batch(1)[1]).backward()
+            m = mon.step(batch_size=2 * B) if source == "microbatch" else None
+        model.zero_grad()
+        if m is not None:
+            assert m.layers["unused.weight"].b_simple is None and m.status == "ok"
+
+
+def test_microbatch_with_a_single_backward_warns_and_is_undefined():
+    model = make_model()
+    with ns.GNSMonitor(model, source="microbatch") as mon:
+        with pytest.warns(RuntimeWarning, match="at least two"):
+            m = run_step(model, mon, *batch(0))
+    assert m.status == "undefined" and m.b_simple is None
+
+
+def test_auto_picks_microbatch_under_accumulation_and_example_otherwise():
+    model = make_model()
+    with ns.GNSMonitor(model) as mon:
+        assert mon.source is None
+        run_step(model, mon, *batch(0), k=4)
+        assert mon.source == "microbatch"
+    model.zero_grad()
+    with ns.GNSMonitor(model) as mon:
+        run_step(model, mon, *batch(0), k=1)
+        assert mon.source == "example"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(source="bogus"), "source must be one of"),
+        (dict(halflife=-1), "halflife"),
+        (dict(confidence=1.5), "confidence"),
+        (dict(on_unsupported="maybe"), "on_unsupported"),
+        (dict(scope="norm", source="microbatch"), "scope='norm'"),
+        (dict(scaler=object()), "GradScaler"),
+        (dict(run=object()), "log_measurement"),
+    ],
+)
+def test_bad_options_fail_at_construction(kwargs, match):
+    model = make_model()
+    with pytest.raises(ns.ConfigError, match=match):
+        ns.GNSMonitor(model, **kwargs)
+    assert not model[0]._forward_hooks  # nothing was installed
+
+
+def test_model_without_trainable_parameters():
+    model = make_model().requires_grad_(False)
+    with pytest.raises(ns.ConfigError, match="no parameter with requires_grad"):
+        ns.GNSMonitor(model)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def train(model, mon, seeds):
+        out = []
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for s in seeds:
+            m = run_step(model, mon, *batch(s))
+            out.append((m.b_simple, m.b_simple_low, m.b_simple_high, m.grad_sq, m.layers["0.weight"].b_simple))
+            opt.step()
+            opt.zero_grad()
+        return out
+
+    model = make_model()
+    mon = ns.GNSMonitor(model, source="example")
+    train(model, mon, range(6))
+    saved_model, saved_mon = copy.deepcopy(model.state_dict()), copy.deepcopy(mon.state_dict())
+    expected = train(model, mon, range(6, 10))
+    mon.close()
+
+    model2 = make_model(seed=5)
+    model2.load_state_dict(saved_model)
+    mon2 = ns.GNSMonitor(model2, source="example")
+    mon2.load_state_dict(saved_mon)
+    assert train(model2, mon2, range(6, 10)) == expected
+    assert mon2.step_count == 10 and mon2.examples == 10 * B
+    mon2.close()
+
+
+def test_close_removes_every_hook_and_leaves_gradients_untouched():
+    model = make_model()
+    plain = make_model()
+    x, y = batch(0)
+    mon = ns.GNSMonitor(model)  # auto installs both collectors
+    loss = nn.functional.cross_entropy(model(x), y)
+    mon.close()
+    loss.backward()  # graph built while hooks were on: they must stay silent
+    nn.functional.cross_entropy(plain(x), y).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+        assert not p._backward_hooks
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    with pytest.raises(ns.StepError, match="closed"):
+        mon.step(batch_size=B)
+
+
+def test_measurement_to_dict_is_plain_python():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        m = run_step(model, mon, *batch(0))
+    d = m.to_dict()
+    assert d["step"] == 1 and d["batch_size"] == B and d["source"] == "example"
+    assert isinstance(d["trace_cov_raw"], float) and set(d["layers"]) == set(m.layers)
+    assert "b_simple=" in repr(m)
