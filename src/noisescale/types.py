@@ -7,7 +7,7 @@ is read, so a training loop that does not look at every step pays no host synchr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,8 +80,8 @@ class Measurement:
     def __init__(
         self,
         *,
-        table: torch.Tensor,
-        flags: torch.Tensor,
+        table: torch.Tensor | Callable[[], torch.Tensor],
+        flags: torch.Tensor | Callable[[], torch.Tensor],
         layer_names: Sequence[str],
         module_names: Sequence[str],
         step: int,
@@ -91,8 +91,8 @@ class Measurement:
         coverage: float,
         undefined_reason: str | None = None,
     ) -> None:
-        self._table = table.detach()
-        self._flags = flags.detach()
+        self._table = table
+        self._flags = flags
         self._layer_names = tuple(layer_names)
         self._module_names = tuple(module_names)
         self._rows: list[list[float]] | None = None
@@ -110,8 +110,11 @@ class Measurement:
     def _materialize(self) -> list[list[float]]:
         if self._rows is None:
             # The single host sync of a measurement: one small copy, only when a number is read.
-            self._rows = self._table.to("cpu", torch.float64).tolist()
-            nonfinite, undefined, skipped = self._flags.to("cpu").tolist()
+            table = self._table() if callable(self._table) else self._table
+            self._table = table
+            self._rows = table.detach().to("cpu", torch.float64).tolist()
+            flags = self._flags() if callable(self._flags) else self._flags
+            nonfinite, undefined, skipped = flags.to("cpu").tolist()
             self._skipped = int(skipped)
             if nonfinite:
                 self._status = "skipped"

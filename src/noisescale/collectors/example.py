@@ -77,6 +77,8 @@ class ExampleCollector:
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
+            if scope == "norm" and not is_norm_layer(module):
+                continue  # out of scope: not measured on purpose, so neither "unsupported" nor "shared"
             if id(module) in seen_modules:
                 shared.append(f"module '{mname}' is registered twice in the model")
                 continue
@@ -84,8 +86,6 @@ class ExampleCollector:
             rule = find_norm_rule(module)
             if rule is None:
                 problems.append(f"'{mname}' ({type(module).__name__}, params {[n for n, _ in own]})")
-                continue
-            if scope == "norm" and not is_norm_layer(module):
                 continue
             index: dict[str, int] = {}
             for pname, p in own:
@@ -129,6 +129,7 @@ class ExampleCollector:
         self._vals: list[torch.Tensor] = []
         self._per_example: dict[int, list[torch.Tensor]] = {}
         self._examples: dict[nn.Module, int] = {}
+        self._slot_cache: tuple[tuple[tuple[int, ...], torch.device], torch.Tensor] | None = None
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
 
@@ -140,7 +141,19 @@ class ExampleCollector:
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             return
         # The closure keeps `inputs` alive until backward; autograd already saves them for the weight gradient.
-        output.register_hook(functools.partial(self._on_grad_output, module, inputs))
+        base = _reshaped_base(output, inputs)
+        if base is None:
+            output.register_hook(functools.partial(self._on_grad_output, module, inputs))
+        else:
+            # A hook on a view never fires once the view is modified in place (nn.ReLU(inplace=True) after a
+            # Linear on 3-D input, whose output is a view): autograd rebases the view and drops its node.  A
+            # hook on the base survives and gets the gradient of the pre-modification value, as for non-views.
+            base.register_hook(functools.partial(self._on_grad_base, module, inputs, output.shape))
+
+    def _on_grad_base(
+        self, module: nn.Module, inputs: tuple[object, ...], shape: torch.Size, grad_base: torch.Tensor
+    ) -> None:
+        self._on_grad_output(module, inputs, grad_base.reshape(shape))
 
     def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
         if not self.enabled:
@@ -188,9 +201,8 @@ class ExampleCollector:
                 "last step; pass the number of examples of the whole optimizer step (all micro-batches)"
             )
         vals = torch.stack(self._vals)
-        dtype = vals.dtype
-        sums = torch.zeros(len(self.params), dtype=dtype, device=vals.device)
-        sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals)
+        sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+        sums.index_add_(0, self._slot_tensor(vals.device), vals)
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units).
         return SmallBatchStats(
             small_sq_sum=sums * float(batch_size) ** 2,
@@ -198,6 +210,13 @@ class ExampleCollector:
             inv_size_sum=float(batch_size),
             examples=seen,
         )
+
+    def _slot_tensor(self, device: torch.device) -> torch.Tensor:
+        # The order in which hooks fire is the same every step: build the index tensor once.
+        key = (tuple(self._idx), device)
+        if self._slot_cache is None or self._slot_cache[0] != key:
+            self._slot_cache = (key, torch.tensor(self._idx, device=device))
+        return self._slot_cache[1]
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-example squared norms (shares of ``p.grad``) gathered since the last reset, by parameter name.
@@ -220,6 +239,19 @@ class ExampleCollector:
             h.remove()
         self._handles.clear()
         self.reset()
+
+
+def _reshaped_base(output: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
+    """The tensor ``output`` is a pure reshape of (same elements, same order), if it is such a view of a tensor
+    computed inside the layer; ``None`` otherwise (not a view, a partial or permuted view, or a view of an input)."""
+    base = output._base
+    if base is None or base.grad_fn is None or base.numel() != output.numel():
+        return None
+    if not (output.is_contiguous() and base.is_contiguous()) or output.storage_offset() != base.storage_offset():
+        return None
+    if any(isinstance(t, torch.Tensor) and (t is base or t._base is base) for t in inputs):
+        return None
+    return base
 
 
 def _join(prefix: str, name: str) -> str:

@@ -41,9 +41,10 @@ def fieller_band(
     b = trace_cov * grad_sq - z2 * cov
     d = trace_cov * trace_cov - z2 * var_trace_cov
     disc = b * b - a * d
-    bounded = (a > 0) & (disc >= 0) & torch.isfinite(a) & torch.isfinite(disc)
-    safe_a = torch.where(bounded, a, torch.ones_like(a))
-    root = torch.sqrt(torch.where(bounded, disc, torch.zeros_like(disc)))
-    low = torch.where(bounded, (b - root) / safe_a, torch.zeros_like(a)).clamp_min(0)
-    high = torch.where(bounded, (b + root) / safe_a, torch.full_like(a, float("inf")))
+    # a > 0 and disc >= 0 (both finite) bound the band; NaN/inf compare false, so they fall to (0, inf).
+    bounded = (a > 0) & (disc >= 0) & (disc < float("inf"))
+    root = torch.where(bounded, disc, 0.0).sqrt()
+    inv_a = torch.where(bounded, a, 1.0).reciprocal()
+    low = torch.where(bounded, (b - root) * inv_a, 0.0).clamp_min(0)
+    high = torch.where(bounded, (b + root) * inv_a, float("inf"))
     return low, high

@@ -12,40 +12,46 @@ uncertainty band.  Everything is a pure function of a frozen state, vectorised o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import functools
+from dataclasses import dataclass
 
 import torch
 
 __all__ = ["EMAState", "SmoothedMoments", "decay_for", "ema_init", "ema_moments", "ema_update"]
 
 
+_FIELDS = ("w", "w2", "g", "t", "gg", "tt", "gt")
+
+
 @dataclass(frozen=True)
 class EMAState:
-    """Weighted sums over past steps, one entry per row (all tensors of shape ``(R,)``).
+    """Weighted sums over past steps, packed as one ``(7, R)`` tensor so an update is a handful of kernels.
 
-    Attributes:
+    Rows of ``sums`` (each also readable as an attribute of shape ``(R,)``):
         w: ``S1 = sum_t w_t``; zero until the row is first updated.
         w2: ``S2 = sum_t w_t^2``.
         g, t: weighted sums of the raw ``|G|^2`` and ``tr(Sigma)`` estimates.
         gg, tt, gt: weighted sums of their squares and of their product (for the band).
-        n: number of steps folded in, per row.
+
+    Attributes:
+        sums: the packed ``(7, R)`` weighted sums.
+        n: ``(R,)`` number of steps folded in, per row.
     """
 
-    w: torch.Tensor
-    w2: torch.Tensor
-    g: torch.Tensor
-    t: torch.Tensor
-    gg: torch.Tensor
-    tt: torch.Tensor
-    gt: torch.Tensor
+    sums: torch.Tensor
     n: torch.Tensor
 
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in _FIELDS:
+            return self.sums[_FIELDS.index(name)]
+        raise AttributeError(name)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name).clone() for f in fields(self)}
+        return {"sums": self.sums.clone(), "n": self.n.clone()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> EMAState:
-        return cls(**{f.name: state[f.name].clone() for f in fields(cls)})
+        return cls(sums=state["sums"].clone(), n=state["n"].clone())
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,39 @@ def decay_for(batch_size: int, halflife: float) -> float:
 
 def ema_init(rows: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> EMAState:
     """An empty state for ``rows`` independent averages."""
-    z = torch.zeros(rows, device=device, dtype=dtype)
-    return EMAState(w=z, w2=z, g=z, t=z, gg=z, tt=z, gt=z, n=z)
+    return EMAState(
+        sums=torch.zeros(len(_FIELDS), rows, device=device, dtype=dtype),
+        n=torch.zeros(rows, device=device, dtype=dtype),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficient_columns(beta: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(7, 1)`` columns ``c`` and ``c2``: a used row decays by ``1 - c`` and gains ``c2 * x``.
+
+    ``w2`` decays by ``beta^2`` and gains ``(1 - beta)^2``; every other row decays by ``beta``, gains ``1 - beta``.
+    Cached: ``beta`` only changes when the batch size does.
+    """
+    a = 1.0 - beta
+    c = torch.tensor([a, 1.0 - beta * beta] + [a] * 5, dtype=dtype).to(device).unsqueeze(1)
+    c2 = torch.tensor([a, a * a] + [a] * 5, dtype=dtype).to(device).unsqueeze(1)
+    return c, c2
+
+
+# x = E[_LEFT] * E[_RIGHT] with E = [1, g, t] gives the rows 1, 1, g, t, g*g, t*t, g*t in four kernels.
+_LEFT = (0, 0, 0, 0, 1, 2, 1)
+_RIGHT = (0, 0, 1, 2, 1, 2, 2)
+
+
+# central second moments E[xy] - E[x]E[y] pair the means (g, t) as (g, g), (t, t), (g, t)
+_CENTRAL_LEFT = (0, 1, 0)
+_CENTRAL_RIGHT = (0, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _index(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The index tensors above, made once per device."""
+    return tuple(torch.tensor(ix, device=device) for ix in (_LEFT, _RIGHT, _CENTRAL_LEFT, _CENTRAL_RIGHT))
 
 
 def ema_update(
@@ -77,23 +114,17 @@ def ema_update(
     """Fold one step's raw estimates into the averages, for the rows where ``mask`` is true.
 
     Rows where ``mask`` is false (a skipped or undefined step) keep their state unchanged: no decay either, so a
-    run of bad steps does not wash out the average.  No host synchronisation.
+    run of bad steps does not wash out the average.  Non-finite raw values in masked-out rows are ignored.
+    About a dozen kernels whatever the number of rows; no host synchronisation.
     """
-    g = torch.where(mask, grad_sq.to(state.g.dtype), torch.zeros_like(state.g))
-    t = torch.where(mask, trace_cov.to(state.t.dtype), torch.zeros_like(state.t))
-    b = torch.where(mask, torch.full_like(state.w, beta), torch.ones_like(state.w))
-    a = torch.where(mask, torch.full_like(state.w, 1.0 - beta), torch.zeros_like(state.w))
-    return replace(
-        state,
-        w=b * state.w + a,
-        w2=b * b * state.w2 + a * a,
-        g=b * state.g + a * g,
-        t=b * state.t + a * t,
-        gg=b * state.gg + a * g * g,
-        tt=b * state.tt + a * t * t,
-        gt=b * state.gt + a * g * t,
-        n=state.n + mask.to(state.n.dtype),
-    )
+    sums = state.sums
+    ones = torch.ones_like(sums[:1])
+    e = torch.where(mask, torch.cat([ones, grad_sq.unsqueeze(0), trace_cov.unsqueeze(0)]).to(sums.dtype), 1.0)
+    left, right, _, _ = _index(sums.device)
+    x = e[left] * e[right]  # (7, R)
+    m = mask.to(sums.dtype)
+    c, c2 = _coefficient_columns(beta, sums.dtype, sums.device)
+    return EMAState(sums=sums - (c * m) * sums + (c2 * m) * x, n=state.n + m)
 
 
 def ema_moments(state: EMAState) -> SmoothedMoments:
@@ -103,22 +134,22 @@ def ema_moments(state: EMAState) -> SmoothedMoments:
     ``(sum v x^2 - xbar^2) / (1 - S2/S1^2)`` and the variance of the weighted mean is that times ``S2/S1^2``
     (independent steps).  Rows with fewer than two steps have infinite variance.
     """
-    w = state.w
-    mean_g = state.g / w
-    mean_t = state.t / w
-    frac = state.w2 / (w * w)  # = 1 / n_eff
-    denom = 1.0 - frac
-    ok = denom > 1e-12
-    safe = torch.where(ok, denom, torch.ones_like(denom))
-    inf = torch.full_like(w, float("inf"))
-    var_g = torch.where(ok, (state.gg / w - mean_g * mean_g) / safe * frac, inf)
-    var_t = torch.where(ok, (state.tt / w - mean_t * mean_t) / safe * frac, inf)
-    cov = torch.where(ok, (state.gt / w - mean_g * mean_t) / safe * frac, torch.zeros_like(w))
+    inv_w = state.sums[0].reciprocal()
+    frac = state.sums[1] * inv_w * inv_w  # S2 / S1^2 = 1 / n_eff
+    moments = state.sums[2:] * inv_w  # (5, R): means of g, t, gg, tt, gt
+    mean_g, mean_t = moments[0], moments[1]
+    _, _, c_left, c_right = _index(state.sums.device)
+    central = moments[2:] - moments[c_left] * moments[c_right]  # E[gg] - E[g]^2, E[tt] - E[t]^2, E[gt] - E[g]E[t]
+    ok = frac < 1.0 - 1e-12
+    # unbiased weighted (co)variance of the raw estimates, times 1/n_eff: the variance of the weighted mean
+    var = torch.where(ok, central * (frac / torch.where(ok, 1.0 - frac, 1.0)), float("inf"))
+    var_g, var_t = var[0].clamp_min(0), var[1].clamp_min(0)
+    cov = torch.where(ok, var[2], 0.0)
     return SmoothedMoments(
         grad_sq=mean_g,
         trace_cov=mean_t,
-        var_grad_sq=var_g.clamp_min(0),
-        var_trace_cov=var_t.clamp_min(0),
+        var_grad_sq=var_g,
+        var_trace_cov=var_t,
         cov=cov,
         n_eff=1.0 / frac,
     )

@@ -1,6 +1,7 @@
 """Built-in per-example norm rules; importing this package registers them."""
 
-from noisescale.collectors.rules import linear  # noqa: F401  (registers nn.Linear)
+from noisescale.collectors.rules import conv, embedding, linear, norm  # noqa: F401  (register the built-in rules)
+from noisescale.collectors.rules.norm import rms_norm_rule
 from noisescale.collectors.rules.registry import (
     NormRule,
     find_norm_rule,
@@ -9,4 +10,11 @@ from noisescale.collectors.rules.registry import (
     registered_layer_types,
 )
 
-__all__ = ["NormRule", "find_norm_rule", "is_norm_layer", "register_norm_rule", "registered_layer_types"]
+__all__ = [
+    "NormRule",
+    "find_norm_rule",
+    "is_norm_layer",
+    "register_norm_rule",
+    "registered_layer_types",
+    "rms_norm_rule",
+]

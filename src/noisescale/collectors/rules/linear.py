@@ -45,9 +45,10 @@ def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torc
     g = as_float(grad_output)
     out: dict[str, torch.Tensor] = {}
     if x.dim() == 2:
-        g_sq = g.square().sum(1)  # (B,)
+        # Row norms by one reduction each, without a (B, d) temporary of squares.
+        g_sq = torch.linalg.vector_norm(g, dim=1).square()  # (B,)
         if module.weight.requires_grad:
-            out["weight"] = g_sq * x.square().sum(1)
+            out["weight"] = g_sq * torch.linalg.vector_norm(x, dim=1).square()
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = g_sq
         return out

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-__all__ = ["NormRule", "register_norm_rule", "find_norm_rule", "registered_layer_types", "is_norm_layer"]
+__all__ = ["NormRule", "find_norm_rule", "is_norm_layer", "register_norm_rule", "registered_layer_types"]
 
 NormRule = Callable[[nn.Module, tuple[object, ...], torch.Tensor], Mapping[str, torch.Tensor]]
 """``(module, inputs, grad_output) -> {param_name: per-example squared norms of shape (B,)}``."""
@@ -70,7 +70,7 @@ def register_norm_rule(*layer_types: type[nn.Module], normalization: bool = Fals
 def find_norm_rule(module: nn.Module) -> NormRule | None:
     """Return the rule for ``module``'s class, looking up its method resolution order; ``None`` if none."""
     for t in type(module).__mro__:
-        rule = _RULES.get(t)  # type: ignore[arg-type]
+        rule = _RULES.get(t)
         if rule is not None:
             return rule
     return None

@@ -1,0 +1,147 @@
+"""Per-example squared gradient norms of normalisation layers: ``nn.LayerNorm`` and ``nn.RMSNorm``.
+
+Both compute ``y = x_hat * w (+ b)`` over the trailing ``normalized_shape`` dimensions of ``x`` with a
+parameter-free ``x_hat``, so for one example with positions ``t`` (every dimension between the batch and the
+normalised ones) and output gradients ``g_t``:
+
+    grad_w = sum_t g_t * x_hat_t   (elementwise),     grad_b = sum_t g_t.
+
+``x_hat`` is recomputed from the layer's input at ``O(B T N)``:
+
+* LayerNorm: ``x_hat = (x - mean(x)) / sqrt(var(x) + eps)`` (biased variance over the normalised dimensions);
+* RMSNorm: ``x_hat = x / sqrt(mean(x^2) + eps)``; ``eps=None`` is the machine epsilon of the computation type
+  (float64 for float64 inputs, float32 otherwise), as in ``torch.nn.functional.rms_norm``.
+
+These layers are registered with ``normalization=True``: ``scope="norm"`` measures only them (Gray et al.
+2024).  A hand-written RMSNorm (a ``weight`` of the normalised shape and an ``eps`` or ``variance_epsilon``
+attribute, ``eps`` inside the square root) is registered with one line::
+
+    noisescale.register_norm_rule(MyRMSNorm, normalization=True)(rms_norm_rule)
+
+Variants with ``(1 + weight)`` (Gemma) have the same weight gradient and are covered too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from noisescale.collectors.rules.common import as_float
+from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.errors import UnsupportedLayerError
+
+__all__ = [
+    "layer_norm_rule",
+    "layer_norm_sq_norms",
+    "rms_norm_rule",
+    "rms_norm_sq_norms",
+]
+
+
+def _positions(x: torch.Tensor, normalized_ndim: int) -> torch.Tensor:
+    """View ``(B, *positions, *normalized)`` as ``(B, T, N)``."""
+    if x.dim() <= normalized_ndim:
+        raise UnsupportedLayerError(
+            f"a normalisation layer over {normalized_ndim} dimension(s) got an input of shape {tuple(x.shape)}: "
+            "per-example norms need a leading batch dimension"
+        )
+    n = math.prod(x.shape[x.dim() - normalized_ndim :])
+    return x.reshape(x.shape[0], -1, n)
+
+
+def layer_norm_sq_norms(
+    x: torch.Tensor, grad_output: torch.Tensor, *, normalized_ndim: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``(|sum_t g_t * x_hat_t|^2, |sum_t g_t|^2)`` of a LayerNorm's weight and bias.
+
+    Args:
+        x: ``(B, *positions, *normalized_shape)`` input of the layer.
+        grad_output: gradient of the loss with respect to the layer's output, same shape as ``x``.
+        normalized_ndim: ``len(normalized_shape)``.
+        eps: the layer's ``eps``.
+
+    Returns:
+        Two ``(B,)`` tensors: squared norms of the weight and of the bias gradients.
+    """
+    x3, g3 = _positions(as_float(x), normalized_ndim), _positions(as_float(grad_output), normalized_ndim)  # (B, T, N)
+    mean = x3.mean(dim=-1, keepdim=True)
+    var = x3.var(dim=-1, unbiased=False, keepdim=True)
+    x_hat = (x3 - mean) * torch.rsqrt(var + eps)
+    return (g3 * x_hat).sum(dim=1).square().sum(dim=1), g3.sum(dim=1).square().sum(dim=1)
+
+
+def rms_norm_sq_norms(
+    x: torch.Tensor, grad_output: torch.Tensor, *, normalized_ndim: int, eps: float | None = None
+) -> torch.Tensor:
+    """Per-example ``|sum_t g_t * x_hat_t|^2`` of an RMSNorm's weight, ``x_hat = x / sqrt(mean(x^2) + eps)``.
+
+    Args:
+        x: ``(B, *positions, *normalized_shape)`` input of the layer.
+        grad_output: gradient of the loss with respect to the layer's output, same shape as ``x``.
+        normalized_ndim: number of trailing dimensions normalised over.
+        eps: the layer's epsilon; ``None`` is ``torch.finfo(float64).eps`` for a float64 ``x`` and
+            ``torch.finfo(float32).eps`` otherwise (``torch.nn.functional.rms_norm``'s default).
+
+    Returns:
+        ``(B,)`` squared norms of the weight gradients.
+    """
+    if eps is None:
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    x3, g3 = _positions(as_float(x), normalized_ndim), _positions(as_float(grad_output), normalized_ndim)  # (B, T, N)
+    x_hat = x3 * torch.rsqrt(x3.square().mean(dim=-1, keepdim=True) + eps)
+    return (g3 * x_hat).sum(dim=1).square().sum(dim=1)
+
+
+@register_norm_rule(nn.LayerNorm, normalization=True)
+def layer_norm_rule(
+    module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.LayerNorm`` (see the module docstring)."""
+    assert isinstance(module, nn.LayerNorm)
+    weight, bias = module.weight, module.bias
+    want_w = weight is not None and weight.requires_grad
+    want_b = bias is not None and bias.requires_grad
+    if not (want_w or want_b):
+        return {}
+    x = inputs[0]
+    assert isinstance(x, torch.Tensor)
+    w_sq, b_sq = layer_norm_sq_norms(x, grad_output, normalized_ndim=len(module.normalized_shape), eps=module.eps)
+    out: dict[str, torch.Tensor] = {}
+    if want_w:
+        out["weight"] = w_sq
+    if want_b:
+        out["bias"] = b_sq
+    return out
+
+
+@register_norm_rule(nn.RMSNorm, normalization=True)
+def rms_norm_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example squared norm of ``weight`` of ``nn.RMSNorm`` or of a hand-written RMSNorm.
+
+    The module needs a ``weight`` whose shape is the normalised shape (or a ``normalized_shape`` attribute) and
+    its epsilon as ``eps`` (``None`` allowed, see ``rms_norm_sq_norms``) or ``variance_epsilon`` (Hugging Face
+    naming); ``x_hat = x / sqrt(mean(x^2) + eps)``.
+
+    Raises:
+        UnsupportedLayerError: if the module has no ``eps`` / ``variance_epsilon`` attribute.
+    """
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.requires_grad):
+        return {}
+    if hasattr(module, "eps"):
+        eps = module.eps
+    elif hasattr(module, "variance_epsilon"):
+        eps = module.variance_epsilon
+    else:
+        raise UnsupportedLayerError(
+            f"rms_norm_rule needs the epsilon of {type(module).__name__} as an `eps` or `variance_epsilon` "
+            "attribute; add one, or register a rule of your own for this layer"
+        )
+    shape = getattr(module, "normalized_shape", None)
+    normalized_ndim = len(shape) if shape is not None else weight.dim()
+    x = inputs[0]
+    assert isinstance(x, torch.Tensor)
+    eps_value = None if eps is None else float(eps)  # type: ignore[arg-type]
+    return {"weight": rms_norm_sq_norms(x, grad_output, normalized_ndim=normalized_ndim, eps=eps_value)}

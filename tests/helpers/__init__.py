@@ -1,0 +1,1 @@
+"""Slow, obviously correct references and small problem settings shared by the tests."""

@@ -1,0 +1,388 @@
+"""The collectors: micro-batch norms against explicit micro-batch gradients, and the example collector's policies.
+
+Every statistic is checked against a slow float64 reference (``tests/helpers/reference.py``), and every hook
+test trains the same seeded model with and without the hooks and asserts equal gradients (STYLE.md rule 7).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from tests.helpers.reference import microbatch_mean_grad_sq_norms, per_example_sq_norms
+from torch import nn
+
+from noisescale.collectors.example import ExampleCollector
+from noisescale.collectors.microbatch import MicrobatchCollector
+from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
+
+SCALE = 2.0**10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add synchronisation, badly so on shared cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example loss ``(B,)``."""
+    return (out - y).square().flatten(1).sum(1)
+
+
+class Block(nn.Module):
+    """Embedding -> Linear -> ReLU(inplace) -> LayerNorm -> Linear over a sequence: every rule family but conv."""
+
+    def __init__(self, vocab: int = 12, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.fc = nn.Linear(d, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.act(self.fc(self.emb(idx)))))
+
+
+def _block_data(batch: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = Block().double()
+    x = torch.randint(0, 12, (batch, 5))
+    y = torch.randn(batch, 5, 3, dtype=torch.float64)
+    return model, x, y
+
+
+def _mlp_data(batch: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    return model, torch.randn(batch, 4, dtype=torch.float64), torch.randn(batch, 2, dtype=torch.float64)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes: list[int], scale: float = 1.0) -> None:
+    """Accumulate the gradient of the step-mean loss over consecutive micro-batches of ``sizes``."""
+    total = sum(sizes)
+    for xj, yj in zip(torch.split(x, sizes), torch.split(y, sizes), strict=True):
+        (sq_loss(model(xj), yj).sum() * (scale / total)).backward()
+
+
+# -- MicrobatchCollector ----------------------------------------------------------------------------------------
+
+
+SIZES = {"equal": [4, 4, 4], "unequal3": [2, 5, 3], "unequal2": [1, 6], "one": [7]}
+# A micro-batch mean divided by k weighs examples unequally when the sizes differ (not a step-mean gradient, which
+# the collector assumes), so that loss is only paired with equal sizes.
+LOSS_SIZES = [
+    pytest.param(loss, sizes, id=f"{loss}-{name}")
+    for loss in ("step_mean", "sum", "micro_mean")
+    for name, sizes in SIZES.items()
+    if loss != "micro_mean" or len(set(sizes)) == 1
+]
+
+
+@pytest.mark.parametrize(("loss", "sizes"), LOSS_SIZES)
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["noscale", "scaler"])
+def test_microbatch_matches_explicit_micro_batch_gradients(loss: str, sizes: list[int], use_scaler: bool) -> None:
+    batch = sum(sizes)
+    model, x, y = _block_data(batch)
+    collector = MicrobatchCollector(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE) if use_scaler else None
+    k = len(sizes)
+    for xj, yj in zip(torch.split(x, sizes), torch.split(y, sizes), strict=True):
+        losses = sq_loss(model(xj), yj)
+        value = {"step_mean": losses.sum() / batch, "sum": losses.sum(), "micro_mean": losses.mean() / k}[loss]
+        (scaler.scale(value) if scaler is not None else value).backward()
+    assert collector.micro_batches_seen() == k
+    stats = collector.collect(batch, micro_batch_sizes=None if len(set(sizes)) == 1 else sizes)
+
+    # SmallBatchStats units: p.grad read as the step's mean gradient, so a sum loss counts B times, and the
+    # loss scale once.
+    unit = (float(batch) if loss == "sum" else 1.0) * (SCALE if use_scaler else 1.0)
+    ref = microbatch_mean_grad_sq_norms(model, x, y, sq_loss, sizes)
+    expected = torch.stack([ref[n].sum() for n, _ in collector.params]) * unit**2
+    torch.testing.assert_close(stats.small_sq_sum.double(), expected, rtol=1e-10, atol=0.0)
+    assert stats.n_small == k
+    assert stats.inv_size_sum == pytest.approx(sum(1.0 / s for s in sizes))
+    assert stats.examples is None
+    assert [n for n, _ in collector.params] == [n for n, _ in model.named_parameters()]
+    collector.close()
+
+
+def test_microbatch_refuses_inconsistent_sizes() -> None:
+    model, x, y = _mlp_data(6)
+    collector = MicrobatchCollector(model)
+    with pytest.raises(StepError, match="no backward pass"):
+        collector.collect(6)
+    _train_step(model, x, y, [3, 3])
+    with pytest.raises(StepError, match="sum to batch_size=6"):
+        collector.collect(6, micro_batch_sizes=[2, 2])
+    with pytest.raises(StepError, match="2 positive sizes"):
+        collector.collect(6, micro_batch_sizes=[1, 2, 3])
+    with pytest.raises(StepError, match="at least one example"):
+        collector.collect(1)
+
+
+@pytest.mark.parametrize("collector_cls", [ExampleCollector, MicrobatchCollector])
+def test_hooks_do_not_change_gradients(collector_cls: type) -> None:
+    model, x, y = _block_data(8, seed=3)
+    watched = copy.deepcopy(model)
+    collector = collector_cls(watched)
+    for m in (model, watched):
+        _train_step(m, x, y, [3, 5])
+    for (name, p), (_, q) in zip(model.named_parameters(), watched.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad), name
+    collector.close()
+
+
+def test_both_collectors_together_leave_gradients_and_each_other_exact() -> None:
+    model, x, y = _block_data(6, seed=4)
+    plain = copy.deepcopy(model)
+    examples = ExampleCollector(model, keep_per_example=True)
+    micro = MicrobatchCollector(model)
+    _train_step(model, x, y, [2, 4])
+    _train_step(plain, x, y, [2, 4])
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    per_example = examples.per_example_sq_norms()
+    assert set(per_example) == set(ref)
+    for name, got in per_example.items():
+        torch.testing.assert_close(got, ref[name] / 36, rtol=1e-10, atol=1e-14)  # shares: grad l_i / B
+    mref = microbatch_mean_grad_sq_norms(model, x, y, sq_loss, [2, 4])
+    got = micro.collect(6, micro_batch_sizes=[2, 4]).small_sq_sum
+    torch.testing.assert_close(got, torch.stack([mref[n].sum() for n, _ in micro.params]), rtol=1e-10, atol=0.0)
+
+
+# -- ExampleCollector: exactness in awkward models --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (5, 3, 4)], ids=["2d", "3d"])
+def test_inplace_ops_after_linear_give_exact_norms(shape: tuple[int, ...]) -> None:
+    # On 3-D input a Linear's output is a view; a hook on a view is dropped when the view is modified in place.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 4), nn.Dropout(0.0, inplace=True))
+    model = model.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape, dtype=torch.float64)
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            out = self.body(h)
+            out += h  # in place on the last Linear's output
+            return out
+
+    net = Residual()
+    collector = ExampleCollector(net, keep_per_example=True)
+    sq_loss(net(x), y).sum().backward()
+    got = collector.per_example_sq_norms()
+    ref = per_example_sq_norms(net, x, y, sq_loss)
+    assert set(got) == set(ref) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}
+    for name, expected in ref.items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_frozen_parameters_are_excluded() -> None:
+    model, x, y = _block_data(5, seed=2)
+    model.fc.weight.requires_grad_(False)
+    model.ln.requires_grad_(False)
+    collector = ExampleCollector(model, keep_per_example=True)
+    assert [n for n, _ in collector.params] == ["emb.weight", "fc.bias", "head.weight", "head.bias"]
+    assert collector.coverage == 1.0  # coverage counts trainable parameters only
+    sq_loss(model(x), y).sum().backward()
+    got = collector.per_example_sq_norms()
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    assert set(got) == set(ref)
+    for name, expected in ref.items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_collect_scales_shares_to_the_step_mean_and_checks_the_batch_size() -> None:
+    model, x, y = _mlp_data(6)
+    collector = ExampleCollector(model, keep_per_example=True)
+    with pytest.raises(StepError, match="no backward pass"):
+        collector.collect(6)
+    _train_step(model, x, y, [6])
+    with pytest.raises(StepError, match="hooks saw 6 examples"):
+        collector.collect(8)
+    stats = collector.collect(6)
+    ref = per_example_sq_norms(model, x, y, sq_loss)  # |grad l_i|^2: shares are grad l_i / 6
+    torch.testing.assert_close(stats.small_sq_sum, torch.stack([ref[n].sum() for n, _ in collector.params]))
+    assert (stats.n_small, stats.inv_size_sum, stats.examples) == (6, 6.0, 6)
+    collector.reset()
+    with pytest.raises(StepError):
+        collector.collect(6)
+
+
+def test_per_example_norms_need_keep_per_example() -> None:
+    model, _, _ = _mlp_data(2)
+    with pytest.raises(RuntimeError, match="keep_per_example=True"):
+        ExampleCollector(model).per_example_sq_norms()
+
+
+# -- ExampleCollector: policies ---------------------------------------------------------------------------------
+
+
+class Scale(nn.Module):
+    """A layer with a raw parameter and no norm rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+class WithGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.gru(x)[0]))
+
+
+def _unsupported_models() -> list[tuple[str, nn.Module, torch.Tensor, int]]:
+    """(name, model, input, parameters without a rule)."""
+    torch.manual_seed(0)
+    scale = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2)).double()
+    gru = WithGRU().double()
+    n_gru = sum(p.numel() for p in gru.gru.parameters())
+    return [
+        ("custom", scale, torch.randn(5, 3, dtype=torch.float64), 4),
+        ("gru", gru, torch.randn(5, 6, 3, dtype=torch.float64), n_gru),
+    ]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["custom", "gru"])
+def test_unsupported_layer_policies(which: int) -> None:
+    _, model, x, n_missing = _unsupported_models()[which]
+    with pytest.raises(UnsupportedLayerError, match="no per-example norm rule"):
+        ExampleCollector(model)
+    with pytest.warns(UserWarning, match="no per-example norm rule"):
+        warned = ExampleCollector(model, on_unsupported="warn", keep_per_example=True)
+    total = sum(p.numel() for p in model.parameters())
+    assert warned.coverage == pytest.approx(1 - n_missing / total)
+    assert warned.coverage < 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ignored = ExampleCollector(model, on_unsupported="ignore")
+    assert ignored.coverage == warned.coverage
+    assert [n for n, _ in ignored.params] == [n for n, _ in warned.params]
+    # The covered layers stay exact.
+    y = torch.zeros_like(model(x))
+    sq_loss(model(x), y).sum().backward()
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    for name, got in warned.per_example_sq_norms().items():
+        torch.testing.assert_close(got, ref[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+class TiedLM(nn.Module):
+    """Embedding whose weight is shared with the output projection (weight tying)."""
+
+    def __init__(self, vocab: int = 10, d: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(self.emb(idx)))
+
+
+def test_tied_weights_raise_or_are_excluded() -> None:
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    with pytest.raises(SharedParameterError, match="tied weights"):
+        ExampleCollector(model)
+    with pytest.warns(UserWarning, match="tied weights"):
+        collector = ExampleCollector(model, on_unsupported="warn", keep_per_example=True)
+    assert [n for n, _ in collector.params] == ["ln.weight", "ln.bias", "out.bias"]
+    assert collector.coverage == pytest.approx((4 + 4 + 10) / (40 + 4 + 4 + 10))
+    x = torch.randint(0, 10, (4, 3))
+    y = torch.randn(4, 3, 10, dtype=torch.float64)
+    sq_loss(model(x), y).sum().backward()
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    for name, got in collector.per_example_sq_norms().items():
+        torch.testing.assert_close(got, ref[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.tanh(self.fc(x))))
+
+
+def test_module_called_twice_per_forward_is_a_step_error() -> None:
+    model = Twice()
+    collector = ExampleCollector(model)
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(StepError, match="different numbers of examples"):
+        collector.collect(4)
+
+
+def test_scope_norm_measures_only_normalisation_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 2)).double()
+    collector = ExampleCollector(model, scope="norm", keep_per_example=True)
+    assert [n for n, _ in collector.params] == ["1.weight", "1.bias", "3.weight"]
+    total = sum(p.numel() for p in model.parameters())
+    assert collector.coverage == pytest.approx(12 / total)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    sq_loss(model(x), y).sum().backward()
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    got = collector.per_example_sq_norms()
+    assert set(got) == {"1.weight", "1.bias", "3.weight"}
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_scope_norm_ignores_unsupported_layers_outside_its_scope() -> None:
+    model = WithGRU()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collector = ExampleCollector(model, scope="norm")
+    assert [n for n, _ in collector.params] == ["ln.weight", "ln.bias"]
+    with pytest.raises(UnsupportedLayerError, match="scope='norm' found no"):
+        ExampleCollector(nn.Sequential(nn.Linear(2, 2)), scope="norm")
+
+
+def _hook_count(model: nn.Module) -> int:
+    n = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return n + sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("collector_cls", [ExampleCollector, MicrobatchCollector])
+def test_close_removes_every_hook_and_ignores_graphs_built_before(collector_cls: type) -> None:
+    model, x, y = _block_data(4)
+    before = _hook_count(model)
+    collector = collector_cls(model)
+    assert _hook_count(model) > before
+    loss = sq_loss(model(x), y).sum()  # graph built while hooked
+    collector.close()
+    assert _hook_count(model) == before
+    assert all(not m._forward_hooks for m in model.modules())
+    loss.backward()
+    with pytest.raises(StepError, match="no backward pass"):
+        collector.collect(4)
+    sq_loss(model(x), y).sum().backward()  # a fresh graph after close: nothing recorded either
+    with pytest.raises(StepError, match="no backward pass"):
+        collector.collect(4)
