@@ -386,3 +386,9 @@ def test_close_removes_every_hook_and_ignores_graphs_built_before(collector_cls:
     sq_loss(model(x), y).sum().backward()  # a fresh graph after close: nothing recorded either
     with pytest.raises(StepError, match="no backward pass"):
         collector.collect(4)
+
+
+def test_batchnorm_is_refused_with_the_reason() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UnsupportedLayerError, match="batch statistics couple the examples"):
+        ExampleCollector(model)

@@ -167,6 +167,12 @@ CASES: dict[str, Case] = {
         expected_branches=(True,),
     ),
     "conv3d": Case(lambda: _seq(nn.Conv3d(2, 3, 2, padding=1, groups=1), nn.Flatten(1)), _floats(2, 3, 2, 3)),
+    "groupnorm_conv": Case(
+        lambda: _seq(nn.Conv2d(2, 6, 2), nn.GroupNorm(3, 6), nn.Flatten(1), nn.Linear(24, 2)), _floats(2, 3, 3)
+    ),
+    "groupnorm_1d_no_affine_then_linear": Case(
+        lambda: _seq(nn.GroupNorm(2, 4, affine=False), nn.Flatten(1), nn.Linear(12, 2)), _floats(4, 3)
+    ),
 }
 
 
@@ -328,7 +334,7 @@ def test_conv_patches_reproduce_the_convolution(
 def test_builtin_and_handwritten_rules_are_registered() -> None:
     for layer in (nn.Linear(2, 2), nn.Embedding(3, 2), nn.Conv1d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1)):
         assert find_norm_rule(layer) is not None and not is_norm_layer(layer)
-    for layer in (nn.LayerNorm(2), nn.RMSNorm(2), HandRMSNorm(2)):
+    for layer in (nn.LayerNorm(2), nn.RMSNorm(2), nn.GroupNorm(1, 2), HandRMSNorm(2)):
         assert find_norm_rule(layer) is not None and is_norm_layer(layer)
     assert find_norm_rule(HandRMSNorm(2)) is rms_norm_rule
     assert find_norm_rule(nn.GRU(2, 2)) is None

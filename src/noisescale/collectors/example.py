@@ -85,7 +85,8 @@ class ExampleCollector:
             seen_modules.add(id(module))
             rule = find_norm_rule(module)
             if rule is None:
-                problems.append(f"'{mname}' ({type(module).__name__}, params {[n for n, _ in own]})")
+                why = _BATCH_COUPLED if isinstance(module, nn.modules.batchnorm._BatchNorm) else ""
+                problems.append(f"'{mname}' ({type(module).__name__}{why}, params {[n for n, _ in own]})")
                 continue
             index: dict[str, int] = {}
             for pname, p in own:
@@ -252,6 +253,9 @@ def _reshaped_base(output: torch.Tensor, inputs: tuple[object, ...]) -> torch.Te
     if any(isinstance(t, torch.Tensor) and (t is base or t._base is base) for t in inputs):
         return None
     return base
+
+
+_BATCH_COUPLED = ": batch statistics couple the examples, so per-example gradients are undefined"
 
 
 def _join(prefix: str, name: str) -> str:
