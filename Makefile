@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/digits_demo.py
+	$(BIN)/noisescale demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

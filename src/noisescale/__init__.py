@@ -11,17 +11,39 @@ from noisescale.types import LayerMeasurement, Measurement
 
 __version__ = "0.1.0"
 
+# The run store is exported lazily: importing it costs sqlite3 and threads that a bare monitor does not need.
+_LAZY = {
+    "Run": "noisescale.store",
+    "open_run": "noisescale.store",
+    "list_runs": "noisescale.store",
+    "StoreError": "noisescale.store",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'noisescale' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "ConfigError",
     "GNSMonitor",
     "LayerMeasurement",
     "Measurement",
     "NoiseScaleError",
+    "Run",
     "SharedParameterError",
     "StepError",
+    "StoreError",
     "TwoBatchEstimate",
     "UnsupportedLayerError",
     "__version__",
+    "list_runs",
+    "open_run",
     "register_norm_rule",
     "two_batch_estimate",
 ]

@@ -12,11 +12,15 @@ EXPECTED_ALL = {
     "LayerMeasurement",
     "Measurement",
     "NoiseScaleError",
+    "Run",
     "SharedParameterError",
     "StepError",
+    "StoreError",
     "TwoBatchEstimate",
     "UnsupportedLayerError",
     "__version__",
+    "list_runs",
+    "open_run",
     "register_norm_rule",
     "two_batch_estimate",
 }
@@ -57,3 +61,4 @@ def test_import_loads_only_torch_and_the_standard_library_and_patches_nothing():
     ]
     assert foreign == [], foreign
     assert result["changed"] == []
+    assert "noisescale.store" not in result["new"]  # exported lazily

@@ -1,0 +1,1 @@
+"""The ``noisescale`` command: one module per subcommand (``demo``, ``show``, ``report``, ``runs``)."""

@@ -1,0 +1,90 @@
+"""``noisescale demo``: train a small model on embedded data with the monitor on, and explain what it saw."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from noisescale.cli.args import positive_float, positive_int
+
+__all__ = ["register", "run"]
+
+DESCRIPTION = """\
+Train a small model on data that ships with Python (no download) with the noise-scale monitor on, record the
+run in DIR, and explain what B_simple did.  Default task: an MLP on scikit-learn's digits (needs the `demo`
+extra: pip install 'noisescale[demo]'); --task charlm: a tiny byte-level transformer on Python's own
+standard-library sources (needs nothing extra)."""
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo",
+        help="train a small model with live B_simple and record a run",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", choices=("digits", "charlm"), default="digits", help="what to train (default: digits)")
+    p.add_argument("--dir", default="runs", help="folder for the run file (default: ./runs)")
+    p.add_argument("--name", default=None, help="run name (default: the task name)")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 800 digits, 300 charlm)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--source",
+        choices=("auto", "example", "microbatch"),
+        default="auto",
+        help="where the small batches come from: per-example norms, micro-batches, or auto (default)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="examples per step (default: 128 digits, 32 charlm)"
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=positive_int,
+        default=None,
+        help="split each step into this many backward passes (default: 4 with --source microbatch, else 1)",
+    )
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the task's)")
+    p.add_argument("--halflife", type=positive_float, default=None, help="smoothing half-life in examples")
+    p.add_argument(
+        "--compare-sources",
+        action="store_true",
+        help="also measure with 4 micro-batches on the same steps and check that both sources agree (exit 1 if not)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from noisescale.cli.exits import fail
+    from noisescale.demo import DemoError, DemoOptions, run_demo
+    from noisescale.demo.explain import explain, sources_agree
+
+    if args.source == "microbatch" and args.micro_batches == 1:
+        print("noisescale demo: error: --source microbatch needs --micro-batches 2 or more", file=sys.stderr)
+        return 2
+    options = DemoOptions(
+        task=args.task,
+        dir=args.dir,
+        name=args.name,
+        steps=args.steps,
+        seed=args.seed,
+        source=args.source,
+        batch_size=args.batch_size,
+        micro_batches=args.micro_batches,
+        lr=args.lr,
+        halflife=args.halflife,
+        compare_sources=args.compare_sources,
+        progress=not args.quiet,
+    )
+    try:
+        result = run_demo(options)
+    except DemoError as e:
+        return fail(str(e))
+    if args.quiet:
+        print(result.path)
+    else:
+        print(explain(result))
+    if args.compare_sources and not sources_agree(result):
+        return fail("--compare-sources: the per-example and micro-batch sources disagree (see the table above)")
+    return 0
