@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from noisescale.collectors.base import SmallBatchStats
-from noisescale.distributed import CommHook, ddp_ignored_parameter_names, is_ddp, register_observing_comm_hook
+from noisescale.distributed import (
+    CommHook,
+    DataParallelSync,
+    ddp_ignored_parameter_names,
+    is_ddp,
+    register_observing_comm_hook,
+)
 from noisescale.errors import ConfigError, StepError
 
 __all__ = ["RankCollector"]
@@ -35,6 +41,8 @@ class RankCollector:
     Args:
         model: a ``torch.nn.parallel.DistributedDataParallel`` model without a communication hook.
         comm_hook: ``(state, hook)``, the user's own DDP communication hook, wrapped instead of DDP's averaging.
+        sync: the monitor's ``DataParallelSync``: once the last bucket is handed over, the hook launches the
+            gather of this rank's sums (asynchronously), so ``monitor.step()`` adds no round trip of its own.
 
     Raises:
         ConfigError: ``model`` is not DDP, or it already has a communication hook (DDP allows one; pass yours as
@@ -47,7 +55,9 @@ class RankCollector:
 
     source = "rank"
 
-    def __init__(self, model: nn.Module, *, comm_hook: CommHook | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, comm_hook: CommHook | None = None, sync: DataParallelSync | None = None
+    ) -> None:
         if not is_ddp(model):
             raise ConfigError(
                 "source='rank' reads each rank's gradient inside DistributedDataParallel's communication hook, so "
@@ -62,11 +72,16 @@ class RankCollector:
         self.coverage = (sum(p.numel() for _, p in self.params) / total) if total else 0.0
         self.enabled = True
         self._slots = {id(p): i for i, (_, p) in enumerate(self.params)}
-        self._index_cache: dict[tuple[int, ...], tuple[torch.Tensor, list[int]]] = {}
+        self._index_cache: dict[tuple[int, ...], tuple[torch.Tensor, list[int] | None]] = {}
         self._idx: list[torch.Tensor] = []
         self._vals: list[torch.Tensor] = []
         self._calls: dict[int, int] = {}
-        register_observing_comm_hook(model, self._on_bucket, comm_hook)
+        self._sync = sync
+        self._sums: torch.Tensor | None = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        register_observing_comm_hook(
+            model, self._on_bucket, comm_hook, after_last=self._after_last if sync is not None else None
+        )
 
     # -- hook (hot path: no host syncs; the Python work is per bucket, not per example) -------------------------
 
@@ -80,10 +95,10 @@ class RankCollector:
         if cached is None:  # once per bucket layout (DDP rebuilds its buckets after the first step)
             keep = [j for j, p in enumerate(params) if id(p) in self._slots]
             index = torch.tensor([self._slots[id(params[j])] for j in keep], dtype=torch.long, device=grads[0].device)
-            cached = self._index_cache[key] = (index, keep if len(keep) < len(params) else [])
-        index, keep = cached
-        if keep:
-            grads = [grads[j] for j in keep]
+            cached = self._index_cache[key] = (index, keep if len(keep) < len(params) else None)
+        index, subset = cached
+        if subset is not None:  # some of the bucket's parameters are not measured
+            grads = [grads[j] for j in subset]
         if grads:
             low = grads[0].dtype in (torch.float16, torch.bfloat16)
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32 if low else None)  # (n,) 0-d, one kernel
@@ -91,6 +106,25 @@ class RankCollector:
             self._idx.append(index)
         b = bucket.index()
         self._calls[b] = self._calls.get(b, 0) + 1
+
+    def _after_last(self) -> None:
+        # Every bucket is observed: sum this rank's norms per parameter and start their gather across ranks, right
+        # behind the last gradient all-reduce (asynchronous; monitor.step() waits for it).
+        if self.enabled and self._sync is not None:
+            self._sums = self._local_sums()
+            self._pending = self._sync.start_sum(self._sums)
+
+    def _local_sums(self) -> torch.Tensor:
+        device = self._vals[0].device if self._vals else self.params[0][1].device
+        sums = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        if self._vals:
+            sums.index_add_(0, torch.cat(self._idx), torch.cat(self._vals).to(torch.float64).square())
+        return sums
+
+    def take_pending_sum(self) -> tuple[Any, torch.Tensor] | None:
+        """The gather started by the hook for this step (``DataParallelSync.start_sum``), once; else ``None``."""
+        pending, self._pending = self._pending, None
+        return pending
 
     # -- step interface ----------------------------------------------------------------------------------------
 
@@ -113,16 +147,15 @@ class RankCollector:
                 "rank's gradient: run all micro-batches but the last under ddp_model.no_sync(), or use "
                 "source='microbatch'"
             )
-        device = self._vals[0].device if self._vals else self.params[0][1].device
-        sums = torch.zeros(len(self.params), dtype=torch.float64, device=device)
-        if self._vals:
-            sums.index_add_(0, torch.cat(self._idx), torch.cat(self._vals).to(torch.float64).square())
+        sums = self._sums if self._sums is not None else self._local_sums()
         return SmallBatchStats(small_sq_sum=sums, n_small=1, inv_size_sum=1.0 / batch_size, examples=None)
 
     def reset(self) -> None:
         self._idx = []
         self._vals = []
         self._calls = {}
+        self._sums = None
+        self._pending = None
 
     def close(self) -> None:
         self.enabled = False

@@ -1,0 +1,406 @@
+"""Data-parallel measurement: the only core module of noisescale that touches ``torch.distributed``.
+
+Two jobs, both built on "all-reduce the statistics, then compute" (STYLE.md rule 1):
+
+* the DDP communication hook of the ``rank`` source (``register_observing_comm_hook``): it shows each bucket's
+  *local* gradients to a collector, then hands the bucket to the hook it wraps (DDP's own averaging by default,
+  or the user's hook), so the gradients DDP applies are unchanged bit for bit;
+* ``DataParallelSync``: turns one rank's small-batch statistics into the whole job's with one tiny collective
+  per step (for the ``rank`` source, launched from DDP's last bucket hook, right behind the last gradient
+  all-reduce).  Every rank then computes the same measurement from the same numbers, bit for bit, so decisions
+  taken from it agree across ranks.
+
+Units (``SmallBatchStats``): DDP and FSDP2 average the ranks' gradients, so with ``W`` ranks the share of
+``p.grad`` of a small batch on rank ``r`` is ``c / W``, where ``c`` is its share of that rank's local gradient.
+A collector measures with the local batch size ``b_r``, giving ``(b_r / b_j) c``; the step's units want
+``(B / b_j) (c / W)``, the same when every rank holds ``B / W`` examples and otherwise a factor
+``(B / (W b_r))^2`` on the squared norms, which ``DataParallelSync.collect`` applies.
+
+Note: no ``from __future__ import annotations`` here: DDP checks a hook's ``bucket`` annotation at runtime and
+accepts only the class ``torch.distributed.GradBucket`` itself, not its name as a string.
+"""
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from noisescale.errors import ConfigError, StepError
+
+if TYPE_CHECKING:
+    from noisescale.collectors.base import Collector, SmallBatchStats
+
+__all__ = [
+    "CommHook",
+    "DataParallelSync",
+    "data_parallel_sync",
+    "ddp_ignored_parameter_names",
+    "is_ddp",
+    "register_observing_comm_hook",
+]
+
+CommHook = tuple[Any, Callable[..., Any]]
+"""A DDP communication hook and its state, as ``(state, hook)`` for ``ddp_model.register_comm_hook(state, hook)``."""
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.nn.parallel.DistributedDataParallel`` wrapper."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def ddp_ignored_parameter_names(model: nn.Module) -> set[str]:
+    """Names (relative to ``model.module``) of the parameters DDP was told not to synchronise."""
+    return set(getattr(model, "parameters_to_ignore", ()) or ())
+
+
+def register_observing_comm_hook(
+    model: nn.Module,
+    observe: Callable[[Any], None],
+    comm_hook: CommHook | None = None,
+    *,
+    after_last: Callable[[], None] | None = None,
+) -> None:
+    """Register on a DDP ``model`` a communication hook that calls ``observe(bucket)``, then the wrapped hook.
+
+    ``observe`` sees the bucket while it still holds this rank's local gradients (the sum of its micro-batches
+    under ``no_sync()``), before the wrapped hook averages them in place; it must only enqueue work (no host
+    synchronisation).  DDP allows one hook per model, so a user's own hook is passed here and wrapped.
+
+    Args:
+        model: a ``DistributedDataParallel`` model without a communication hook yet.
+        observe: called with each ``torch.distributed.GradBucket`` as it becomes ready.
+        comm_hook: ``(state, hook)`` to wrap; by default DDP's own averaging (``mean_allreduce_hook`` with the
+            model's process group), which gives the same gradients, bit for bit, as DDP without any hook.
+        after_last: called once per backward, after the wrapped hook has launched the last bucket's
+            communication (DDP launches buckets in order, so every bucket has been observed by then).
+
+    Raises:
+        ConfigError: ``comm_hook`` is not a ``(state, callable)`` pair, or the model already has a hook.
+    """
+    if comm_hook is None:
+        state, hook = model.process_group, _mean_allreduce_hook()
+    else:
+        if not (isinstance(comm_hook, tuple) and len(comm_hook) == 2 and callable(comm_hook[1])):
+            raise ConfigError(
+                "comm_hook must be a (state, hook) pair as for ddp_model.register_comm_hook(state, hook), e.g. "
+                f"(None, torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook), got {comm_hook!r}"
+            )
+        state, hook = comm_hook
+
+    def observing_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        observe(bucket)  # reads the local gradients; enqueued before the wrapped hook changes the buffer
+        fut = hook(state, bucket)
+        if after_last is not None and bucket.is_last():
+            after_last()
+        return fut
+
+    observing_hook.__name__ = f"noisescale_rank_stats_{getattr(hook, '__name__', 'hook')}"
+    try:
+        model.register_comm_hook(state, observing_hook)  # type: ignore[operator]
+    except RuntimeError as e:
+        raise ConfigError(
+            "this DistributedDataParallel model already has a communication hook and DDP allows only one: do not "
+            "register it yourself, pass it to the monitor instead, GNSMonitor(ddp_model, source='rank', "
+            f"comm_hook=(state, hook)), which wraps it ({e})"
+        ) from e
+
+
+def _mean_allreduce_hook() -> Callable[..., Any]:
+    """DDP's built-in averaging as a Python hook (defined on first use: ``dist.GradBucket`` may not exist)."""
+
+    def mean_allreduce_hook(process_group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        # DDP without a hook multiplies by 1/world_size as it copies gradients into the bucket, then sums;
+        # ``allreduce_hook`` divides instead, which differs in the last bit when world_size is not a power of 2.
+        group = process_group if process_group is not None else dist.group.WORLD
+        buffer = bucket.buffer()
+        buffer.mul_(1.0 / dist.get_world_size(group))
+        work = dist.all_reduce(buffer, group=group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    return mean_allreduce_hook
+
+
+# -- statistics across ranks ---------------------------------------------------------------------------------------
+
+
+def data_parallel_sync(model: nn.Module) -> "DataParallelSync | None":
+    """A ``DataParallelSync`` when ``model`` is trained data-parallel over two or more ranks, else ``None``.
+
+    Data-parallel means a ``DistributedDataParallel`` wrapper (its process group) or parameters that are
+    ``DTensor`` shards (FSDP2's ``fully_shard``; the whole job, or the mesh's group when it is one-dimensional).
+
+    Raises:
+        ConfigError: the parameters live on a device mesh that covers only part of the job (tensor or pipeline
+            parallelism), which this sync does not model.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group: Any
+    if is_ddp(model):
+        group = model.process_group
+    else:
+        mesh = _first_mesh(model)
+        if mesh is None:
+            return None
+        if mesh.ndim == 1:
+            group = mesh.get_group()
+        elif mesh.size() == dist.get_world_size():
+            group = dist.group.WORLD
+        else:
+            raise ConfigError(
+                f"the model's parameters live on a {mesh.ndim}-D device mesh of {mesh.size()} ranks in a job of "
+                f"{dist.get_world_size()}: noisescale measures data parallelism over the whole job only (DDP, or "
+                "FSDP2 on a mesh of every rank)"
+            )
+    if dist.get_world_size(group) < 2:
+        return None
+    return DataParallelSync(group)
+
+
+class DataParallelSync:
+    """Sums the additive small-batch statistics and the big-batch squared norm over the ranks of a group.
+
+    One collective per step: every rank gathers every rank's statistics vector (float64: ``P`` small-batch sums,
+    three counts) and sums the rows in rank order, so the totals are the same bits on every rank whatever the
+    backend's reduction order.  The ``rank`` source starts that gather itself (``start_sum``) from DDP's last
+    bucket hook, asynchronously, so that ``monitor.step()`` finds it done instead of adding a round trip.
+
+    The big-batch norm ``|p.grad|^2`` is computed while the gather is in flight: under DDP from the all-reduced
+    ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under FSDP2 each rank adds its
+    shards' squared norms to the gathered vector (``P`` more entries).  A non-finite value on any rank makes the
+    totals non-finite everywhere, so every rank skips that step.
+
+    Per step, on the host, the totals of ``n_small`` and ``inv_size_sum`` are taken to be ``world_size`` times
+    the local ones (``batch_size`` for per-example norms): the same micro-batch layout on every rank, as with a
+    ``DistributedSampler``.  Reading the gathered counts back would stall the device, so that assumption (and
+    that ``batch_size`` counts every rank's examples) is checked on the first step, and on every step when the
+    statistics live on the CPU.
+
+    Args:
+        group: the data-parallel process group (``None`` for the default group).
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._checked = False
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None  # a gather started by the rank source's hook
+
+    def collect(
+        self, collector: "Collector", batch_size: int, micro_batch_sizes: Sequence[int] | None = None
+    ) -> "SmallBatchStats":
+        """``collector.collect`` with this rank's batch size, rescaled to the whole step's units.
+
+        Args:
+            collector: the active collector (its statistics are this rank's).
+            batch_size: examples of the whole optimizer step, all ranks together.
+            micro_batch_sizes: this rank's micro-batch sizes, if they are unequal.
+
+        Raises:
+            StepError: the local batch size cannot be known (``batch_size`` does not split evenly between the
+                ranks and the source cannot count examples), or what the collector raises.
+        """
+        world = self.world_size
+        local: int | None = None
+        if collector.source == "example":
+            local = collector.examples_seen()  # type: ignore[attr-defined]  # exact, even for uneven splits
+        elif micro_batch_sizes is not None and collector.source != "rank":  # a rank is one small batch
+            local = sum(int(s) for s in micro_batch_sizes)
+        if local is None:
+            if batch_size % world:
+                raise StepError(
+                    f"batch_size={batch_size} must count the examples of all {world} ranks and split evenly between "
+                    f"them for the {collector.source} source ({batch_size} % {world} = {batch_size % world}); use a "
+                    "DistributedSampler with drop_last=True, or pass this rank's micro_batch_sizes"
+                )
+            local = batch_size // world
+        stats = collector.collect(max(local, 1), micro_batch_sizes)
+        take = getattr(collector, "take_pending_sum", None)  # before the monitor resets the collector
+        self._pending = take() if take is not None else None
+        scale = (batch_size / (world * max(local, 1))) ** 2
+        if scale != 1.0:
+            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_sum * scale)
+        return stats
+
+    def start_sum(self, vec: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Launch the gather of ``vec`` from every rank (asynchronous); ``finish_sum`` gives the sum over ranks.
+
+        The ``rank`` source calls this from DDP's last bucket hook, so the statistics travel right behind the
+        gradients' last all-reduce instead of adding a round trip to ``monitor.step()``.
+        """
+        gathered = vec.new_empty(self.world_size * vec.numel())
+        return _all_gather_single(gathered, vec, group=self.group), gathered
+
+    def finish_sum(self, pending: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        """Wait for ``start_sum`` (a stream wait for NCCL, not a host sync) and sum the rows in rank order."""
+        work, gathered = pending
+        work.wait()
+        return gathered.view(self.world_size, -1).sum(0)  # fixed order, same kernel: the same bits on every rank
+
+    def reduce(
+        self, collector: "Collector", stats: "SmallBatchStats", batch_size: int
+    ) -> tuple["SmallBatchStats", torch.Tensor, torch.Tensor]:
+        """Sum this rank's statistics and big-batch contributions with every other rank's.
+
+        Returns:
+            ``(stats, small, big)``: the job's statistics, and the ``(P,)`` float64 per-parameter
+            ``sum_j |G_j|^2`` and ``|G_B|^2``, identical on every rank.
+
+        Raises:
+            StepError: on the checked steps, when the ranks' counts contradict ``batch_size`` or the assumed layout.
+        """
+        world = self.world_size
+        small = stats.small_sq_sum.to(torch.float64)
+        n_params = small.numel()
+        params = [p for _, p in collector.params]
+        pending, self._pending = self._pending, None
+        if pending is not None:  # the rank source launched the gather of its sums from DDP's last bucket hook
+            big = _big_sq_norms(params, small.device)
+            total = self.finish_sum(pending)
+            out = dataclasses.replace(
+                stats, small_sq_sum=total, n_small=world * stats.n_small, inv_size_sum=world * stats.inv_size_sum
+            )
+            return out, total, big
+        sharded = self._has_sharded_grads(params)
+        parts = [small]
+        if sharded:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
+            parts.append(self._big_sq_contributions(params, small.device))
+        vec = torch.cat([*parts, small.new_zeros(3)])  # (P + 3,), or (2P + 3,) when sharded
+        # Python scalars into a device tensor: fill kernels, no host-device copy or sync.
+        vec[-3] = stats.n_small
+        vec[-2] = stats.inv_size_sum
+        vec[-1] = stats.examples if stats.examples is not None else 0
+        pending = self.start_sum(vec)
+        if not sharded:
+            # DDP: p.grad is the all-reduced gradient, the same bits on every rank (DDP's replicas rely on it);
+            # its norm is computed here while the gather is in flight.
+            big = _big_sq_norms(params, small.device)
+        total = self.finish_sum(pending)
+        if sharded:
+            big = total[n_params : 2 * n_params]
+
+        if collector.source == "example":  # one small batch per example, all ranks together
+            n_small, inv_size_sum, examples = batch_size, float(batch_size), batch_size
+        else:
+            n_small, inv_size_sum, examples = world * stats.n_small, world * stats.inv_size_sum, None
+        if not self._checked or total.device.type == "cpu":
+            self._check(total[-3:], collector.source, batch_size, n_small, inv_size_sum)
+        out = dataclasses.replace(
+            stats, small_sq_sum=total[:n_params], n_small=n_small, inv_size_sum=inv_size_sum, examples=examples
+        )
+        return out, total[:n_params], big
+
+    def _check(self, counts: torch.Tensor, source: str, batch_size: int, n_small: int, inv_size_sum: float) -> None:
+        got_n, got_inv, got_examples = counts.tolist()  # host sync: first step only on an accelerator
+        self._checked = True
+        world = self.world_size
+        if source == "example":
+            if got_examples != batch_size:
+                raise StepError(
+                    f"batch_size={batch_size} was passed to step(), but the hooks of the {world} ranks saw "
+                    f"{int(got_examples)} examples in all since the last step; pass the examples of the whole "
+                    "optimizer step, all micro-batches of all ranks (the same number on every rank)"
+                )
+            return
+        if got_n != n_small or not math.isclose(got_inv, inv_size_sum, rel_tol=1e-9):
+            raise StepError(
+                f"the {world} ranks' small batches differ ({int(got_n)} small batches with sum(1/b) = {got_inv:.6g} "
+                f"in all; {n_small} and {inv_size_sum:.6g} expected from this rank's): every rank must run the same "
+                "number of micro-batches of the same sizes, and batch_size must count all ranks' examples"
+            )
+
+    def _has_sharded_grads(self, params: list[nn.Parameter]) -> bool:
+        dtensor = _dtensor_type()
+        return dtensor is not None and any(isinstance(p.grad, dtensor) for p in params)
+
+    def _big_sq_contributions(self, params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+        """This rank's part of ``|p.grad|^2`` per parameter, float64 ``(P,)``; summed over ranks it is the whole.
+
+        A replicated gradient (DDP, or a DTensor replicated over a mesh dimension) counts on one rank only, so the
+        sum is that rank's value exactly; a sharded one (FSDP2's ``DTensor``) counts its local shard on each rank.
+        """
+        owned: list[torch.Tensor] = []
+        slots: list[int] = []
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is None:
+                continue
+            local = _local_if_owned(g, self.rank)
+            if local is not None:
+                owned.append(local.detach())
+                slots.append(i)
+        if not owned:
+            return torch.zeros(len(params), dtype=torch.float64, device=device)
+        low = any(g.dtype in (torch.float16, torch.bfloat16) for g in owned)
+        norms = torch._foreach_norm(owned, 2, dtype=torch.float32 if low else None)  # one fused kernel
+        sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
+        if len(slots) == len(params):
+            return sq
+        key = tuple(slots)
+        index = self._index_cache.get(key)
+        if index is None:  # built once per layout: no host-to-device copy in later steps
+            index = self._index_cache[key] = torch.tensor(slots, dtype=torch.long, device=device)
+        return torch.zeros(len(params), dtype=torch.float64, device=device).index_copy_(0, index, sq)
+
+
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) -> Any:
+    # ``all_gather_single`` (newer torch) replaces ``all_gather_into_tensor``, which now warns as deprecated.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, tensor, group=group, async_op=True)
+
+
+def _big_sq_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """``|p.grad|^2`` per parameter (zero where a parameter got no gradient), float64 ``(P,)``."""
+    grads = [p.grad for p in params]
+    present = [g.detach() for g in grads if g is not None]
+    if not present:
+        return torch.zeros(len(params), dtype=torch.float64, device=device)
+    low = any(g.dtype in (torch.float16, torch.bfloat16) for g in present)
+    norms = torch._foreach_norm(present, 2, dtype=torch.float32 if low else None)  # one fused kernel
+    sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
+    if len(present) == len(grads):
+        return sq
+    out = torch.zeros(len(params), dtype=torch.float64, device=device)
+    out[[i for i, g in enumerate(grads) if g is not None]] = sq
+    return out
+
+
+def _local_if_owned(grad: Any, group_rank: int) -> torch.Tensor | None:
+    """The local tensor of ``grad`` if this rank contributes it to the sum over ranks, else ``None``."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(grad, dtensor):
+        coord = grad.device_mesh.get_coordinate()
+        if coord is None:  # this rank holds no part of the mesh
+            return None
+        for dim, placement in enumerate(grad.placements):
+            if not placement.is_shard() and coord[dim] != 0:
+                return None  # a replica: the first one along this mesh dimension counts
+        return grad.to_local()
+    return grad if group_rank == 0 else None
+
+
+def _first_mesh(model: nn.Module) -> Any:
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return None
+    for p in model.parameters():
+        if isinstance(p, dtensor):
+            return p.device_mesh
+    return None
+
+
+def _dtensor_type() -> Any:
+    # No DTensor can exist unless its module was imported; looking it up avoids importing it (seconds) for DDP.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
