@@ -22,16 +22,19 @@ from torch import nn
 from noisescale.collectors.base import Collector, SmallBatchStats
 from noisescale.collectors.example import ExampleCollector, Policy, Scope
 from noisescale.collectors.microbatch import MicrobatchCollector
+from noisescale.collectors.rank import RankCollector
+from noisescale.distributed import CommHook, data_parallel_sync
 from noisescale.errors import ConfigError, NoiseScaleError, StepError
-from noisescale.estimators.band import fieller_band, z_for
-from noisescale.estimators.smoothing import EMAState, decay_for, ema_init, ema_moments, ema_update
-from noisescale.estimators.two_batch import two_batch_from_sums
+from noisescale.estimators.band import z_for
+from noisescale.estimators.scalar import RowState
+from noisescale.estimators.smoothing import EMAState, decay_for, ema_init
+from noisescale.estimators.step import StepConstants, device_step, host_step, rows_to_state, state_to_rows
 from noisescale.types import Measurement
 
 __all__ = ["GNSMonitor", "Source"]
 
-Source = Literal["auto", "example", "microbatch"]
-_SOURCES = ("auto", "example", "microbatch")
+Source = Literal["auto", "example", "microbatch", "rank"]
+_SOURCES = ("auto", "example", "microbatch", "rank")
 _POLICIES = ("error", "warn", "ignore")
 _SCOPES = ("all", "norm")
 _STATE_VERSION = 1
@@ -53,7 +56,9 @@ class GNSMonitor:
         source: ``"example"`` (per-example norms through the rule registry), ``"microbatch"`` (one norm per
             backward pass; needs gradient accumulation with at least two micro-batches), or ``"auto"``: watches
             the first step and keeps ``"microbatch"`` if it had two or more backward passes (almost free),
-            else ``"example"``.
+            else ``"example"``.  Under DDP, ``"rank"``: each rank's local gradient before the all-reduce (a DDP
+            communication hook; almost free).  Under DDP and FSDP2 every source sums its statistics over the
+            ranks once per step, and every rank gets the same measurement.
         per_layer: also estimate per parameter tensor and per module (``m.layers``, ``m.modules``).
         halflife: smoothing half-life counted in examples; ``None`` means 25 steps of the first batch size.
         confidence: nominal coverage of the band ``[b_simple_low, b_simple_high]``.
@@ -66,6 +71,8 @@ class GNSMonitor:
         scope: ``"all"`` layers, or ``"norm"``: only normalisation layers (Gray et al. 2024), source ``example``.
         callbacks: functions called with every ``Measurement``.
         run: an object with ``log_measurement(measurement)`` (the run store) receiving every measurement.
+        comm_hook: for ``source="rank"``: ``(state, hook)``, your own DDP communication hook (DDP allows one),
+            which the monitor's hook wraps; by default DDP's own averaging, bit for bit.
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -84,14 +91,17 @@ class GNSMonitor:
         scope: Scope = "all",
         callbacks: Sequence[Callable[[Measurement], None]] = (),
         run: Any = None,
+        comm_hook: CommHook | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_choice("source", source, _SOURCES)
         _check_choice("on_unsupported", on_unsupported, _POLICIES)
         _check_choice("scope", scope, _SCOPES)
-        if scope == "norm" and source == "microbatch":
+        if scope == "norm" and source in ("microbatch", "rank"):
             raise ConfigError("scope='norm' needs per-example norms: use source='example' or 'auto'")
+        if comm_hook is not None and source != "rank":
+            raise ConfigError(f"comm_hook=(state, hook) is for the rank source: pass source='rank', not {source!r}")
         if halflife is not None and not (
             isinstance(halflife, (int, float)) and math.isfinite(halflife) and halflife > 0
         ):
@@ -114,6 +124,7 @@ class GNSMonitor:
         self.run = run
         self.requested_source: Source = source
         self._closed = False
+        self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
         self._collectors: dict[str, Collector] = {}
         if source in ("example", "auto"):
             try:
@@ -123,13 +134,16 @@ class GNSMonitor:
                     raise
         if source in ("microbatch", "auto"):
             self._collectors["microbatch"] = MicrobatchCollector(model)
+        if source == "rank":
+            self._collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=self._dist)
         self._active: Collector | None = self._collectors[source] if source != "auto" else None
         self._warned_single_micro = False
+        self._host_path: bool | None = None  # None: by device (tests force the device path on CPU)
 
         self.step_count = 0
         self.examples = 0
-        self._ema: EMAState | None = None
-        self._skipped: torch.Tensor | None = None
+        self._ema: EMAState | tuple[RowState, ...] | None = None
+        self._skipped: torch.Tensor | int = 0
         self._layout: _Layout | None = None
 
     # -- public ------------------------------------------------------------------------------------------------
@@ -164,7 +178,10 @@ class GNSMonitor:
             raise ConfigError(f"batch_size must be a positive int (examples in the optimizer step), got {batch_size!r}")
         collector = self._choose_collector()
         try:
-            stats = collector.collect(batch_size, micro_batch_sizes)
+            if self._dist is None:
+                stats = collector.collect(batch_size, micro_batch_sizes)
+            else:  # this rank's share of the step, in the whole step's units
+                stats = self._dist.collect(collector, batch_size, micro_batch_sizes)
         finally:
             for c in self._collectors.values():
                 c.reset()
@@ -200,9 +217,15 @@ class GNSMonitor:
             "halflife": self.halflife,
             "source": self.source,
             "row_names": self._layout.row_names if self._layout is not None else None,
-            "ema": self._ema.state_dict() if self._ema is not None else None,
-            "skipped": int(self._skipped.item()) if self._skipped is not None else 0,
+            "ema": self._saved_ema(),
+            "skipped": int(self._skipped),
         }
+
+    def _saved_ema(self) -> dict[str, torch.Tensor] | None:
+        if self._ema is None:
+            return None
+        state = rows_to_state(self._ema) if isinstance(self._ema, tuple) else self._ema
+        return state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; the model must have the same measured parameters."""
@@ -218,7 +241,7 @@ class GNSMonitor:
         self.halflife = state["halflife"]
         self._ema = None if state["ema"] is None else EMAState.from_state_dict(state["ema"])
         self._saved_rows = state["row_names"]
-        self._skipped = torch.tensor(int(state["skipped"]))
+        self._skipped = int(state["skipped"])
         self._layout = None
 
     # -- internals ---------------------------------------------------------------------------------------------
@@ -245,18 +268,12 @@ class GNSMonitor:
     def _measure(self, collector: Collector, stats: SmallBatchStats, batch_size: int) -> Measurement:
         params = collector.params
         layout = self._layout_for(collector)
-        small = stats.small_sq_sum.to(torch.float64)
-        big = _big_sq_norms([p for _, p in params], small.device)
+        if self._dist is None:
+            small = stats.small_sq_sum.to(torch.float64)
+            big = _big_sq_norms([p for _, p in params], small.device)
+        else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
+            stats, small, big = self._dist.reduce(collector, stats, batch_size)
         small, big = self._unscale(small, big)
-        per_param = torch.stack([small, big])  # (2, P)
-        rows = layout.rows(per_param)  # (2, R)
-        if self._ema is None or self._ema.w.shape[0] != layout.n_rows:
-            self._ema = ema_init(layout.n_rows, device=rows.device)
-            self._skipped = torch.zeros((), dtype=torch.int64, device=rows.device)
-        assert self._skipped is not None
-        if self._skipped.device != rows.device:
-            self._skipped = self._skipped.to(rows.device)
-
         undefined_reason = None
         if stats.n_small < 2 or stats.inv_size_sum / stats.n_small <= 1.0 / batch_size:
             undefined_reason = (
@@ -266,36 +283,31 @@ class GNSMonitor:
             if not self._warned_single_micro:
                 warnings.warn(undefined_reason, RuntimeWarning, stacklevel=3)
                 self._warned_single_micro = True
-            nan = torch.full((layout.n_rows,), float("nan"), dtype=torch.float64, device=rows.device)
-            grad_sq_raw, trace_cov_raw = nan, nan
-        else:
-            est = two_batch_from_sums(rows[0], stats.n_small, stats.inv_size_sum, rows[1], batch_size)
-            grad_sq_raw, trace_cov_raw = est.grad_sq, est.trace_cov
-
-        finite = torch.isfinite(grad_sq_raw) & torch.isfinite(trace_cov_raw)
-        nonfinite_step = ~torch.isfinite(rows).all()
-        signal = (rows[1] > 0) | (rows[0] > 0)
-        mask = finite & signal & ~nonfinite_step
         assert self.halflife is not None
-        self._ema = ema_update(self._ema, grad_sq_raw, trace_cov_raw, decay_for(batch_size, self.halflife), mask)
-        self._skipped = self._skipped + nonfinite_step.to(torch.int64)
-
-        mom = ema_moments(self._ema)
-        defined = (self._ema.n > 0) & (mom.grad_sq != 0)
-        nan_r = torch.full_like(mom.grad_sq, float("nan"))
-        b_simple = torch.where(defined, mom.trace_cov / mom.grad_sq, nan_r)
-        b_simple = torch.where(b_simple < 0, torch.full_like(b_simple, float("inf")), b_simple)
-        low, high = fieller_band(mom.trace_cov, mom.grad_sq, mom.var_trace_cov, mom.var_grad_sq, mom.cov, self._z)
-        low = torch.where(defined, low, nan_r)
-        high = torch.where(defined, high, nan_r)
-        raw_ok = mask & (grad_sq_raw > 0)
-        b_raw = torch.where(
-            raw_ok, trace_cov_raw / torch.where(raw_ok, grad_sq_raw, torch.ones_like(grad_sq_raw)), nan_r
+        consts = StepConstants(
+            n_small=stats.n_small,
+            inv_size_sum=stats.inv_size_sum,
+            batch_size=batch_size,
+            beta=decay_for(batch_size, self.halflife),
+            z=self._z,
+            defined=undefined_reason is None,
         )
-        g_raw = torch.where(finite, grad_sq_raw, nan_r)
-        t_raw = torch.where(finite, trace_cov_raw, nan_r)
-        table = torch.stack([b_simple, low, high, b_raw, mom.grad_sq, mom.trace_cov, g_raw, t_raw], dim=1)
-        flags = torch.stack([nonfinite_step.to(torch.int64), (~mask[0]).to(torch.int64), self._skipped])
+        host = small.device.type == "cpu" if self._host_path is None else self._host_path
+        if host:
+            # Host path: a handful of floats per row beats a hundred tiny tensor operations.
+            small_rows, big_rows = layout.host_rows(small.tolist()), layout.host_rows(big.tolist())
+            result = host_step(self._host_state(layout), small_rows, big_rows, consts, skipped=int(self._skipped))
+        else:
+            rows = layout.rows(torch.stack([small, big]))  # (2, R)
+            result = device_step(
+                self._device_state(layout, rows.device),
+                rows[0],
+                rows[1],
+                consts,
+                skipped=self._device_skipped(rows.device),
+            )
+        self._ema, self._skipped = result.state, result.skipped
+        table, flags = result.table, result.flags
         return Measurement(
             table=table,
             flags=flags,
@@ -308,6 +320,27 @@ class GNSMonitor:
             coverage=collector.coverage,
             undefined_reason=undefined_reason,
         )
+
+    def _host_state(self, layout: _Layout) -> tuple[RowState, ...]:
+        state = self._ema
+        if isinstance(state, EMAState):  # loaded from a state_dict, or moved from a device
+            state = state_to_rows(state)
+        if state is None or len(state) != layout.n_rows:
+            state = tuple(RowState() for _ in range(layout.n_rows))
+        return state
+
+    def _device_state(self, layout: _Layout, device: torch.device) -> EMAState:
+        state = self._ema
+        if isinstance(state, tuple):
+            state = rows_to_state(state, device=device)
+        if state is None or state.n.shape[0] != layout.n_rows:
+            state = ema_init(layout.n_rows, device=device)
+        if state.n.device != device:
+            state = EMAState(sums=state.sums.to(device), n=state.n.to(device))
+        return state
+
+    def _device_skipped(self, device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(self._skipped, dtype=torch.int64).to(device)
 
     def _unscale(self, small: torch.Tensor, big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaler = self.scaler
@@ -340,19 +373,35 @@ class _Layout:
         for n in param_names:
             owner.append(modules.setdefault(n.rpartition(".")[0], len(modules)))
         self.module_names = list(modules) if per_layer else []
+        self._owner_list = owner
         self._owner = torch.tensor(owner, dtype=torch.long)
         self.n_rows = 1 + len(self.layer_names) + len(self.module_names)
         self.row_names = ["total", *self.layer_names, *(f"module:{m}" for m in self.module_names)]
+        self._matrix: torch.Tensor | None = None
+
+    def host_rows(self, per_param: list[float]) -> list[float]:
+        """Per-parameter sums -> rows (total, parameters, modules), on the host."""
+        total = sum(per_param)
+        if not self.per_layer:
+            return [total]
+        modules = [0.0] * len(self.module_names)
+        for value, owner in zip(per_param, self._owner_list):
+            modules[owner] += value
+        return [total, *per_param, *modules]
 
     def rows(self, per_param: torch.Tensor) -> torch.Tensor:
-        """``(2, P)`` per-parameter sums -> ``(2, R)`` rows (total, parameters, modules)."""
-        total = per_param.sum(dim=1, keepdim=True)
-        if not self.per_layer:
-            return total
-        owner = self._owner.to(per_param.device)
-        mods = torch.zeros(2, len(self.module_names), dtype=per_param.dtype, device=per_param.device)
-        mods.index_add_(1, owner, per_param)
-        return torch.cat([total, per_param, mods], dim=1)
+        """``(2, P)`` per-parameter sums -> ``(2, R)`` rows (total, parameters, modules): one matmul."""
+        if self._matrix is None or self._matrix.device != per_param.device:
+            n_params = self._owner.shape[0]
+            # (P, R) 0/1 matrix: column 0 sums everything, then the identity, then module membership.
+            matrix = torch.zeros(n_params, self.n_rows, dtype=torch.float64)
+            matrix[:, 0] = 1.0
+            if self.per_layer:
+                idx = torch.arange(n_params)
+                matrix[idx, 1 + idx] = 1.0
+                matrix[idx, 1 + n_params + self._owner] = 1.0
+            self._matrix = matrix.to(per_param.device)
+        return per_param @ self._matrix
 
 
 def _big_sq_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
@@ -361,8 +410,11 @@ def _big_sq_norms(params: list[nn.Parameter], device: torch.device) -> torch.Ten
     present = [g for g in grads if g is not None]
     if not present:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
-    norms = torch._foreach_norm([g.detach() for g in present])  # one fused kernel where supported
-    sq = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square()
+    norms = torch._foreach_norm(present)  # one fused kernel where supported
+    if all(n.dtype == norms[0].dtype and n.device == norms[0].device for n in norms):
+        sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
+    else:  # parameters of mixed dtypes or devices
+        sq = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square()
     if len(present) == len(grads):
         return sq
     out = torch.zeros(len(params), dtype=torch.float64, device=device)

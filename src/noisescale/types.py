@@ -80,8 +80,8 @@ class Measurement:
     def __init__(
         self,
         *,
-        table: torch.Tensor | Callable[[], torch.Tensor],
-        flags: torch.Tensor | Callable[[], torch.Tensor],
+        table: Callable[[], torch.Tensor | list[list[float]]],
+        flags: Callable[[], torch.Tensor | list[int]],
         layer_names: Sequence[str],
         module_names: Sequence[str],
         step: int,
@@ -109,12 +109,11 @@ class Measurement:
 
     def _materialize(self) -> list[list[float]]:
         if self._rows is None:
+            table = self._table()
             # The single host sync of a measurement: one small copy, only when a number is read.
-            table = self._table() if callable(self._table) else self._table
-            self._table = table
-            self._rows = table.detach().to("cpu", torch.float64).tolist()
-            flags = self._flags() if callable(self._flags) else self._flags
-            nonfinite, undefined, skipped = flags.to("cpu").tolist()
+            self._rows = table.detach().to("cpu", torch.float64).tolist() if isinstance(table, torch.Tensor) else table
+            flags = self._flags()
+            nonfinite, undefined, skipped = flags.to("cpu").tolist() if isinstance(flags, torch.Tensor) else flags
             self._skipped = int(skipped)
             if nonfinite:
                 self._status = "skipped"

@@ -288,3 +288,43 @@ def test_measurement_to_dict_is_plain_python():
     assert d["step"] == 1 and d["batch_size"] == B and d["source"] == "example"
     assert isinstance(d["trace_cov_raw"], float) and set(d["layers"]) == set(m.layers)
     assert "b_simple=" in repr(m)
+
+
+def test_device_path_gives_the_host_path_numbers_end_to_end():
+    """On CPU the monitor uses the host path; forcing the vectorised device path must not change any number."""
+
+    def run(host_path):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = ns.GNSMonitor(model, source="example")
+        mon._host_path = host_path
+        out = []
+        for s in range(8):
+            x, y = batch(s)
+            if s == 3:
+                x[0, 0] = float("nan")
+            m = run_step(model, mon, x, y)
+            out.append((m.status, m.skipped_steps, m.to_dict()))
+            if s != 3:
+                opt.step()
+            opt.zero_grad()
+        saved = mon.state_dict()
+        mon.close()
+        return out, saved
+
+    host, host_state = run(True)
+    device, device_state = run(False)
+    assert [h[:2] for h in host] == [d[:2] for d in device]
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            elif isinstance(value, float):
+                yield f"{prefix}{key}", value
+
+    for (_, _, h), (_, _, d) in zip(host, device):
+        hf, df = dict(flat(h)), dict(flat(d))
+        assert hf.keys() == df.keys() and len(hf) > 30
+        for key, value in hf.items():
+            assert value == pytest.approx(df[key], rel=1e-9, nan_ok=True), key
+    assert torch.allclose(host_state["ema"]["sums"], device_state["ema"]["sums"], rtol=1e-12)
