@@ -1,0 +1,163 @@
+"""The two CPU workloads of ``overhead.py``: an MLP on sklearn's digits and a tiny causal transformer.
+
+Both are built from a seed, so every mode (and every memory-probe subprocess) starts from the same initial
+parameters and sees the same fixed batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEED = 0
+N_BATCHES = 8  # distinct fixed batches, cycled while timing
+N_MICRO = 4  # micro-batches of the accumulation modes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model factory, fixed batches and the loss.
+
+    Attributes:
+        name: key used on the command line and in the JSON.
+        description: one line for the table.
+        make_model: builds the model (call under a fixed seed, or load ``initial_state``).
+        batches: ``N_BATCHES`` pairs ``(inputs, targets)``.
+        n_classes: size of the last logits dimension.
+        float_input: inputs are floating point (cast to float64 for the exact reference).
+    """
+
+    name: str
+    description: str
+    make_model: Callable[[], nn.Module]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    n_classes: int
+    float_input: bool
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.batches[0][0].shape[0])
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over examples (and over tokens: every sequence has the same length)."""
+        return F.cross_entropy(logits.reshape(-1, self.n_classes), targets.reshape(-1))
+
+    def flat(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, targets)`` in the 2-D / 1-D shapes ``nn.CrossEntropyLoss`` takes."""
+        return logits.reshape(-1, self.n_classes), targets.reshape(-1)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(SEED)
+        return {k: v.detach().clone() for k, v in self.make_model().state_dict().items()}
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.make_model().parameters())
+
+
+# -- (a) MLP 64-512-512-10 on sklearn digits -------------------------------------------------------------------
+
+
+def _make_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def mlp_digits() -> Workload:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    xs = torch.tensor(x / 16.0, dtype=torch.float32)
+    ys = torch.tensor(y, dtype=torch.long)
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(SEED))
+    b = 128
+    batches = []
+    for i in range(N_BATCHES):
+        idx = order[i * b : (i + 1) * b]
+        batches.append((xs[idx].contiguous(), ys[idx].contiguous()))
+    return Workload(
+        name="mlp_digits",
+        description="MLP 64-512-512-10 ReLU, sklearn digits (X/16), batch 128, CE mean, SGD",
+        make_model=_make_mlp,
+        batches=batches,
+        n_classes=10,
+        float_input=True,
+    )
+
+
+# -- (b) 2-block causal transformer on random tokens -----------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        # (B, T, 3d) -> three (B, heads, T, d/heads)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask buffer: Opacus strict mode
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """Pre-LayerNorm GPT: token + position embeddings, ``n_layer`` blocks, final LayerNorm, untied head."""
+
+    def __init__(self, vocab: int = 96, ctx: int = 64, d: int = 128, heads: int = 4, n_layer: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        # Position ids as a contiguous (B, T) tensor, so every per-example method sees a batch dimension
+        # (Opacus' ghost Embedding sampler fails on an expand()ed, non-contiguous one).
+        pos = torch.arange(t, device=idx.device).repeat(b, 1)
+        x = self.tok(idx) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def tiny_transformer() -> Workload:
+    vocab, ctx, b = 96, 64, 32
+    gen = torch.Generator().manual_seed(SEED + 1)
+    batches = []
+    for _ in range(N_BATCHES):
+        ids = torch.randint(0, vocab, (b, ctx + 1), generator=gen)
+        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return Workload(
+        name="tiny_transformer",
+        description=(
+            "causal transformer, 2 pre-LN blocks, d=128, 4 heads, MLP 4x, LayerNorm, context 64, vocab 96, "
+            "random tokens, batch 32, next-token CE mean, SGD"
+        ),
+        make_model=lambda: TinyGPT(vocab=vocab, ctx=ctx),
+        batches=batches,
+        n_classes=vocab,
+        float_input=False,
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {"mlp_digits": mlp_digits, "tiny_transformer": tiny_transformer}
