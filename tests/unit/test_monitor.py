@@ -315,6 +315,7 @@ def test_device_path_gives_the_host_path_numbers_end_to_end():
     host, host_state = run(True)
     device, device_state = run(False)
     assert [h[:2] for h in host] == [d[:2] for d in device]
+
     def flat(d, prefix=""):
         for key, value in d.items():
             if isinstance(value, dict):

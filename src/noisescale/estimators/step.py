@@ -20,7 +20,7 @@ import torch
 from noisescale.estimators.scalar import RowState, summarize_row, update_row
 from noisescale.estimators.smoothing import EMAState, ema_update
 from noisescale.estimators.summary import summary_table
-from noisescale.estimators.two_batch import two_batch_from_sums
+from noisescale.estimators.two_batch import two_batch_coefficients, two_batch_from_sums
 
 __all__ = ["StepConstants", "StepResult", "device_step", "host_step", "rows_to_state", "state_to_rows"]
 
@@ -110,13 +110,14 @@ def host_step(
     """The same step as ``device_step`` on Python floats, row by row."""
     step_ok = math.isfinite(small_rows[0]) and math.isfinite(big_rows[0])
     nan = float("nan")
+    if c.defined:
+        tr_s, tr_b, g_s, g_b = two_batch_coefficients(c.n_small, c.inv_size_sum, c.batch_size)
     raws: list[tuple[float, float]] = []
     used: list[bool] = []
     rows: list[RowState] = []
     for s, b, row in zip(small_rows, big_rows, state, strict=True):
         if c.defined:
-            est = two_batch_from_sums(s, c.n_small, c.inv_size_sum, b, c.batch_size)  # type: ignore[arg-type]
-            g, t = float(est.grad_sq), float(est.trace_cov)
+            g, t = g_s * s + g_b * b, tr_s * s + tr_b * b
         else:
             g = t = nan
         use = step_ok and c.defined and (s != 0 or b != 0)

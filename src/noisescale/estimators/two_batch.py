@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TwoBatchEstimate", "two_batch_estimate", "two_batch_from_sums"]
+__all__ = ["TwoBatchEstimate", "two_batch_coefficients", "two_batch_estimate", "two_batch_from_sums"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,32 @@ class TwoBatchEstimate:
         return torch.where(self.grad_sq > 0, self.trace_cov / self.grad_sq, torch.full_like(self.grad_sq, float("nan")))
 
 
+def two_batch_coefficients(n_small: int, inv_size_sum: float, big_size: int) -> tuple[float, float, float, float]:
+    """The estimator as a linear map of ``S = sum_j |G_j|^2`` and ``|G_B|^2``.
+
+    With ``h = inv_size_sum / k`` and ``gap = h - 1/B``::
+
+        tr(Sigma) = S / (k gap) - |G_B|^2 / gap
+        |G|^2     = |G_B|^2 - tr(Sigma) / B
+
+    Returns:
+        ``(tr_s, tr_b, g_s, g_b)`` such that ``tr(Sigma) = tr_s S + tr_b |G_B|^2`` and
+        ``|G|^2 = g_s S + g_b |G_B|^2``.
+
+    Raises:
+        ValueError: if the small batches are not smaller on average than the big one.
+    """
+    mean_inv = inv_size_sum / n_small
+    gap = mean_inv - 1.0 / big_size
+    if not gap > 0:
+        raise ValueError(
+            f"the small batches must be smaller on average than the big batch: mean(1/b_j)={mean_inv:.6g} must "
+            f"exceed 1/B={1.0 / big_size:.6g}; use at least two small batches"
+        )
+    tr_s, tr_b = 1.0 / (n_small * gap), -1.0 / gap
+    return tr_s, tr_b, -tr_s / big_size, 1.0 - tr_b / big_size
+
+
 def two_batch_from_sums(
     small_sq_sum: torch.Tensor,
     n_small: int,
@@ -58,19 +84,13 @@ def two_batch_from_sums(
         big_size: ``B``.
 
     Returns:
-        The unbiased ``|G|^2`` and ``tr(Sigma)`` (see the module docstring).
+        The unbiased ``|G|^2`` and ``tr(Sigma)`` (see the module docstring and ``two_batch_coefficients``).
     """
-    mean_small = small_sq_sum / n_small
-    mean_inv = inv_size_sum / n_small
-    gap = mean_inv - 1.0 / big_size
-    if not gap > 0:
-        raise ValueError(
-            f"the small batches must be smaller on average than the big batch: mean(1/b_j)={mean_inv:.6g} must "
-            f"exceed 1/B={1.0 / big_size:.6g}; use at least two small batches"
-        )
-    trace_cov = (mean_small - big_sq_norm) / gap
-    grad_sq = big_sq_norm - trace_cov / big_size
-    return TwoBatchEstimate(grad_sq=grad_sq, trace_cov=trace_cov)
+    tr_s, tr_b, g_s, g_b = two_batch_coefficients(n_small, inv_size_sum, big_size)
+    return TwoBatchEstimate(
+        grad_sq=g_s * small_sq_sum + g_b * big_sq_norm,
+        trace_cov=tr_s * small_sq_sum + tr_b * big_sq_norm,
+    )
 
 
 def two_batch_estimate(

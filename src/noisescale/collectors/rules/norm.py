@@ -66,9 +66,8 @@ def layer_norm_sq_norms(
         Two ``(B,)`` tensors: squared norms of the weight and of the bias gradients.
     """
     x3, g3 = _positions(as_float(x), normalized_ndim), _positions(as_float(grad_output), normalized_ndim)  # (B, T, N)
-    mean = x3.mean(dim=-1, keepdim=True)
-    var = x3.var(dim=-1, unbiased=False, keepdim=True)
-    x_hat = (x3 - mean) * torch.rsqrt(var + eps)
+    # torch's fused kernel without weight and bias is exactly x_hat, in one pass instead of five.
+    x_hat = torch.nn.functional.layer_norm(x3, (x3.shape[-1],), eps=eps)
     return (g3 * x_hat).sum(dim=1).square().sum(dim=1), g3.sum(dim=1).square().sum(dim=1)
 
 
