@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from noisescale.errors import ConfigError, StepError
+from noisescale.grad_norms import grad_sq_norms, sq_norms
 
 if TYPE_CHECKING:
     from noisescale.collectors.base import Collector, SmallBatchStats
@@ -266,7 +267,7 @@ class DataParallelSync:
         params = [p for _, p in collector.params]
         pending, self._pending = self._pending, None
         if pending is not None:  # the rank source launched the gather of its sums from DDP's last bucket hook
-            big = _big_sq_norms(params, small.device)
+            big = grad_sq_norms(params, small.device)
             total = self.finish_sum(pending)
             out = dataclasses.replace(
                 stats, small_sq_sum=total, n_small=world * stats.n_small, inv_size_sum=world * stats.inv_size_sum
@@ -285,7 +286,7 @@ class DataParallelSync:
         if not sharded:
             # DDP: p.grad is the all-reduced gradient, the same bits on every rank (DDP's replicas rely on it);
             # its norm is computed here while the gather is in flight.
-            big = _big_sq_norms(params, small.device)
+            big = grad_sq_norms(params, small.device)
         total = self.finish_sum(pending)
         if sharded:
             big = total[n_params : 2 * n_params]
@@ -342,9 +343,7 @@ class DataParallelSync:
                 slots.append(i)
         if not owned:
             return torch.zeros(len(params), dtype=torch.float64, device=device)
-        low = any(g.dtype in (torch.float16, torch.bfloat16) for g in owned)
-        norms = torch._foreach_norm(owned, 2, dtype=torch.float32 if low else None)  # one fused kernel
-        sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
+        sq = sq_norms(owned, device)
         if len(slots) == len(params):
             return sq
         key = tuple(slots)
@@ -358,22 +357,6 @@ def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any) -
     # ``all_gather_single`` (newer torch) replaces ``all_gather_into_tensor``, which now warns as deprecated.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, tensor, group=group, async_op=True)
-
-
-def _big_sq_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """``|p.grad|^2`` per parameter (zero where a parameter got no gradient), float64 ``(P,)``."""
-    grads = [p.grad for p in params]
-    present = [g.detach() for g in grads if g is not None]
-    if not present:
-        return torch.zeros(len(params), dtype=torch.float64, device=device)
-    low = any(g.dtype in (torch.float16, torch.bfloat16) for g in present)
-    norms = torch._foreach_norm(present, 2, dtype=torch.float32 if low else None)  # one fused kernel
-    sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
-    if len(present) == len(grads):
-        return sq
-    out = torch.zeros(len(params), dtype=torch.float64, device=device)
-    out[[i for i, g in enumerate(grads) if g is not None]] = sq
-    return out
 
 
 def _local_if_owned(grad: Any, group_rank: int) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ from noisescale.estimators.band import z_for
 from noisescale.estimators.scalar import RowState
 from noisescale.estimators.smoothing import EMAState, decay_for, ema_init
 from noisescale.estimators.step import StepConstants, device_step, host_step, rows_to_state, state_to_rows
+from noisescale.grad_norms import grad_sq_norms
 from noisescale.types import Measurement
 
 __all__ = ["GNSMonitor", "Source"]
@@ -270,7 +271,7 @@ class GNSMonitor:
         layout = self._layout_for(collector)
         if self._dist is None:
             small = stats.small_sq_sum.to(torch.float64)
-            big = _big_sq_norms([p for _, p in params], small.device)
+            big = grad_sq_norms([p for _, p in params], small.device)
         else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
             stats, small, big = self._dist.reduce(collector, stats, batch_size)
         small, big = self._unscale(small, big)
@@ -402,24 +403,6 @@ class _Layout:
                 matrix[idx, 1 + n_params + self._owner] = 1.0
             self._matrix = matrix.to(per_param.device)
         return per_param @ self._matrix
-
-
-def _big_sq_norms(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """``|p.grad|^2`` per parameter (zero where a parameter got no gradient), as float64 ``(P,)``."""
-    grads = [p.grad for p in params]
-    present = [g for g in grads if g is not None]
-    if not present:
-        return torch.zeros(len(params), dtype=torch.float64, device=device)
-    norms = torch._foreach_norm(present)  # one fused kernel where supported
-    if all(n.dtype == norms[0].dtype and n.device == norms[0].device for n in norms):
-        sq = torch.stack(norms).to(device=device, dtype=torch.float64).square()
-    else:  # parameters of mixed dtypes or devices
-        sq = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square()
-    if len(present) == len(grads):
-        return sq
-    out = torch.zeros(len(params), dtype=torch.float64, device=device)
-    out[torch.tensor([i for i, g in enumerate(grads) if g is not None], device=device)] = sq
-    return out
 
 
 def _already_unscaled(scaler: Any) -> bool:

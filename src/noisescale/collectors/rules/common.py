@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-__all__ = ["as_float", "flatten_sequence"]
+import torch
+from torch import nn
+
+__all__ = ["affine_rule", "as_float", "flatten_sequence"]
 
 
 def as_float(t: torch.Tensor) -> torch.Tensor:
@@ -17,3 +20,28 @@ def as_float(t: torch.Tensor) -> torch.Tensor:
 def flatten_sequence(t: torch.Tensor) -> torch.Tensor:
     """View ``(B, *positions, d)`` as ``(B, T, d)`` with ``T`` the product of the position dimensions."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def affine_rule(
+    module: nn.Module,
+    inputs: tuple[object, ...],
+    sq_norms: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The rule of a layer with an optional ``weight`` and ``bias``: ``sq_norms(x) -> (weight, bias) norms``.
+
+    Skips the work when neither parameter needs a gradient and returns only those that do.
+    """
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    want_w = weight is not None and weight.requires_grad
+    want_b = bias is not None and bias.requires_grad
+    if not (want_w or want_b):
+        return {}
+    x = inputs[0]
+    assert isinstance(x, torch.Tensor)
+    w_sq, b_sq = sq_norms(x)
+    out: dict[str, torch.Tensor] = {}
+    if want_w:
+        out["weight"] = w_sq
+    if want_b:
+        out["bias"] = b_sq
+    return out

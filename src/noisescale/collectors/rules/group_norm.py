@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import as_float
+from noisescale.collectors.rules.common import affine_rule, as_float
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
@@ -47,16 +47,8 @@ def group_norm_rule(
 ) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.GroupNorm`` (see the module docstring)."""
     assert isinstance(module, nn.GroupNorm)
-    want_w = module.weight is not None and module.weight.requires_grad
-    want_b = module.bias is not None and module.bias.requires_grad
-    if not (want_w or want_b):
-        return {}
-    x = inputs[0]
-    assert isinstance(x, torch.Tensor)
-    w_sq, b_sq = group_norm_sq_norms(x, grad_output, num_groups=module.num_groups, eps=module.eps)
-    out: dict[str, torch.Tensor] = {}
-    if want_w:
-        out["weight"] = w_sq
-    if want_b:
-        out["bias"] = b_sq
-    return out
+    return affine_rule(
+        module,
+        inputs,
+        lambda x: group_norm_sq_norms(x, grad_output, num_groups=module.num_groups, eps=module.eps),
+    )

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import as_float
+from noisescale.collectors.rules.common import affine_rule, as_float
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
@@ -99,20 +99,10 @@ def layer_norm_rule(
 ) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.LayerNorm`` (see the module docstring)."""
     assert isinstance(module, nn.LayerNorm)
-    weight, bias = module.weight, module.bias
-    want_w = weight is not None and weight.requires_grad
-    want_b = bias is not None and bias.requires_grad
-    if not (want_w or want_b):
-        return {}
-    x = inputs[0]
-    assert isinstance(x, torch.Tensor)
-    w_sq, b_sq = layer_norm_sq_norms(x, grad_output, normalized_ndim=len(module.normalized_shape), eps=module.eps)
-    out: dict[str, torch.Tensor] = {}
-    if want_w:
-        out["weight"] = w_sq
-    if want_b:
-        out["bias"] = b_sq
-    return out
+    ndim = len(module.normalized_shape)
+    return affine_rule(
+        module, inputs, lambda x: layer_norm_sq_norms(x, grad_output, normalized_ndim=ndim, eps=module.eps)
+    )
 
 
 @register_norm_rule(nn.RMSNorm, normalization=True)
