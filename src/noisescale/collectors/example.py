@@ -130,7 +130,7 @@ class ExampleCollector:
         self._vals: list[torch.Tensor] = []
         self._per_example: dict[int, list[torch.Tensor]] = {}
         self._examples: dict[nn.Module, int] = {}
-        self._slot_cache: tuple[tuple[tuple[int, ...], torch.device], torch.Tensor] | None = None
+        self._slot_cache: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.device], torch.Tensor] | None = None
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
 
@@ -166,8 +166,9 @@ class ExampleCollector:
                 slot = index.get(pname)
                 if slot is None:
                     continue
+                # Kept per example, (B,); summed for all layers at once in collect().
                 self._idx.append(slot)
-                self._vals.append(sq.sum(dtype=torch.float32) if sq.dtype != torch.float64 else sq.sum())
+                self._vals.append(sq)
                 if self.keep_per_example:
                     self._per_example.setdefault(slot, []).append(sq.detach())
         self._examples[module] = self._examples.get(module, 0) + grad_output.shape[0]
@@ -201,9 +202,9 @@ class ExampleCollector:
                 f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
                 "last step; pass the number of examples of the whole optimizer step (all micro-batches)"
             )
-        vals = torch.stack(self._vals)
+        vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
-        sums.index_add_(0, self._slot_tensor(vals.device), vals)
+        sums.index_add_(0, self._segment_ids(vals.device), vals)
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units).
         return SmallBatchStats(
             small_sq_sum=sums * float(batch_size) ** 2,
@@ -212,11 +213,13 @@ class ExampleCollector:
             examples=seen,
         )
 
-    def _slot_tensor(self, device: torch.device) -> torch.Tensor:
-        # The order in which hooks fire is the same every step: build the index tensor once.
-        key = (tuple(self._idx), device)
+    def _segment_ids(self, device: torch.device) -> torch.Tensor:
+        """The parameter slot of every entry of the concatenated per-example norms."""
+        # Hooks fire in the same order with the same sizes every step: build the index tensor once.
+        key = (tuple(self._idx), tuple(v.shape[0] for v in self._vals), device)
         if self._slot_cache is None or self._slot_cache[0] != key:
-            self._slot_cache = (key, torch.tensor(self._idx, device=device))
+            ids = torch.repeat_interleave(torch.tensor(self._idx), torch.tensor(key[1]))
+            self._slot_cache = (key, ids.to(device))
         return self._slot_cache[1]
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
