@@ -23,7 +23,7 @@ from noisescale.collectors.base import Collector, SmallBatchStats
 from noisescale.collectors.example import ExampleCollector, Policy, Scope
 from noisescale.collectors.microbatch import MicrobatchCollector
 from noisescale.collectors.rank import RankCollector
-from noisescale.distributed import CommHook, data_parallel_sync
+from noisescale.distributed import CommHook, data_parallel_sync, is_ddp
 from noisescale.errors import ConfigError, NoiseScaleError, StepError
 from noisescale.estimators.band import z_for
 from noisescale.estimators.scalar import RowState
@@ -54,12 +54,13 @@ class GNSMonitor:
 
     Args:
         model: the model to measure.  Only parameters with ``requires_grad`` are measured.
-        source: ``"example"`` (per-example norms through the rule registry), ``"microbatch"`` (one norm per
-            backward pass; needs gradient accumulation with at least two micro-batches), or ``"auto"``: watches
-            the first step and keeps ``"microbatch"`` if it had two or more backward passes (almost free),
-            else ``"example"``.  Under DDP, ``"rank"``: each rank's local gradient before the all-reduce (a DDP
-            communication hook; almost free).  Under DDP and FSDP2 every source sums its statistics over the
-            ranks once per step, and every rank gets the same measurement.
+        source: ``"example"`` (per-example norms through the rule registry); ``"microbatch"`` (one norm per
+            backward pass; needs gradient accumulation with at least two micro-batches); under DDP, ``"rank"``
+            (each rank's local gradient before the all-reduce, read in a DDP communication hook; almost free);
+            or ``"auto"``: under DDP with two or more ranks ``"rank"`` right away, unless the DDP model already
+            has a communication hook; otherwise it watches the first step and keeps ``"microbatch"`` if it had
+            two or more backward passes (almost free), else ``"example"``.  Under DDP and FSDP2 every source sums
+            its statistics over the ranks once per step, and every rank gets the same measurement.
         per_layer: also estimate per parameter tensor and per module (``m.layers``, ``m.modules``).
         halflife: smoothing half-life counted in examples; ``None`` means 25 steps of the first batch size.
         confidence: nominal coverage of the band ``[b_simple_low, b_simple_high]``.
@@ -138,6 +139,14 @@ class GNSMonitor:
         if source == "rank":
             self._collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=self._dist)
         self._active: Collector | None = self._collectors[source] if source != "auto" else None
+        if source == "auto" and self._dist is not None and is_ddp(model) and scope == "all":
+            # Under DDP the ranks are small batches for free: the cheapest source, unless DDP already has a hook.
+            try:
+                self._collectors["rank"] = RankCollector(model, comm_hook=None, sync=self._dist)
+            except ConfigError:
+                pass
+            else:
+                self._select("rank")
         self._warned_single_micro = False
         self._host_path: bool | None = None  # None: by device (tests force the device path on CPU)
 

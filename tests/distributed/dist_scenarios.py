@@ -159,7 +159,20 @@ def ddp_worker(rank: int, world: int) -> dict[str, Any]:
             _ddp(torch.float32), rank, world, source, dtype=torch.float32, poison=(1, 1)
         )
     out["errors"] = _errors(rank, world)
+    out["auto_sources"] = _auto_sources()
     return out
+
+
+def _auto_sources() -> dict[str, str | None]:
+    """What ``source="auto"`` picks under DDP: ``rank``, unless DDP already has a communication hook."""
+    plain = ns.GNSMonitor(_ddp())
+    hooked = _ddp()
+    hooked.register_comm_hook(None, allreduce_hook)  # type: ignore[arg-type]
+    fallback = ns.GNSMonitor(hooked)
+    picked = {"plain": plain.source, "with_own_hook": fallback.source}
+    plain.close()
+    fallback.close()
+    return picked
 
 
 def hook_worker(rank: int, world: int) -> dict[str, Any]:

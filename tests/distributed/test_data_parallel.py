@@ -170,7 +170,8 @@ def _same_bits(a: Any, b: Any) -> bool:
 
 
 def test_every_rank_gets_the_same_measurement(ddp: list[dict[str, Any]], fsdp: list[dict[str, Any]]) -> None:
-    for runs, names in ((ddp, [n for n in ddp[0] if not n.startswith(("grads/", "errors"))]), (fsdp, list(fsdp[0]))):
+    skip = ("grads/", "errors", "auto_sources")
+    for runs, names in ((ddp, [n for n in ddp[0] if not n.startswith(skip)]), (fsdp, list(fsdp[0]))):
         for name in names:
             for step in range(STEPS):
                 a, b = runs[0][name][step]["m"], runs[1][name][step]["m"]
@@ -180,3 +181,8 @@ def test_every_rank_gets_the_same_measurement(ddp: list[dict[str, Any]], fsdp: l
 def test_errors_are_raised_on_every_rank(ddp: list[dict[str, Any]]) -> None:
     want = {"second_hook": "ConfigError", "example": "StepError", "rank": "StepError"}
     assert ddp[0]["errors"] == ddp[1]["errors"] == want
+
+
+def test_auto_takes_the_rank_source_under_ddp_unless_ddp_has_a_hook(ddp: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        assert ddp[rank]["auto_sources"] == {"plain": "rank", "with_own_hook": None}
