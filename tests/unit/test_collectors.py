@@ -304,17 +304,32 @@ class TiedLM(nn.Module):
         return self.out(self.ln(self.emb(idx)))
 
 
-def test_tied_weights_raise_or_are_excluded() -> None:
+def test_tied_embedding_and_head_are_measured_exactly() -> None:
     torch.manual_seed(0)
     model = TiedLM().double()
+    collector = ExampleCollector(model, keep_per_example=True)
+    assert collector.coverage == 1.0
+    x = torch.randint(0, 10, (4, 3))
+    y = torch.randn(4, 3, 10, dtype=torch.float64)
+    sq_loss(model(x), y).sum().backward()
+    ref = per_example_sq_norms(model, x, y, sq_loss)
+    got = collector.per_example_sq_norms()
+    assert set(got) == set(ref)
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_other_tied_weights_raise_or_are_excluded() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Linear(3, 2)).double()
+    model[2].weight = model[0].weight
     with pytest.raises(SharedParameterError, match="tied weights"):
         ExampleCollector(model)
     with pytest.warns(UserWarning, match="tied weights"):
         collector = ExampleCollector(model, on_unsupported="warn", keep_per_example=True)
-    assert [n for n, _ in collector.params] == ["ln.weight", "ln.bias", "out.bias"]
-    assert collector.coverage == pytest.approx((4 + 4 + 10) / (40 + 4 + 4 + 10))
-    x = torch.randint(0, 10, (4, 3))
-    y = torch.randn(4, 3, 10, dtype=torch.float64)
+    assert [n for n, _ in collector.params] == ["0.bias", "2.bias", "3.weight", "3.bias"]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(4, 2, dtype=torch.float64)
     sq_loss(model(x), y).sum().backward()
     ref = per_example_sq_norms(model, x, y, sq_loss)
     for name, got in collector.per_example_sq_norms().items():

@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.collectors.base import SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
 from noisescale.collectors.rules.registry import NormRule
+from noisescale.collectors.tied import TiedEmbeddingHead
 from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
@@ -37,7 +38,8 @@ class ExampleCollector:
     Args:
         model: the model whose layers are hooked.
         on_unsupported: what to do with trainable parameters that no rule covers (a layer without a rule, or a
-            parameter tied between layers): ``"error"`` raises at construction, ``"warn"`` warns once and leaves
+            parameter tied between layers other than an ``nn.Embedding`` and its ``nn.Linear`` output head,
+            which is measured exactly): ``"error"`` raises at construction, ``"warn"`` warns once and leaves
             them out, ``"ignore"`` leaves them out silently.  Left-out parameters are excluded from the big-batch
             norm as well, so the estimate stays unbiased on the parameters it covers; see ``coverage``.
         scope: ``"all"`` measures every supported layer; ``"norm"`` only normalisation layers (LayerNorm,
@@ -63,10 +65,20 @@ class ExampleCollector:
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         owners: dict[int, list[str]] = {}
+        users: dict[int, list[nn.Module]] = {}
         for mname, module in model.named_modules(remove_duplicate=False):
             for pname, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     owners.setdefault(id(p), []).append(_join(mname, pname))
+                    users.setdefault(id(p), []).append(module)
+        # An input embedding tied to the output head is measured exactly, with the cross term (collectors.tied).
+        self._tied: dict[nn.Module, TiedEmbeddingHead] = {}
+        tied_slots: dict[int, int] = {}
+        for mods in users.values():
+            pair = _tied_pair(mods)
+            if pair is not None:
+                tie = TiedEmbeddingHead(*pair)
+                self._tied[pair[0]] = self._tied[pair[1]] = tie
 
         covered: list[tuple[str, nn.Parameter]] = []
         self._slots: dict[nn.Module, tuple[NormRule, dict[str, int]]] = {}
@@ -91,6 +103,12 @@ class ExampleCollector:
             index: dict[str, int] = {}
             for pname, p in own:
                 names = owners[id(p)]
+                if len(names) > 1 and module in self._tied and pname == "weight":
+                    if id(p) not in tied_slots:
+                        tied_slots[id(p)] = len(covered)
+                        covered.append((_join(mname, pname), p))
+                    index[pname] = tied_slots[id(p)]
+                    continue
                 if len(names) > 1:
                     shared.append(f"parameter shared by {names}")
                     continue
@@ -109,7 +127,8 @@ class ExampleCollector:
             warnings.warn(msg, stacklevel=3)
         if shared and on_unsupported != "ignore":
             msg = (
-                "tied weights cannot be measured per example by adding per-layer norms: "
+                "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear "
+                "head is): "
                 + "; ".join(sorted(set(shared)))
                 + ". Pass on_unsupported='warn' to leave them out (coverage is reported), or use source='microbatch'."
             )
@@ -129,6 +148,7 @@ class ExampleCollector:
         self._idx: list[int] = []
         self._vals: list[torch.Tensor] = []
         self._per_example: dict[int, list[torch.Tensor]] = {}
+        self._tied_parts: dict[int, torch.Tensor] = {}
         self._examples: dict[nn.Module, int] = {}
         self._slot_cache: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.device], torch.Tensor] | None = None
         for module in self._slots:
@@ -141,6 +161,9 @@ class ExampleCollector:
             return
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             return
+        tie = self._tied.get(module)
+        if tie is not None and module is tie.embedding:
+            tie.saw_ids(inputs[0])  # type: ignore[arg-type]
         # The closure keeps `inputs` alive until backward; autograd already saves them for the weight gradient.
         base = _reshaped_base(output, inputs)
         if base is None:
@@ -162,6 +185,7 @@ class ExampleCollector:
         rule, index = self._slots[module]
         with torch.no_grad():
             norms = rule(module, inputs, grad_output)
+            tie = self._tied.get(module)
             for pname, sq in norms.items():
                 slot = index.get(pname)
                 if slot is None:
@@ -169,8 +193,25 @@ class ExampleCollector:
                 # Kept per example, (B,); summed for all layers at once in collect().
                 self._idx.append(slot)
                 self._vals.append(sq)
-                if self.keep_per_example:
+                if not self.keep_per_example:
+                    continue
+                if tie is not None and pname == "weight":  # one part of three: wait for the others
+                    self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
+                else:
                     self._per_example.setdefault(slot, []).append(sq.detach())
+            if tie is not None:
+                cross = (
+                    tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
+                    if module is tie.head
+                    else tie.on_embedding_grad(grad_output)
+                )
+                if cross is not None:
+                    slot = index["weight"]
+                    self._idx.append(slot)
+                    self._vals.append(cross)
+                    if self.keep_per_example:
+                        total = self._tied_parts.pop(slot) + cross
+                        self._per_example.setdefault(slot, []).append(total.detach())
         self._examples[module] = self._examples.get(module, 0) + grad_output.shape[0]
 
     # -- step interface ----------------------------------------------------------------------------------------
@@ -235,7 +276,10 @@ class ExampleCollector:
         self._idx = []
         self._vals = []
         self._per_example = {}
+        self._tied_parts = {}
         self._examples = {}
+        for tie in self._tied.values():
+            tie.reset()
 
     def close(self) -> None:
         self.enabled = False
@@ -243,6 +287,17 @@ class ExampleCollector:
             h.remove()
         self._handles.clear()
         self.reset()
+
+
+def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | None:
+    """``(embedding, head)`` when a weight is used by exactly one ``nn.Embedding`` and one ``nn.Linear``."""
+    if len(modules) != 2:
+        return None
+    emb = [m for m in modules if isinstance(m, nn.Embedding)]
+    head = [m for m in modules if isinstance(m, nn.Linear)]
+    if len(emb) != 1 or len(head) != 1 or emb[0].weight is not head[0].weight:
+        return None
+    return emb[0], head[0]
 
 
 def _reshaped_base(output: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
