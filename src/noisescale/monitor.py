@@ -149,6 +149,7 @@ class GNSMonitor:
                 self._select("rank")
         self._warned_single_micro = False
         self._host_path: bool | None = None  # None: by device (tests force the device path on CPU)
+        self._saved_rows: list[str] | None = None  # row names of a loaded state, checked at the first step
 
         self.step_count = 0
         self.examples = 0
@@ -363,7 +364,7 @@ class GNSMonitor:
     def _layout_for(self, collector: Collector) -> _Layout:
         if self._layout is None:
             self._layout = _Layout([n for n, _ in collector.params], self.per_layer)
-            saved = getattr(self, "_saved_rows", None)
+            saved = self._saved_rows
             if saved is not None and saved != self._layout.row_names:
                 raise ConfigError(
                     "the loaded monitor state was saved for different parameters: "

@@ -329,3 +329,20 @@ def test_device_path_gives_the_host_path_numbers_end_to_end():
         for key, value in hf.items():
             assert value == pytest.approx(df[key], rel=1e-9, nan_ok=True), key
     assert torch.allclose(host_state["ema"]["sums"], device_state["ema"]["sums"], rtol=1e-12)
+
+
+def test_loading_a_state_saved_for_another_model_is_a_clear_error():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        run_step(model, mon, *batch(0))
+        state = mon.state_dict()
+    other = nn.Sequential(nn.Linear(8, 3)).double()
+    with ns.GNSMonitor(other, source="example") as mon2:
+        mon2.load_state_dict(state)
+        x, y = batch(1)
+        nn.functional.cross_entropy(other(x), y).backward()
+        with pytest.raises(ns.ConfigError, match="saved for different parameters"):
+            mon2.step(batch_size=B)
+    with ns.GNSMonitor(other, source="example") as mon3:
+        with pytest.raises(ns.ConfigError, match="state version"):
+            mon3.load_state_dict({**state, "version": 99})
