@@ -346,3 +346,21 @@ def test_loading_a_state_saved_for_another_model_is_a_clear_error():
     with ns.GNSMonitor(other, source="example") as mon3:
         with pytest.raises(ns.ConfigError, match="state version"):
             mon3.load_state_dict({**state, "version": 99})
+
+
+def test_bf16_autocast_measures_what_float32_measures():
+    """Under CPU autocast the layers see bf16 activations; rules compute in float32 and agree with a float32 run."""
+    x, y = batch(4, dtype=torch.float32)
+    out = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 3))
+        with ns.GNSMonitor(model, source="example") as mon:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            m = mon.step(batch_size=B)
+        assert m.status == "ok"
+        out[amp] = (m.grad_sq_raw, m.trace_cov_raw)
+    assert out[True][1] == pytest.approx(out[False][1], rel=0.02)
+    assert out[True][0] == pytest.approx(out[False][0], rel=0.05)
