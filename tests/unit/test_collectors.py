@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,14 +20,7 @@ from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerE
 
 SCALE = 2.0**10
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add synchronisation, badly so on shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

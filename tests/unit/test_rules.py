@@ -9,7 +9,7 @@ expected value is ``|c s grad l_i|^2`` for every parameter and example.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -27,7 +27,10 @@ from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.norm import rms_norm_sq_norms
 from noisescale.errors import UnsupportedLayerError
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 B = 7  # odd, so 2..4 micro-batches are unequal (4+3, 3+2+2, 2+2+2+1)
 SCALE = 2.0**10
@@ -227,15 +230,6 @@ SETTINGS = [
     for i, r in enumerate(("sum", "micro_mean", "step_mean"))
     for k in (1, 2, 3, 4)
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: intra-op threads only add synchronisation, badly so on shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("reduction", "k", "use_scaler"), SETTINGS)

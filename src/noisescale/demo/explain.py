@@ -94,7 +94,15 @@ def explain(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+_MEANING = {
+    "below": "a smaller batch would have made about as much progress per step with fewer examples",
+    "above": "a larger batch would make each step count for more, reaching the same loss in fewer steps",
+    "close to": "the batch size was about right",
+}
+
+
 def _relation(v: float, bs: int) -> str:
+    """Where B_simple ``v`` stands against the batch size, with a margin for its noise."""
     if v < 0.8 * bs:
         return "below"
     if v > 1.25 * bs:
@@ -103,11 +111,7 @@ def _relation(v: float, bs: int) -> str:
 
 
 def _meaning(v: float, bs: int) -> str:
-    if v < 0.8 * bs:
-        return "a smaller batch would have made about as much progress per step with fewer examples"
-    if v > 1.25 * bs:
-        return "a larger batch would make each step count for more, reaching the same loss in fewer steps"
-    return "the batch size was about right"
+    return _MEANING[_relation(v, bs)]
 
 
 def _band(v: tuple[float | None, float | None, float | None]) -> str:
