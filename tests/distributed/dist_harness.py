@@ -54,6 +54,16 @@ def run_distributed(fn: Callable[[int, int], Any], *, world: int = WORLD, timeou
     """
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
+    try:
+        return _run_once(fn, world, timeout)
+    except mp.ProcessRaisedException as e:
+        # The free port can be taken by another process between probing it and binding it: retry once.
+        if "Address already in use" not in str(e) and "EADDRINUSE" not in str(e):
+            raise
+        return _run_once(fn, world, timeout)
+
+
+def _run_once(fn: Callable[[int, int], Any], world: int, timeout: float) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _entry, args=(world, free_port(), fn, out_dir), nprocs=world, join=False, start_method="spawn"
