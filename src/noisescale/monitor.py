@@ -198,9 +198,7 @@ class GNSMonitor:
                 c.reset()
         if self.halflife is None:
             self.halflife = float(DEFAULT_HALFLIFE_STEPS * batch_size)
-        self.step_count += 1
-        self.examples += batch_size
-        measurement = self._measure(collector, stats, batch_size)
+        measurement = self._measure(collector, stats, batch_size)  # counts only once this step is measured
         if self.run is not None:
             self.run.log_measurement(measurement)
         for cb in self.callbacks:
@@ -318,6 +316,8 @@ class GNSMonitor:
                 skipped=self._device_skipped(rows.device),
             )
         self._ema, self._skipped = result.state, result.skipped
+        self.step_count += 1
+        self.examples += batch_size
         table, flags = result.table, result.flags
         return Measurement(
             table=table,

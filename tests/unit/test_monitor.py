@@ -343,6 +343,7 @@ def test_loading_a_state_saved_for_another_model_is_a_clear_error():
         nn.functional.cross_entropy(other(x), y).backward()
         with pytest.raises(ns.ConfigError, match="saved for different parameters"):
             mon2.step(batch_size=B)
+        assert (mon2.step_count, mon2.examples) == (state["step_count"], state["examples"])  # nothing counted
     with ns.GNSMonitor(other, source="example") as mon3:
         with pytest.raises(ns.ConfigError, match="state version"):
             mon3.load_state_dict({**state, "version": 99})
