@@ -22,7 +22,7 @@ from noisescale.collectors.base import equal_split
 from noisescale.collectors.example import ExampleCollector
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer, rms_norm_rule
 from noisescale.collectors.rules.conv import conv_patches
-from noisescale.collectors.rules.embedding import embedding_ghost_is_cheaper, embedding_sq_norms
+from noisescale.collectors.rules.embedding import embedding_form, embedding_sq_norms
 from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.norm import rms_norm_sq_norms
 from noisescale.errors import UnsupportedLayerError
@@ -67,7 +67,7 @@ class Case:
     build: Callable[[], nn.Module]
     x: Callable[[torch.Generator], torch.Tensor]
     branches: tuple[bool, ...] = ()  # claims about which branch the shapes force, checked below
-    expected_branches: tuple[bool, ...] = ()
+    expected_branches: tuple[object, ...] = ()
 
 
 def _floats(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
@@ -112,14 +112,20 @@ CASES: dict[str, Case] = {
     "embedding_ghost_padding": Case(
         lambda: _seq(nn.Embedding(11, 6, padding_idx=2), nn.Tanh(), nn.Linear(6, 3)),
         _ids(5, 4, all_padding_row=2),  # ids < 5 of 11: many repeats within an example
-        branches=(embedding_ghost_is_cheaper(4, 6),),
-        expected_branches=(True,),
+        branches=(embedding_form(4, 11),),
+        expected_branches=("ghost",),
+    ),
+    "embedding_dense_padding": Case(
+        lambda: _seq(nn.Embedding(7, 5, padding_idx=0), nn.Tanh(), nn.Linear(5, 2)),
+        _ids(7, 20, 16, all_padding_row=0),  # (B, 20, 16): T = 320 positions, a vocabulary of 7
+        branches=(embedding_form(320, 7),),
+        expected_branches=("dense",),
     ),
     "embedding_segment_padding": Case(
-        lambda: _seq(nn.Embedding(7, 5, padding_idx=0), nn.Tanh(), nn.Linear(5, 2)),
-        _ids(7, 20, 16, all_padding_row=0),  # (B, 20, 16): T = 320 positions
-        branches=(embedding_ghost_is_cheaper(320, 5),),
-        expected_branches=(False,),
+        lambda: _seq(nn.Embedding(700, 5, padding_idx=0), nn.Tanh(), nn.Linear(5, 2)),
+        _ids(7, 20, 16, all_padding_row=0),  # T = 320 positions reading ids < 7 of a vocabulary of 700
+        branches=(embedding_form(320, 700),),
+        expected_branches=("segments",),
     ),
     "embedding_max_norm": Case(lambda: _seq(nn.Embedding(6, 4, max_norm=1.0), nn.Linear(4, 2)), _ids(6, 5)),
     "layernorm": Case(lambda: _seq(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
@@ -282,20 +288,43 @@ def test_sq_norm_of_sum_over_positions_both_forms(t: int, m: int, n: int) -> Non
     torch.testing.assert_close(sq_norm_of_sum_over_positions(x, g), expected, rtol=1e-12, atol=0.0)
 
 
-@pytest.mark.parametrize(("t", "d"), [(2, 3), (4, 6), (6, 3), (40, 8), (500, 4), (400, 8)])
+@pytest.mark.parametrize(
+    ("t", "d", "vocab", "form"),
+    [
+        (2, 3, 6, "ghost"),
+        (4, 6, 9, "ghost"),
+        (6, 3, 6, "dense"),
+        (40, 8, 6, "dense"),
+        (40, 8, 80, "dense"),
+        (40, 8, 81, "ghost"),
+        (400, 8, 6, "dense"),
+        (500, 4, 5000, "segments"),
+    ],
+)
 @pytest.mark.parametrize("padding_idx", [None, 1])
-def test_embedding_sq_norms_both_forms(t: int, d: int, padding_idx: int | None) -> None:
+def test_embedding_sq_norms_every_form(t: int, d: int, vocab: int, form: str, padding_idx: int | None) -> None:
     gen = torch.Generator().manual_seed(t + d)
-    vocab = 6
-    idx = torch.randint(0, vocab, (5, t), generator=gen)
+    # Ids from a few values only, so examples repeat tokens, and the largest id appears (the dense buffer's edge).
+    idx = torch.randint(0, min(vocab, 7), (5, t), generator=gen)
+    idx[:, -1] = vocab - 1
     g = torch.randn(5, t, d, generator=gen, dtype=torch.float64)
     onehot = torch.nn.functional.one_hot(idx, vocab).double()
     if padding_idx is not None:
         onehot[..., padding_idx] = 0.0
     expected = torch.einsum("btv,btd->bvd", onehot, g).square().sum((1, 2))
-    got = embedding_sq_norms(idx, g, padding_idx=padding_idx)
+    assert embedding_form(t, vocab) == form  # the cost model picks the form this case is meant to exercise
+    for forced in ("ghost", "dense", "segments"):
+        got = embedding_sq_norms(idx, g, padding_idx=padding_idx, num_embeddings=vocab, form=forced)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"form {forced}")
+    got = embedding_sq_norms(idx, g, padding_idx=padding_idx, num_embeddings=vocab)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert embedding_ghost_is_cheaper(t, d) == (t <= 40)  # both forms are exercised above
+
+
+def test_embedding_form_without_vocabulary_never_dense() -> None:
+    assert embedding_form(64, None) == "ghost"
+    assert embedding_form(400, None) == "segments"
+    with pytest.raises(ValueError, match="num_embeddings"):
+        embedding_sq_norms(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, 4), form="dense")
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,14 @@ positions that read token ``v``.  Hence
 
     |W_i|^2 = sum_v |sum_{t: idx_t = v} g_t|^2 = sum_{t,s} [idx_t == idx_s] (g_t . g_s).
 
-Positions reading ``padding_idx`` get no gradient, so their ``g_t`` is zeroed first.  Two exact forms, the
-cheaper one chosen per call from ``T`` and ``D``:
+Positions reading ``padding_idx`` get no gradient, so their ``g_t`` is zeroed first.  Three exact forms, the
+cheapest chosen per call from ``T``, ``D`` and the vocabulary size ``V`` (``embedding_form``):
 
 * ghost: the ``(B, T, T)`` Gram matrix of the ``g_t`` masked by ``[idx_t == idx_s]``, ``O(B T^2 D)``;
+* dense: add every ``g_t`` into row ``idx_t`` of a zeroed ``(B, V, D)`` buffer (``index_add``) and square,
+  ``O(B (V + T) D)``; taken only for a small vocabulary (``V <= 2 T``: position embeddings, characters);
 * segment sums: sort each example's ids, add the ``g_t`` of equal ids into one row each (``index_add``) and
-  square, ``O(B T (D + log T))``; never builds the ``(vocab, D)`` per-example gradient.
+  square, ``O(B T (D + log T))``; never builds the ``(V, D)`` per-example gradient.
 
 Neither needs the weight, so ``max_norm`` (which renormalises rows in place, outside autograd) and ``sparse``
 gradients (same values, sparse layout) are handled.  ``scale_grad_by_freq`` divides each token's gradient by
@@ -20,7 +22,7 @@ its frequency in the *whole* batch, so a per-example gradient is not defined; th
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,27 +31,51 @@ from noisescale.collectors.rules.common import as_float
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
-__all__ = ["embedding_ghost_is_cheaper", "embedding_rule", "embedding_sq_norms"]
+__all__ = ["EmbeddingForm", "embedding_form", "embedding_rule", "embedding_sq_norms"]
 
 
-def embedding_ghost_is_cheaper(t: int, d: int) -> bool:
-    """Whether the ghost form beats segment sums for ``T`` positions of width ``D`` per example.
+EmbeddingForm = Literal["ghost", "dense", "segments"]
 
-    Ghost: ``T^2 D`` multiply-adds in one batched matrix product, which runs near peak speed.  Segment sums:
-    about ``T (D + log T)`` work, but in a sort, a gather and an ``index_add`` that are memory-bound and run far
-    below peak.  On a CPU the crossover measured near ``T = 100`` at ``D = 128`` (ghost 0.76 ms vs segments 1.14
-    ms at ``B = 32, T = 64``; 3.1 ms vs 1.8 ms at ``B = 8, T = 256``), so the segment work is weighted 96 times.
+# Cost of each form in nanoseconds per (example x embedding column) on a 2-core AVX2 CPU, fitted at B = 32,
+# D = 128: ghost 0.68 ms at T = 64; dense 0.28 ms at T = 64, V = 96; segment sums 3.5 ms at T = 256.  The
+# matrix product runs near peak speed, the others are memory-bound, hence the different weights.
+_GHOST_PER_T2, _GHOST_PER_T = 0.025, 1.0
+_DENSE_PER_ROW = 0.55
+_SEGMENTS_PER_T = 3.4
+
+
+def embedding_form(t: int, vocab: int | None = None) -> EmbeddingForm:
+    """The cheapest exact form for ``T`` positions per example and a vocabulary of ``V`` rows.
+
+    ``vocab=None`` (unknown) rules the dense form out; so does ``V > 2 T``, which bounds its buffer by twice the
+    output gradient's size.  Every form's cost is linear in the width ``D``, so it does not enter.  See the module
+    docstring for the forms and the cost constants for where they come from.
     """
-    return t * d <= 96 * (d + math.ceil(math.log2(max(t, 2))))
+    costs: dict[EmbeddingForm, float] = {
+        "ghost": _GHOST_PER_T2 * t * t + _GHOST_PER_T * t,
+        "segments": _SEGMENTS_PER_T * t,
+    }
+    if vocab is not None and vocab <= 2 * t:
+        costs["dense"] = _DENSE_PER_ROW * (vocab + t)
+    return min(costs, key=costs.__getitem__)
 
 
-def embedding_sq_norms(idx: torch.Tensor, grad_output: torch.Tensor, *, padding_idx: int | None = None) -> torch.Tensor:
+def embedding_sq_norms(
+    idx: torch.Tensor,
+    grad_output: torch.Tensor,
+    *,
+    padding_idx: int | None = None,
+    num_embeddings: int | None = None,
+    form: EmbeddingForm | None = None,
+) -> torch.Tensor:
     """Per-example ``sum_{t,s} [idx_t == idx_s] (g_t . g_s)``, the squared norm of an embedding's weight gradient.
 
     Args:
         idx: ``(B, *positions)`` integer token ids (``(B,)`` for one token per example).
         grad_output: ``(B, *positions, D)`` gradient of the loss with respect to the embedding's output.
         padding_idx: id whose positions receive no gradient (``nn.Embedding.padding_idx``), or ``None``.
+        num_embeddings: the vocabulary size ``V`` (every id is below it); ``None`` rules out the dense form.
+        form: force a form (tests); ``None`` picks the cheapest with ``embedding_form``.
 
     Returns:
         ``(B,)`` squared Frobenius norms, in ``grad_output``'s dtype.
@@ -63,10 +89,19 @@ def embedding_sq_norms(idx: torch.Tensor, grad_output: torch.Tensor, *, padding_
         g = g.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
     if t == 1:
         return g.square().sum(dim=(1, 2))
-    if embedding_ghost_is_cheaper(t, d):
+    if form is None:
+        form = embedding_form(t, num_embeddings)
+    if form == "ghost":
         same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (B, T, T)
         gram = torch.bmm(g, g.transpose(1, 2))  # (B, T, T)
-        return gram.masked_fill(~same, 0.0).sum(dim=(1, 2))
+        return gram.masked_fill_(~same, 0.0).sum(dim=(1, 2))
+    if form == "dense":
+        if num_embeddings is None:
+            raise ValueError("the dense form needs num_embeddings")
+        # Row b * V + id of a (B * V, D) buffer collects example b's gradient rows of token id.
+        rows = ids + torch.arange(b, device=ids.device).unsqueeze(1) * num_embeddings
+        dense = g.new_zeros(b * num_embeddings, d).index_add_(0, rows.reshape(-1), g.reshape(b * t, d))
+        return torch.linalg.vector_norm(dense.view(b, -1), dim=1).square()
     # Segment sums: after a per-example sort equal ids are adjacent; number the runs 0.. within each example and
     # add each run's gradients into its own row of a (B * T, D) buffer (at most T runs per example).
     sorted_ids, order = ids.sort(dim=1)
@@ -102,4 +137,8 @@ def embedding_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: t
             "nn.Embedding got a 0-d index tensor: per-example norms need a leading batch dimension, "
             "e.g. shape (B,) or (B, T)"
         )
-    return {"weight": embedding_sq_norms(idx, as_float(grad_output), padding_idx=module.padding_idx)}
+    return {
+        "weight": embedding_sq_norms(
+            idx, as_float(grad_output), padding_idx=module.padding_idx, num_embeddings=module.num_embeddings
+        )
+    }

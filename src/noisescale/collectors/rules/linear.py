@@ -18,7 +18,7 @@ from torch import nn
 from noisescale.collectors.rules.common import as_float, flatten_sequence
 from noisescale.collectors.rules.registry import register_norm_rule
 
-__all__ = ["linear_rule", "sq_norm_of_sum_over_positions"]
+__all__ = ["linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_positions"]
 
 
 def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -26,15 +26,37 @@ def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
     Picks the ghost Gram form when ``T^2 (m + n) < T m n`` (fewer multiply-adds), else materialises.
     """
+    return sequence_linear_sq_norms(x, g, with_bias=False)[0]
+
+
+def sequence_linear_sq_norms(
+    x: torch.Tensor, g: torch.Tensor, *, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example ``|sum_t g_t x_t^T|_F^2`` and, if asked, ``|sum_t g_t|^2`` (a bias gradient's squared norm).
+
+    Args:
+        x: ``(B, T, m)`` inputs.
+        g: ``(B, T, n)`` output gradients.
+        with_bias: also return the bias term; otherwise the second value is ``None``.
+
+    The weight term takes the ghost form when ``T^2 (m + n) < T m n`` (fewer multiply-adds), else the
+    materialised one.  With a ghost form the bias term comes from its output-gradient Gram matrix,
+    ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``: a sum over ``B T^2`` entries instead of ``B T n``.
+
+    Returns:
+        ``(weight, bias)``, each ``(B,)`` (``bias`` is ``None`` unless ``with_bias``).
+    """
     _, t, m = x.shape
     n = g.shape[-1]
     if t * (m + n) < m * n:
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
         gram_x = torch.bmm(x, x.transpose(1, 2))
         gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_x * gram_g).sum(dim=(1, 2))
+        bias = gram_g.sum(dim=(1, 2)) if with_bias else None
+        return gram_x.mul_(gram_g).sum(dim=(1, 2)), bias
     per_example = torch.bmm(g.transpose(1, 2), x)  # (B, n, m)
-    return torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
+    weight = torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
+    return weight, (g.sum(dim=1).square_().sum(dim=1) if with_bias else None)
 
 
 @register_norm_rule(nn.Linear)
@@ -52,9 +74,12 @@ def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torc
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = g_sq
         return out
-    x3, g3 = flatten_sequence(x), flatten_sequence(g)  # (B, T, d)
+    g3 = flatten_sequence(g)  # (B, T, d_out)
+    want_bias = module.bias is not None and module.bias.requires_grad
     if module.weight.requires_grad:
-        out["weight"] = sq_norm_of_sum_over_positions(x3, g3)
-    if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = g3.sum(1).square().sum(1)
+        out["weight"], bias = sequence_linear_sq_norms(flatten_sequence(x), g3, with_bias=want_bias)
+        if bias is not None:
+            out["bias"] = bias
+    elif want_bias:
+        out["bias"] = g3.sum(dim=1).square_().sum(dim=1)
     return out
