@@ -399,3 +399,40 @@ def test_batchnorm_is_refused_with_the_reason() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(UnsupportedLayerError, match="batch statistics couple the examples"):
         ExampleCollector(model)
+
+
+class _PassThrough(nn.Module):
+    """Returns its input as is (a leaf when the input is one); its parameter's rule sees the input's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_layer_that_returns_a_leaf_tensor_is_still_measured() -> None:
+    """Its output has no autograd node to hook, so the collector falls back to a hook on the tensor itself."""
+    from noisescale.collectors.rules.registry import _RULES, register_norm_rule
+
+    seen: list[torch.Tensor] = []
+
+    def rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen.append(grad_output.clone())
+        return {"weight": grad_output.square().sum(1)}
+
+    register_norm_rule(_PassThrough)(rule)
+    try:
+        model = _PassThrough()
+        collector = ExampleCollector(model)
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        out = model(x)
+        assert out is x and out.grad_fn is None
+        (out * torch.arange(12.0, dtype=torch.float64).view(4, 3)).sum().backward()
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], x.grad)
+        stats = collector.collect(4)
+        torch.testing.assert_close(stats.small_sq_sum, x.grad.square().sum() * 16 * torch.ones(1, dtype=torch.float64))
+    finally:
+        del _RULES[_PassThrough]

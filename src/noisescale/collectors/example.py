@@ -157,61 +157,85 @@ class ExampleCollector:
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
 
     def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        if not (self.enabled and torch.is_grad_enabled()):
+        if not (self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        if not torch.is_grad_enabled():
             return
         tie = self._tied.get(module)
         if tie is not None and module is tie.embedding:
             tie.saw_ids(inputs[0])  # type: ignore[arg-type]
+        # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
+        # to register than a tensor hook, and keeps firing with the gradient of the value the layer returned when
+        # a later operation modifies the output in place (nn.ReLU(inplace=True)): the node stays in the graph.
         # The closure keeps `inputs` alive until backward; autograd already saves them for the weight gradient.
-        base = _reshaped_base(output, inputs)
+        base = output._base
         if base is None:
-            output.register_hook(functools.partial(self._on_grad_output, module, inputs))
+            node, nr = output.grad_fn, output.output_nr
+            shape = None
         else:
-            # A hook on a view never fires once the view is modified in place (nn.ReLU(inplace=True) after a
-            # Linear on 3-D input, whose output is a view): autograd rebases the view and drops its node.  A
-            # hook on the base survives and gets the gradient of the pre-modification value, as for non-views.
-            base.register_hook(functools.partial(self._on_grad_base, module, inputs, output.shape))
+            # A view's own node is dropped when the view is modified in place; the node of its base is not.
+            base = _reshaped_base(output, base, inputs)
+            if base is None:
+                node, nr, shape = output.grad_fn, output.output_nr, None
+            else:
+                node, nr, shape = base.grad_fn, base.output_nr, output.shape
+        if node is None:  # the layer returned a leaf (a parameter or an input as is): hook the tensor itself
+            output.register_hook(functools.partial(self._on_leaf_grad, module, inputs))
+            return
+        node.register_prehook(functools.partial(self._on_node_grad, module, inputs, nr, shape))
 
-    def _on_grad_base(
-        self, module: nn.Module, inputs: tuple[object, ...], shape: torch.Size, grad_base: torch.Tensor
+    def _on_leaf_grad(self, module: nn.Module, inputs: tuple[object, ...], grad: torch.Tensor) -> None:
+        self._on_node_grad(module, inputs, 0, None, (grad,))
+
+    def _on_node_grad(
+        self,
+        module: nn.Module,
+        inputs: tuple[object, ...],
+        nr: int,
+        shape: torch.Size | None,
+        grad_outputs: tuple[torch.Tensor | None, ...],
     ) -> None:
-        self._on_grad_output(module, inputs, grad_base.reshape(shape))
+        grad = grad_outputs[nr]
+        if grad is None or not self.enabled:
+            return
+        if shape is not None:
+            grad = grad.reshape(shape)
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep the statistics out of the graph
+            with torch.no_grad():
+                self._on_grad_output(module, inputs, grad)
+        else:
+            self._on_grad_output(module, inputs, grad)
 
     def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
-        if not self.enabled:
-            return
         rule, index = self._slots[module]
-        with torch.no_grad():
-            norms = rule(module, inputs, grad_output)
-            tie = self._tied.get(module)
-            for pname, sq in norms.items():
-                slot = index.get(pname)
-                if slot is None:
-                    continue
-                # Kept per example, (B,); summed for all layers at once in collect().
+        norms = rule(module, inputs, grad_output)
+        tie = self._tied.get(module)
+        for pname, sq in norms.items():
+            slot = index.get(pname)
+            if slot is None:
+                continue
+            # Kept per example, (B,); summed for all layers at once in collect().
+            self._idx.append(slot)
+            self._vals.append(sq)
+            if not self.keep_per_example:
+                continue
+            if tie is not None and pname == "weight":  # one part of three: wait for the others
+                self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
+            else:
+                self._per_example.setdefault(slot, []).append(sq.detach())
+        if tie is not None:
+            cross = (
+                tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
+                if module is tie.head
+                else tie.on_embedding_grad(grad_output)
+            )
+            if cross is not None:
+                slot = index["weight"]
                 self._idx.append(slot)
-                self._vals.append(sq)
-                if not self.keep_per_example:
-                    continue
-                if tie is not None and pname == "weight":  # one part of three: wait for the others
-                    self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
-                else:
-                    self._per_example.setdefault(slot, []).append(sq.detach())
-            if tie is not None:
-                cross = (
-                    tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
-                    if module is tie.head
-                    else tie.on_embedding_grad(grad_output)
-                )
-                if cross is not None:
-                    slot = index["weight"]
-                    self._idx.append(slot)
-                    self._vals.append(cross)
-                    if self.keep_per_example:
-                        total = self._tied_parts.pop(slot) + cross
-                        self._per_example.setdefault(slot, []).append(total.detach())
+                self._vals.append(cross)
+                if self.keep_per_example:
+                    total = self._tied_parts.pop(slot) + cross
+                    self._per_example.setdefault(slot, []).append(total.detach())
         self._examples[module] = self._examples.get(module, 0) + grad_output.shape[0]
 
     # -- step interface ----------------------------------------------------------------------------------------
@@ -245,10 +269,10 @@ class ExampleCollector:
             )
         vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
-        sums.index_add_(0, self._segment_ids(vals.device), vals)
-        # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units).
+        # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): alpha B^2.
+        sums.index_add_(0, self._segment_ids(vals.device), vals, alpha=float(batch_size) ** 2)
         return SmallBatchStats(
-            small_sq_sum=sums * float(batch_size) ** 2,
+            small_sq_sum=sums,
             n_small=batch_size,
             inv_size_sum=float(batch_size),
             examples=seen,
@@ -300,11 +324,10 @@ def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | Non
     return emb[0], head[0]
 
 
-def _reshaped_base(output: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
-    """The tensor ``output`` is a pure reshape of (same elements, same order), if it is such a view of a tensor
-    computed inside the layer; ``None`` otherwise (not a view, a partial or permuted view, or a view of an input)."""
-    base = output._base
-    if base is None or base.grad_fn is None or base.numel() != output.numel():
+def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
+    """``base`` (``output._base``) if ``output`` is a pure reshape of it (same elements, same order) computed inside
+    the layer; ``None`` otherwise (a partial or permuted view, or a view of an input)."""
+    if base.grad_fn is None or base.numel() != output.numel():
         return None
     if not (output.is_contiguous() and base.is_contiguous()) or output.storage_offset() != base.storage_offset():
         return None
