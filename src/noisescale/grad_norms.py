@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["grad_sq_norms", "sq_norms"]
+__all__ = ["grad_sq_norms", "grad_sq_norms_host", "sq_norms"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -15,9 +17,13 @@ def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
 
     Half-precision gradients are reduced in float32: an fp16 norm overflows at 65504.
     """
-    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32 if low else None)
-    if all(n.dtype == norms[0].dtype and n.device == norms[0].device for n in norms):
+    if any(t.dtype in _HALF for t in tensors):
+        # _foreach_norm takes one reduction dtype for all; float32 would narrow a float64 neighbour.
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None) for t in tensors]
+    else:
+        norms = list(torch._foreach_norm(list(tensors), 2))
+    first = norms[0]
+    if all(n.dtype == first.dtype and n.device == first.device for n in norms):
         return torch.stack(norms).to(device=device, dtype=torch.float64).square()
     # parameters of mixed dtypes or devices
     return torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square()
@@ -26,7 +32,7 @@ def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
 def grad_sq_norms(params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
     """``|p.grad|^2`` per parameter as float64 ``(P,)``; zero where a parameter got no gradient."""
     grads = [p.grad for p in params]
-    present = [g.detach() for g in grads if g is not None]
+    present = [_values(g) for g in grads if g is not None]
     if not present:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
     sq = sq_norms(present, device)
@@ -35,3 +41,46 @@ def grad_sq_norms(params: Sequence[nn.Parameter], device: torch.device) -> torch
     out = torch.zeros(len(params), dtype=torch.float64, device=device)
     out[[i for i, g in enumerate(grads) if g is not None]] = sq
     return out
+
+
+def grad_sq_norms_host(params: Sequence[nn.Parameter]) -> list[float]:
+    """``|p.grad|^2`` per parameter as Python floats, for gradients in host memory; ``0.0`` where there is none.
+
+    On a CPU, ``_foreach_norm`` is a loop of norm kernels; one BLAS dot per tensor is about twice as fast and
+    the host path wants Python floats anyway.  Half-precision gradients are reduced in float32 (see
+    ``sq_norms``).
+    """
+    sq: list[torch.Tensor] = []
+    where: list[int] = []
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        g = _values(g)
+        if g.dtype in _HALF:
+            sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
+        else:
+            flat = g.reshape(-1)
+            sq.append(torch.dot(flat, flat))
+        where.append(i)
+    if not sq:
+        return [0.0] * len(params)
+    values = torch.stack([v.to(torch.float64) for v in sq]).tolist() if _mixed(sq) else torch.stack(sq).tolist()
+    if len(where) == len(params):
+        return values
+    out = [0.0] * len(params)
+    for i, v in zip(where, values):
+        out[i] = v
+    return out
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """A dense tensor with the same norm: the values of a sparse gradient (``nn.Embedding(sparse=True)``)."""
+    grad = grad.detach()
+    # Coalescing sums the entries of repeated rows, as the dense gradient would.
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def _mixed(values: list[torch.Tensor]) -> bool:
+    first = values[0].dtype
+    return any(v.dtype != first for v in values)

@@ -29,10 +29,13 @@ from noisescale.estimators.band import z_for
 from noisescale.estimators.scalar import RowState
 from noisescale.estimators.smoothing import EMAState, decay_for, ema_init
 from noisescale.estimators.step import StepConstants, device_step, host_step, rows_to_state, state_to_rows
-from noisescale.grad_norms import grad_sq_norms
+from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
 from noisescale.types import Measurement
 
 __all__ = ["GNSMonitor", "Source"]
+
+_Sums = torch.Tensor | list[float]
+"""Per-parameter sums: a float64 tensor on the device path, Python floats on the host path."""
 
 Source = Literal["auto", "example", "microbatch", "rank"]
 _SOURCES = ("auto", "example", "microbatch", "rank")
@@ -277,11 +280,21 @@ class GNSMonitor:
     def _measure(self, collector: Collector, stats: SmallBatchStats, batch_size: int) -> Measurement:
         params = collector.params
         layout = self._layout_for(collector)
+        small: torch.Tensor | list[float]
+        big: torch.Tensor | list[float]
         if self._dist is None:
-            small = stats.small_sq_sum.to(torch.float64)
-            big = grad_sq_norms([p for _, p in params], small.device)
+            device = stats.small_sq_sum.device
+            host = device.type == "cpu" if self._host_path is None else self._host_path
+            if host:  # straight to Python floats
+                small, big = stats.small_sq_sum.tolist(), grad_sq_norms_host([p for _, p in params])
+            else:
+                small = stats.small_sq_sum.to(torch.float64)
+                big = grad_sq_norms([p for _, p in params], device)
         else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
             stats, small, big = self._dist.reduce(collector, stats, batch_size)
+            host = small.device.type == "cpu" if self._host_path is None else self._host_path
+            if host:
+                small, big = small.tolist(), big.tolist()
         small, big = self._unscale(small, big)
         undefined_reason = None
         if stats.n_small < 2 or stats.inv_size_sum / stats.n_small <= 1.0 / batch_size:
@@ -301,12 +314,13 @@ class GNSMonitor:
             z=self._z,
             defined=undefined_reason is None,
         )
-        host = small.device.type == "cpu" if self._host_path is None else self._host_path
-        if host:
+        if isinstance(small, list):
+            assert isinstance(big, list)
             # Host path: a handful of floats per row beats a hundred tiny tensor operations.
-            small_rows, big_rows = layout.host_rows(small.tolist()), layout.host_rows(big.tolist())
+            small_rows, big_rows = layout.host_rows(small), layout.host_rows(big)
             result = host_step(self._host_state(layout), small_rows, big_rows, consts, skipped=int(self._skipped))
         else:
+            assert isinstance(big, torch.Tensor)
             rows = layout.rows(torch.stack([small, big]))  # (2, R)
             result = device_step(
                 self._device_state(layout, rows.device),
@@ -353,13 +367,19 @@ class GNSMonitor:
     def _device_skipped(self, device: torch.device) -> torch.Tensor:
         return torch.as_tensor(self._skipped, dtype=torch.int64).to(device)
 
-    def _unscale(self, small: torch.Tensor, big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _unscale(self, small: _Sums, big: _Sums) -> tuple[_Sums, _Sums]:
         scaler = self.scaler
         if scaler is None or not scaler.is_enabled() or scaler._scale is None:
             return small, big
-        inv_s2 = scaler._scale.to(device=small.device, dtype=torch.float64).reciprocal().square()
         # Hooks saw gradients at the loss scale; p.grad is still scaled unless unscale_() already ran.
-        return small * inv_s2, (big if _already_unscaled(scaler) else big * inv_s2)
+        big_scaled = not _already_unscaled(scaler)
+        if isinstance(small, list):  # host path: the scale is on the host as well
+            assert isinstance(big, list)
+            inv = 1.0 / float(scaler._scale.item())
+            inv_s2 = inv * inv
+            return [v * inv_s2 for v in small], ([v * inv_s2 for v in big] if big_scaled else big)
+        inv_s2_t = scaler._scale.to(device=small.device, dtype=torch.float64).reciprocal().square()
+        return small * inv_s2_t, (big * inv_s2_t if big_scaled else big)
 
     def _layout_for(self, collector: Collector) -> _Layout:
         if self._layout is None:

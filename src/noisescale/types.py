@@ -80,7 +80,7 @@ class Measurement:
     def __init__(
         self,
         *,
-        table: Callable[[], torch.Tensor | list[list[float]]],
+        table: Callable[[], torch.Tensor | Sequence[list[float]]],
         flags: Callable[[], torch.Tensor | list[int]],
         layer_names: Sequence[str],
         module_names: Sequence[str],
@@ -95,7 +95,7 @@ class Measurement:
         self._flags = flags
         self._layer_names = tuple(layer_names)
         self._module_names = tuple(module_names)
-        self._rows: list[list[float]] | None = None
+        self._rows: Sequence[list[float]] | None = None
         self._status: Status | None = None
         self._skipped = 0
         self.step = step
@@ -107,7 +107,7 @@ class Measurement:
         self._layers: dict[str, LayerMeasurement] | None = None
         self._modules: dict[str, LayerMeasurement] | None = None
 
-    def _materialize(self) -> list[list[float]]:
+    def _materialize(self) -> Sequence[list[float]]:
         if self._rows is None:
             table = self._table()
             # The single host sync of a measurement: one small copy, only when a number is read.

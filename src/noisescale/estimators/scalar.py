@@ -16,7 +16,7 @@ Formulas (per row; see ``smoothing`` and ``band`` for their derivation):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["RowState", "summarize_row", "update_row"]
 
@@ -24,9 +24,11 @@ _INF = float("inf")
 _NAN = float("nan")
 
 
-@dataclass(frozen=True, slots=True)
-class RowState:
-    """Weighted sums of one row (total, a layer or a module); same meaning as the rows of ``EMAState.sums``."""
+class RowState(NamedTuple):
+    """Weighted sums of one row (total, a layer or a module); same meaning as the rows of ``EMAState.sums``.
+
+    A named tuple: built once per row and step, and a tuple is the cheapest immutable record to build.
+    """
 
     w: float = 0.0
     w2: float = 0.0

@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -24,7 +25,7 @@ from noisescale.estimators.two_batch import two_batch_coefficients, two_batch_fr
 
 __all__ = ["StepConstants", "StepResult", "device_step", "host_step", "rows_to_state", "state_to_rows"]
 
-Table = torch.Tensor | list[list[float]]
+Table = torch.Tensor | Sequence[list[float]]
 Flags = torch.Tensor | list[int]
 
 
@@ -135,7 +136,34 @@ def host_step(
 
 
 def _host_table(state: tuple[RowState, ...], raws: list[tuple[float, float]], used: list[bool], z: float) -> Table:
-    return [summarize_row(row, g, t, u, z) for row, (g, t), u in zip(state, raws, used, strict=True)]
+    return _LazyRows(state, raws, used, z)
+
+
+class _LazyRows(Sequence[list[float]]):
+    """The host table, each row summarised when first read: reading the total skips the per-layer rows."""
+
+    def __init__(self, state: tuple[RowState, ...], raws: list[tuple[float, float]], used: list[bool], z: float):
+        self._args = (state, raws, used, z)
+        self._rows: list[list[float] | None] = [None] * len(state)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> list[float]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[list[float]]: ...
+
+    def __getitem__(self, i: int | slice) -> list[float] | list[list[float]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self._rows[i]
+        if row is None:
+            state, raws, used, z = self._args
+            g, t = raws[i]
+            row = self._rows[i] = summarize_row(state[i], g, t, used[i], z)
+        return row
 
 
 def _device_flags(step_ok: torch.Tensor, used: torch.Tensor, skipped: torch.Tensor) -> Flags:
