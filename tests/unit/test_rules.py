@@ -58,8 +58,8 @@ def sq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def linear_ghost(t: int, m: int, n: int) -> bool:
-    """The branch ``linear.sq_norm_of_sum_over_positions`` takes: ghost iff ``T^2 (m + n) < T m n``."""
-    return t * (m + n) < m * n
+    """The branch ``linear.sq_norm_of_sum_over_positions`` takes: ghost iff ``T^2 (m + n) <= T m n``."""
+    return t * (m + n) <= m * n
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ __all__ = ["linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_posit
 def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-example ``|sum_t g_t x_t^T|_F^2`` for ``x: (B, T, m)`` and ``g: (B, T, n)``; returns ``(B,)``.
 
-    Picks the ghost Gram form when ``T^2 (m + n) < T m n`` (fewer multiply-adds), else materialises.
+    Picks the ghost Gram form when ``T^2 (m + n) <= T m n`` (no more multiply-adds), else materialises.
     """
     return sequence_linear_sq_norms(x, g, with_bias=False)[0]
 
@@ -39,7 +39,7 @@ def sequence_linear_sq_norms(
         g: ``(B, T, n)`` output gradients.
         with_bias: also return the bias term; otherwise the second value is ``None``.
 
-    The weight term takes the ghost form when ``T^2 (m + n) < T m n`` (fewer multiply-adds), else the
+    The weight term takes the ghost form when ``T^2 (m + n) <= T m n`` (no more multiply-adds), else the
     materialised one.  With a ghost form the bias term comes from its output-gradient Gram matrix,
     ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``: a sum over ``B T^2`` entries instead of ``B T n``.
 
@@ -48,7 +48,7 @@ def sequence_linear_sq_norms(
     """
     _, t, m = x.shape
     n = g.shape[-1]
-    if t * (m + n) < m * n:
+    if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
         gram_x = torch.bmm(x, x.transpose(1, 2))
         gram_g = torch.bmm(g, g.transpose(1, 2))
@@ -67,12 +67,12 @@ def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torc
     g = as_float(grad_output)
     out: dict[str, torch.Tensor] = {}
     if x.dim() == 2:
-        # Row norms by one reduction each, without a (B, d) temporary of squares.
-        g_sq = torch.linalg.vector_norm(g, dim=1).square()  # (B,)
+        # Row norms by one reduction each, without a (B, d) temporary of squares; squared in place.
+        g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
         if module.weight.requires_grad:
-            out["weight"] = g_sq * torch.linalg.vector_norm(x, dim=1).square()
+            out["weight"] = (g_norm * torch.linalg.vector_norm(x, dim=1)).square_()
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = g_sq
+            out["bias"] = g_norm.square_()
         return out
     g3 = flatten_sequence(g)  # (B, T, d_out)
     want_bias = module.bias is not None and module.bias.requires_grad
