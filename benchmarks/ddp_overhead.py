@@ -4,9 +4,9 @@
 Modes, built on every rank from the same initial parameters and fed the same batches:
 
 * ``plain``: DDP without any hook: zero_grad, forward, backward (with DDP's all-reduce), SGD step;
-* ``ns_rank``: the same with ``GNSMonitor(ddp_model, source="rank")``: the communication hook that reads each
-  bucket's local norms, and ``monitor.step()`` (one all-gather of the statistics, the estimate, the averages)
-  on every step; no number is read back, as in a loop that logs now and then.
+* ``ns_rank``: the same with ``GNSMonitor(ddp_model, source="rank")``: a hook per parameter that squares the
+  norm of the local gradient before DDP averages it, and ``monitor.step()`` (one all-gather of the statistics,
+  the estimate, the averages) on every step; no number is read back, as in a loop that logs now and then.
 
 With ``--accum 2`` every step runs two micro-batches per rank, the first under ``no_sync()``.
 

@@ -1,7 +1,7 @@
 """Measure the gradient noise scale while training with DistributedDataParallel.
 
-The default source, "rank", reads each rank's local gradient inside DDP's communication hook, just before the
-all-reduce: the ranks are the small batches and the averaged gradient is the big one, so it costs almost nothing.
+The default source, "rank", reads each rank's local gradient as DDP receives it, just before the all-reduce:
+the ranks are the small batches and the averaged gradient is the big one, so it costs almost nothing.
 
     torchrun --standalone --nproc-per-node 2 examples/ddp_train.py                  # CPU, gloo
     torchrun --standalone --nproc-per-node 8 examples/ddp_train.py                  # 8 GPUs, NCCL
@@ -82,7 +82,7 @@ model = nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.GELU(), nn.Linea
 model = DDP(model, device_ids=[device.index] if backend == "nccl" else None)
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
-# the monitor: wraps DDP's all-reduce in a comm hook (source="rank"), or hooks the layers (source="example")
+# the monitor: hooks the parameters (source="rank", DDP's all-reduce untouched), or the layers (source="example")
 monitor = ns.GNSMonitor(model, source=source)
 
 

@@ -1,23 +1,15 @@
 """Data-parallel measurement: the only core module of noisescale that touches ``torch.distributed``.
 
-Two jobs, both built on "all-reduce the statistics, then compute" (STYLE.md rule 1):
-
-* the DDP communication hook of the ``rank`` source (``register_observing_comm_hook``): it shows each bucket's
-  *local* gradients to a collector, then hands the bucket to the hook it wraps (DDP's own averaging by default,
-  or the user's hook), so the gradients DDP applies are unchanged bit for bit;
-* ``DataParallelSync``: turns one rank's small-batch statistics into the whole job's with one tiny collective
-  per step (for the ``rank`` source, launched from DDP's last bucket hook, right behind the last gradient
-  all-reduce).  Every rank then computes the same measurement from the same numbers, bit for bit, so decisions
-  taken from it agree across ranks.
+``DataParallelSync`` turns one rank's small-batch statistics into the whole job's with one tiny collective per
+step (for the ``rank`` source, launched at the end of the backward pass, right behind DDP's last gradient
+all-reduce), "all-reduce the statistics, then compute" (STYLE.md rule 1).  Every rank then computes the same
+measurement from the same numbers, bit for bit, so decisions taken from it agree across ranks.
 
 Units (``SmallBatchStats``): DDP and FSDP2 average the ranks' gradients, so with ``W`` ranks the share of
 ``p.grad`` of a small batch on rank ``r`` is ``c / W``, where ``c`` is its share of that rank's local gradient.
 A collector measures with the local batch size ``b_r``, giving ``(b_r / b_j) c``; the step's units want
 ``(B / b_j) (c / W)``, the same when every rank holds ``B / W`` examples and otherwise a factor
 ``(B / (W b_r))^2`` on the squared norms, which ``DataParallelSync.collect`` applies.
-
-Note: no ``from __future__ import annotations`` here: DDP checks a hook's ``bucket`` annotation at runtime and
-accepts only the class ``torch.distributed.GradBucket`` itself, not its name as a string.
 """
 
 import dataclasses
@@ -42,7 +34,7 @@ __all__ = [
     "data_parallel_sync",
     "ddp_ignored_parameter_names",
     "is_ddp",
-    "register_observing_comm_hook",
+    "register_comm_hook",
 ]
 
 CommHook = tuple[Any, Callable[..., Any]]
@@ -62,72 +54,25 @@ def ddp_ignored_parameter_names(model: nn.Module) -> set[str]:
     return set(getattr(model, "parameters_to_ignore", ()) or ())
 
 
-def register_observing_comm_hook(
-    model: nn.Module,
-    observe: Callable[[Any], None],
-    comm_hook: CommHook | None = None,
-    *,
-    after_last: Callable[[], None] | None = None,
-) -> None:
-    """Register on a DDP ``model`` a communication hook that calls ``observe(bucket)``, then the wrapped hook.
-
-    ``observe`` sees the bucket while it still holds this rank's local gradients (the sum of its micro-batches
-    under ``no_sync()``), before the wrapped hook averages them in place; it must only enqueue work (no host
-    synchronisation).  DDP allows one hook per model, so a user's own hook is passed here and wrapped.
-
-    Args:
-        model: a ``DistributedDataParallel`` model without a communication hook yet.
-        observe: called with each ``torch.distributed.GradBucket`` as it becomes ready.
-        comm_hook: ``(state, hook)`` to wrap; by default DDP's own averaging (``mean_allreduce_hook`` with the
-            model's process group), which gives the same gradients, bit for bit, as DDP without any hook.
-        after_last: called once per backward, after the wrapped hook has launched the last bucket's
-            communication (DDP launches buckets in order, so every bucket has been observed by then).
+def register_comm_hook(model: nn.Module, comm_hook: CommHook) -> None:
+    """Register a user's ``(state, hook)`` DDP communication hook on ``model``, with clear errors.
 
     Raises:
-        ConfigError: ``comm_hook`` is not a ``(state, callable)`` pair, or the model already has a hook.
+        ConfigError: ``comm_hook`` is not a ``(state, callable)`` pair, or DDP refuses it (it allows one hook).
     """
-    if comm_hook is None:
-        state, hook = model.process_group, _mean_allreduce_hook()
-    else:
-        if not (isinstance(comm_hook, tuple) and len(comm_hook) == 2 and callable(comm_hook[1])):
-            raise ConfigError(
-                "comm_hook must be a (state, hook) pair as for ddp_model.register_comm_hook(state, hook), e.g. "
-                f"(None, torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook), got {comm_hook!r}"
-            )
-        state, hook = comm_hook
-
-    def observing_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        observe(bucket)  # reads the local gradients; enqueued before the wrapped hook changes the buffer
-        fut = hook(state, bucket)
-        if after_last is not None and bucket.is_last():
-            after_last()
-        return fut
-
-    observing_hook.__name__ = f"noisescale_rank_stats_{getattr(hook, '__name__', 'hook')}"
+    if not (isinstance(comm_hook, tuple) and len(comm_hook) == 2 and callable(comm_hook[1])):
+        raise ConfigError(
+            "comm_hook must be a (state, hook) pair as for ddp_model.register_comm_hook(state, hook), e.g. "
+            f"(None, torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook), got {comm_hook!r}"
+        )
+    state, hook = comm_hook
     try:
-        model.register_comm_hook(state, observing_hook)  # type: ignore[operator]
+        model.register_comm_hook(state, hook)  # type: ignore[operator]
     except RuntimeError as e:
         raise ConfigError(
-            "this DistributedDataParallel model already has a communication hook and DDP allows only one: do not "
-            "register it yourself, pass it to the monitor instead, GNSMonitor(ddp_model, source='rank', "
-            f"comm_hook=(state, hook)), which wraps it ({e})"
+            "DDP refused the communication hook passed as comm_hook= (it allows one per model, and this one may "
+            f"already have one): register it once, either yourself or through the monitor ({e})"
         ) from e
-
-
-def _mean_allreduce_hook() -> Callable[..., Any]:
-    """DDP's built-in averaging as a Python hook (defined on first use: ``dist.GradBucket`` may not exist)."""
-
-    def mean_allreduce_hook(process_group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        # DDP without a hook multiplies by 1/world_size as it copies gradients into the bucket, then sums;
-        # ``allreduce_hook`` divides instead, which differs in the last bit when world_size is not a power of 2.
-        group = process_group if process_group is not None else dist.group.WORLD
-        buffer = bucket.buffer()
-        buffer.mul_(1.0 / dist.get_world_size(group))
-        work = dist.all_reduce(buffer, group=group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda fut: fut.value()[0])
-
-    return mean_allreduce_hook
 
 
 # -- statistics across ranks ---------------------------------------------------------------------------------------
@@ -172,8 +117,8 @@ class DataParallelSync:
 
     One collective per step: every rank gathers every rank's statistics vector (float64: ``P`` small-batch sums,
     three counts) and sums the rows in rank order, so the totals are the same bits on every rank whatever the
-    backend's reduction order.  The ``rank`` source starts that gather itself (``start_sum``) from DDP's last
-    bucket hook, asynchronously, so that ``monitor.step()`` finds it done instead of adding a round trip.
+    backend's reduction order.  The ``rank`` source starts that gather itself (``start_sum``) when the backward
+    pass ends, asynchronously, so that ``monitor.step()`` finds it done instead of adding a round trip.
 
     The big-batch norm ``|p.grad|^2`` is computed while the gather is in flight: under DDP from the all-reduced
     ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under FSDP2 each rank adds its
@@ -237,7 +182,7 @@ class DataParallelSync:
     def start_sum(self, vec: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """Launch the gather of ``vec`` from every rank (asynchronous); ``finish_sum`` gives the sum over ranks.
 
-        The ``rank`` source calls this from DDP's last bucket hook, so the statistics travel right behind the
+        The ``rank`` source calls this when the backward pass ends, so the statistics travel right behind the
         gradients' last all-reduce instead of adding a round trip to ``monitor.step()``.
         """
         gathered = vec.new_empty(self.world_size * vec.numel())
@@ -266,7 +211,7 @@ class DataParallelSync:
         n_params = small.numel()
         params = [p for _, p in collector.params]
         pending, self._pending = self._pending, None
-        if pending is not None:  # the rank source launched the gather of its sums from DDP's last bucket hook
+        if pending is not None:  # the rank source launched the gather of its sums when the backward pass ended
             big = grad_sq_norms(params, small.device)
             total = self.finish_sum(pending)
             out = dataclasses.replace(

@@ -31,6 +31,8 @@ def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
 
 def grad_sq_norms(params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
     """``|p.grad|^2`` per parameter as float64 ``(P,)``; zero where a parameter got no gradient."""
+    if device.type == "cpu" and all(p.grad is None or p.grad.device.type == "cpu" for p in params):
+        return torch.tensor(grad_sq_norms_host(params), dtype=torch.float64)
     grads = [p.grad for p in params]
     present = [_values(g) for g in grads if g is not None]
     if not present:

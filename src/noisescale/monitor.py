@@ -59,10 +59,10 @@ class GNSMonitor:
         model: the model to measure.  Only parameters with ``requires_grad`` are measured.
         source: ``"example"`` (per-example norms through the rule registry); ``"microbatch"`` (one norm per
             backward pass; needs gradient accumulation with at least two micro-batches); under DDP, ``"rank"``
-            (each rank's local gradient before the all-reduce, read in a DDP communication hook; almost free);
-            or ``"auto"``: under DDP with two or more ranks ``"rank"`` right away, unless the DDP model already
-            has a communication hook; otherwise it watches the first step and keeps ``"microbatch"`` if it had
-            two or more backward passes (almost free), else ``"example"``.  Under DDP and FSDP2 every source sums
+            (each rank's local gradient before DDP averages it, one dot product per parameter and step); or
+            ``"auto"``: under DDP with two or more ranks ``"rank"`` right away; otherwise it watches the first
+            step and keeps ``"microbatch"`` if it had two or more backward passes (almost free), else
+            ``"example"``.  Under DDP and FSDP2 every source sums
             its statistics over the ranks once per step, and every rank gets the same measurement.
         per_layer: also estimate per parameter tensor and per module (``m.layers``, ``m.modules``).
         halflife: smoothing half-life counted in examples; ``None`` means 25 steps of the first batch size.
@@ -76,8 +76,8 @@ class GNSMonitor:
         scope: ``"all"`` layers, or ``"norm"``: only normalisation layers (Gray et al. 2024), source ``example``.
         callbacks: functions called with every ``Measurement``.
         run: an object with ``log_measurement(measurement)`` (the run store) receiving every measurement.
-        comm_hook: for ``source="rank"``: ``(state, hook)``, your own DDP communication hook (DDP allows one),
-            which the monitor's hook wraps; by default DDP's own averaging, bit for bit.
+        comm_hook: for ``source="rank"``: ``(state, hook)``, a DDP communication hook to register on the model
+            (registering it yourself works as well: the monitor does not use DDP's communication).
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -143,13 +143,9 @@ class GNSMonitor:
             self._collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=self._dist)
         self._active: Collector | None = self._collectors[source] if source != "auto" else None
         if source == "auto" and self._dist is not None and is_ddp(model) and scope == "all":
-            # Under DDP the ranks are small batches for free: the cheapest source, unless DDP already has a hook.
-            try:
-                self._collectors["rank"] = RankCollector(model, comm_hook=None, sync=self._dist)
-            except ConfigError:
-                pass
-            else:
-                self._select("rank")
+            # Under DDP the ranks are small batches for free: the cheapest source.
+            self._collectors["rank"] = RankCollector(model, sync=self._dist)
+            self._select("rank")
         self._warned_single_micro = False
         self._host_path: bool | None = None  # None: by device (tests force the device path on CPU)
         self._saved_rows: list[str] | None = None  # row names of a loaded state, checked at the first step

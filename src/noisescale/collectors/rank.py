@@ -1,9 +1,11 @@
 """The ``rank`` source: each data-parallel rank's local gradient, read just before DDP averages it.
 
-DDP hands its gradients over in buckets; a communication hook (``noisescale.distributed``) sees each bucket
-while it still holds this rank's local gradients (the sum of the rank's micro-batches under ``no_sync()``), then
-calls the hook it wraps.  Per bucket, one fused ``torch._foreach_norm`` gives every parameter's local norm:
-no copy of any gradient, no host synchronisation, and nothing else on the backward path.
+Each measured parameter gets a post-accumulate-grad hook.  PyTorch runs it inside the parameter's
+``AccumulateGrad`` node, right after ``p.grad`` has taken in this backward's gradient and before the node's
+post hooks, where DDP copies the gradient into its bucket and launches the all-reduce.  So the hook sees this
+rank's local gradient (the sum of the rank's micro-batches under ``no_sync()``), squares its norm with one dot
+product, and never touches DDP's communication: DDP keeps its fused C++ averaging, the gradients stay the
+same bits as without the monitor, and the user stays free to register any communication hook.
 
 With ``W`` ranks of ``B / W`` examples each, rank ``r``'s small batch is its local mean gradient and the big
 batch is the averaged ``p.grad`` (McCandlish et al. 2018, App. A: "small = each rank's local gradient before
@@ -13,44 +15,39 @@ its local batch; ``DataParallelSync`` sums them over the ranks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors.base import SmallBatchStats
-from noisescale.distributed import (
-    CommHook,
-    DataParallelSync,
-    ddp_ignored_parameter_names,
-    is_ddp,
-    register_observing_comm_hook,
-)
+from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import ConfigError, StepError
 
 __all__ = ["RankCollector"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class RankCollector:
-    """This rank's local gradient norms, per parameter, from a DDP communication hook.
+    """This rank's local gradient norms, per parameter, read as DDP receives each gradient.
 
-    Assumes the wrapped hook averages the ranks' gradients, as DDP's own and its built-in hooks do (fp16/bf16
-    compression included): ``p.grad`` is then the mean over ranks.
+    Assumes DDP averages the ranks' gradients, as it does by default and with its built-in communication hooks
+    (fp16/bf16 compression included): ``p.grad`` is then the mean over ranks.
 
     Args:
-        model: a ``torch.nn.parallel.DistributedDataParallel`` model without a communication hook.
-        comm_hook: ``(state, hook)``, the user's own DDP communication hook, wrapped instead of DDP's averaging.
-        sync: the monitor's ``DataParallelSync``: once the last bucket is handed over, the hook launches the
-            gather of this rank's sums (asynchronously), so ``monitor.step()`` adds no round trip of its own.
+        model: a ``torch.nn.parallel.DistributedDataParallel`` model.
+        comm_hook: ``(state, hook)``, a DDP communication hook to register on ``model`` (the same as calling
+            ``model.register_comm_hook(state, hook)`` yourself, which works as well).
+        sync: the monitor's ``DataParallelSync``: at the end of each synchronising backward pass, the gather of
+            this rank's sums is launched (asynchronously, behind DDP's all-reduces), so ``monitor.step()`` adds no
+            round trip of its own.
 
     Raises:
-        ConfigError: ``model`` is not DDP, or it already has a communication hook (DDP allows one; pass yours as
-            ``comm_hook``).
-
-    Note:
-        DDP cannot remove a communication hook: after ``close()`` the hook stays and only passes buckets to the
-        wrapped hook, at the cost of one Python call per bucket.
+        ConfigError: ``model`` is not DDP, or ``comm_hook`` is malformed or cannot be registered.
     """
 
     source = "rank"
@@ -60,10 +57,12 @@ class RankCollector:
     ) -> None:
         if not is_ddp(model):
             raise ConfigError(
-                "source='rank' reads each rank's gradient inside DistributedDataParallel's communication hook, so "
-                f"it needs the DDP-wrapped model, got {type(model).__name__}: "
+                "source='rank' reads each rank's gradient before DistributedDataParallel averages it, so it needs "
+                f"the DDP-wrapped model, got {type(model).__name__}: "
                 "GNSMonitor(DistributedDataParallel(model), source='rank'); under FSDP2 use source='example'"
             )
+        if comm_hook is not None:
+            register_comm_hook(model, comm_hook)
         ignored = ddp_ignored_parameter_names(model)
         self.params: list[tuple[str, nn.Parameter]] = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad and n.removeprefix("module.") not in ignored
@@ -71,58 +70,61 @@ class RankCollector:
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.coverage = (sum(p.numel() for _, p in self.params) / total) if total else 0.0
         self.enabled = True
-        self._slots = {id(p): i for i, (_, p) in enumerate(self.params)}
-        self._index_cache: dict[tuple[int, ...], tuple[torch.Tensor, list[int] | None]] = {}
-        self._idx: list[torch.Tensor] = []
-        self._vals: list[torch.Tensor] = []
-        self._calls: dict[int, int] = {}
+        self._ddp = model
         self._sync = sync
+        self._device = self.params[0][1].device if self.params else torch.device("cpu")
+        self._latest: dict[int, torch.Tensor] = {}  # slot -> |local grad|^2 (0-d), the last synchronising pass
+        self._in_backward = False
+        self._sync_passes = 0
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._sums: torch.Tensor | None = None
         self._pending: tuple[Any, torch.Tensor] | None = None
-        register_observing_comm_hook(
-            model, self._on_bucket, comm_hook, after_last=self._after_last if sync is not None else None
-        )
+        self._handles: list[RemovableHandle] = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, slot))
+            for slot, (_, p) in enumerate(self.params)
+        ]
 
-    # -- hook (hot path: no host syncs; the Python work is per bucket, not per example) -------------------------
+    # -- hook (hot path: no host syncs; one dot product per parameter and step) --------------------------------
 
-    def _on_bucket(self, bucket: Any) -> None:
+    def _on_grad_ready(self, slot: int, param: nn.Parameter) -> None:
         if not self.enabled:
             return
-        params = bucket.parameters()
-        grads = bucket.gradients()  # views into the bucket: this rank's local gradients, not yet averaged
-        key = tuple(map(id, params))
-        cached = self._index_cache.get(key)
-        if cached is None:  # once per bucket layout (DDP rebuilds its buckets after the first step)
-            keep = [j for j, p in enumerate(params) if id(p) in self._slots]
-            index = torch.tensor([self._slots[id(params[j])] for j in keep], dtype=torch.long, device=grads[0].device)
-            cached = self._index_cache[key] = (index, keep if len(keep) < len(params) else None)
-        index, subset = cached
-        if subset is not None:  # some of the bucket's parameters are not measured
-            grads = [grads[j] for j in subset]
-        if grads:
-            low = grads[0].dtype in (torch.float16, torch.bfloat16)
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32 if low else None)  # (n,) 0-d, one kernel
-            self._vals.append(torch.stack(norms))
-            self._idx.append(index)
-        b = bucket.index()
-        self._calls[b] = self._calls.get(b, 0) + 1
+        # DDP decides at forward time whether this backward synchronises (False under no_sync()): only then is
+        # p.grad this rank's whole local gradient of the step.
+        if not getattr(self._ddp, "require_forward_param_sync", True):
+            return
+        if not self._in_backward:  # first gradient of this backward pass
+            self._in_backward = True
+            self._sync_passes += 1
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        grad = param.grad
+        if grad is None:
+            return
+        self._latest[slot] = _local_sq_norm(grad.detach())
 
-    def _after_last(self) -> None:
-        # Every bucket is observed: sum this rank's norms per parameter and start their gather across ranks, right
-        # behind the last gradient all-reduce (asynchronous; monitor.step() waits for it).
+    def _after_backward(self) -> None:
+        # Runs when the backward pass ends, after DDP has launched every bucket's all-reduce: the gather of this
+        # rank's sums follows them on every rank in the same order, and overlaps what comes before step().
+        self._in_backward = False
         if self.enabled and self._sync is not None:
             self._sums = self._local_sums()
             self._pending = self._sync.start_sum(self._sums)
 
     def _local_sums(self) -> torch.Tensor:
-        device = self._vals[0].device if self._vals else self.params[0][1].device
-        sums = torch.zeros(len(self.params), dtype=torch.float64, device=device)
-        if self._vals:
-            sums.index_add_(0, torch.cat(self._idx), torch.cat(self._vals).to(torch.float64).square())
+        sums = torch.zeros(len(self.params), dtype=torch.float64, device=self._device)
+        if self._latest:
+            key = tuple(self._latest)
+            index = self._index_cache.get(key)
+            if index is None:  # built once per set of parameters with gradients
+                index = self._index_cache[key] = torch.tensor(key, dtype=torch.long, device=self._device)
+            values = list(self._latest.values())
+            if any(v.dtype != values[0].dtype for v in values):  # float64 beside float32 parameters
+                values = [v.to(torch.float64) for v in values]
+            sums.index_copy_(0, index, torch.stack(values).to(torch.float64))
         return sums
 
     def take_pending_sum(self) -> tuple[Any, torch.Tensor] | None:
-        """The gather started by the hook for this step (``DataParallelSync.start_sum``), once; else ``None``."""
+        """The gather started at the end of this step's backward (``DataParallelSync.start_sum``), once."""
         pending, self._pending = self._pending, None
         return pending
 
@@ -133,17 +135,16 @@ class RankCollector:
 
         Args:
             batch_size: examples on *this rank* in the step (``DataParallelSync`` passes the local count).
-            micro_batch_sizes: unused (the micro-batches of a rank are summed in its bucket).
+            micro_batch_sizes: unused (the micro-batches of a rank are summed in ``p.grad``).
         """
-        if not self._calls:
+        if not self._sync_passes:
             raise StepError(
                 "monitor.step() was called but DDP reduced no gradient since the last step; call loss.backward() "
                 "before monitor.step() (under gradient accumulation, run the last micro-batch outside no_sync())"
             )
-        repeated = max(self._calls.values())
-        if repeated > 1:
+        if self._sync_passes > 1:
             raise StepError(
-                f"DDP all-reduced the gradients {repeated} times in this step, so its buckets no longer hold one "
+                f"DDP all-reduced the gradients {self._sync_passes} times in this step, so p.grad no longer holds one "
                 "rank's gradient: run all micro-batches but the last under ddp_model.no_sync(), or use "
                 "source='microbatch'"
             )
@@ -151,12 +152,23 @@ class RankCollector:
         return SmallBatchStats(small_sq_sum=sums, n_small=1, inv_size_sum=1.0 / batch_size, examples=None)
 
     def reset(self) -> None:
-        self._idx = []
-        self._vals = []
-        self._calls = {}
+        self._latest = {}
+        self._sync_passes = 0
         self._sums = None
         self._pending = None
 
     def close(self) -> None:
         self.enabled = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
         self.reset()
+
+
+def _local_sq_norm(grad: torch.Tensor) -> torch.Tensor:
+    """``|grad|^2`` as a 0-d tensor: one dot product; half precision is reduced in float32 (no overflow)."""
+    if grad.dtype in _HALF or grad.is_sparse:
+        values = grad.coalesce().values() if grad.is_sparse else grad
+        return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype in _HALF else None).square()
+    flat = grad.reshape(-1)
+    return torch.dot(flat, flat)
