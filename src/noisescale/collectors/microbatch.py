@@ -49,7 +49,7 @@ class MicrobatchCollector:
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
             return
-        flat = grad.detach().reshape(-1)
+        flat = (grad.detach() if grad.requires_grad else grad).reshape(-1)  # detached unless create_graph=True
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         self._idx.append(slot)
@@ -85,8 +85,7 @@ class MicrobatchCollector:
         vals = torch.stack(self._vals)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
         if len(set(sizes)) == 1:
-            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals)
-            sums = sums * (batch_size / sizes[0]) ** 2
+            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals, alpha=(batch_size / sizes[0]) ** 2)
         else:
             # The n-th gradient a parameter received belongs to micro-batch n.
             order: list[int] = []
