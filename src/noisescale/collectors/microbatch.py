@@ -45,6 +45,7 @@ class MicrobatchCollector:
         self._idx: list[int] = []
         self._vals: list[torch.Tensor] = []
         self._counts = [0] * len(self.params)
+        self._index_cache: tuple[tuple[tuple[int, ...], torch.device], torch.Tensor] | None = None
 
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
@@ -84,8 +85,9 @@ class MicrobatchCollector:
                 )
         vals = torch.stack(self._vals)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+        index = self._index(vals.device)
         if len(set(sizes)) == 1:
-            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals, alpha=(batch_size / sizes[0]) ** 2)
+            sums.index_add_(0, index, vals, alpha=(batch_size / sizes[0]) ** 2)
         else:
             # The n-th gradient a parameter received belongs to micro-batch n.
             order: list[int] = []
@@ -94,13 +96,22 @@ class MicrobatchCollector:
                 order.append(seen[slot])
                 seen[slot] += 1
             weights = torch.tensor([(batch_size / sizes[j]) ** 2 for j in order], dtype=vals.dtype, device=vals.device)
-            sums.index_add_(0, torch.tensor(self._idx, device=vals.device), vals * weights)
+            sums.index_add_(0, index, vals * weights)
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=k,
             inv_size_sum=sum(1.0 / s for s in sizes),
             examples=None,
         )
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        """The parameter slot of every norm gathered, as a tensor on ``device``."""
+        # Hooks fire in the same order every step: copy the index to the device once, not every step (a blocking
+        # host-to-device copy would stall an accelerator).
+        key = (tuple(self._idx), device)
+        if self._index_cache is None or self._index_cache[0] != key:
+            self._index_cache = (key, torch.tensor(self._idx, dtype=torch.long).to(device))
+        return self._index_cache[1]
 
     def reset(self) -> None:
         self._idx = []
