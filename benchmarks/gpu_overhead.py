@@ -140,6 +140,29 @@ def _bench(name: str, cfg: dict[str, int], args: argparse.Namespace, device: tor
     return out
 
 
+def _half_precision_check(device: torch.device) -> dict[str, float]:
+    """Largest relative error of the bf16 rule path (products of bf16, float32 sums) against float64 maths on the
+    same bf16 values, for both Linear forms; it should be float32 rounding, about 1e-6."""
+    from noisescale.collectors.rules.linear import sequence_linear_sq_norms
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for form, (t, m, n) in {"ghost": (64, 256, 512), "materialised": (256, 64, 96)}.items():
+        x = torch.randn(8, t, m, device=device, generator=gen).to(torch.bfloat16)
+        g = torch.randn(8, t, n, device=device, generator=gen).to(torch.bfloat16)
+        weight, bias = sequence_linear_sq_norms(x, g, with_bias=True)
+        xd, gd = x.double(), g.double()
+        want_w = torch.einsum("btn,btm->bnm", gd, xd).square().sum((1, 2))
+        want_b = gd.sum(1).square().sum(1)
+        assert bias is not None
+        err = max(
+            float(((weight.double() - want_w) / want_w).abs().max()),
+            float(((bias.double() - want_b) / want_b).abs().max()),
+        )
+        out[form] = err
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -167,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {},
     }
     print(f"{results['device']}, torch {torch.__version__}, {'bf16 autocast' if args.amp else 'float32'}")
+    results["bf16_rule_max_rel_err"] = _half_precision_check(device)
+    print(f"bf16 Linear rule vs float64 on the same values, largest relative error: {results['bf16_rule_max_rel_err']}")
     print("| workload | params | plain ms | ns_example x (q1-q3) | plain_accum ms | ns_microbatch x (q1-q3) |", end="")
     print(" coverage |")
     print("|---|---|---|---|---|---|---|")

@@ -421,3 +421,31 @@ def test_sparse_embedding_gradient_norms_are_exact() -> None:
     ref = per_example_sq_norms(model, x, y, sq_loss)
     for pname, expected in ref.items():
         torch.testing.assert_close(collector.per_example_sq_norms()[pname], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_are_summed_in_float32(dtype: torch.dtype) -> None:
+    """``bmm_float``: products of half-precision values, summed in float32, against float64 maths on the same values.
+
+    On a CPU torch has no ``bmm(out_dtype=...)``, so this runs the upcasting fallback; on a GPU the same call runs
+    the half-precision kernel (``benchmarks/gpu_overhead.py`` checks it there).
+    """
+    from noisescale.collectors.rules.common import bmm_float
+    from noisescale.collectors.rules.linear import sequence_linear_sq_norms
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 24, 40, generator=gen) * 3).to(dtype)
+    g = torch.randn(4, 24, 8, generator=gen).to(dtype)
+    gram = bmm_float(x, x.transpose(1, 2))
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), torch.bmm(x.double(), x.double().transpose(1, 2)), rtol=1e-5, atol=1e-4)
+    for t in (24, 2):  # ghost form, then materialised
+        weight, bias = sequence_linear_sq_norms(x[:, :t], g[:, :t], with_bias=True)
+        assert weight.dtype == torch.float32 and bias is not None
+        xd, gd = x[:, :t].double(), g[:, :t].double()
+        torch.testing.assert_close(
+            weight.double(), torch.einsum("btn,btm->bnm", gd, xd).square().sum((1, 2)), rtol=1e-5, atol=0.0
+        )
+        torch.testing.assert_close(bias.double(), gd.sum(1).square().sum(1), rtol=1e-5, atol=0.0)
+    mixed = bmm_float(g.transpose(1, 2), x.float())  # operands of different dtypes are upcast
+    torch.testing.assert_close(mixed.double(), torch.bmm(g.double().transpose(1, 2), x.double()), rtol=1e-5, atol=1e-4)

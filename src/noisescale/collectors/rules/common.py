@@ -7,7 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["affine_rule", "as_float", "flatten_sequence"]
+__all__ = ["affine_rule", "as_float", "bmm_float", "flatten_sequence"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_OUT_DTYPE_BMM: dict[str, bool] = {}  # device type -> whether bmm takes out_dtype for half inputs
 
 
 def as_float(t: torch.Tensor) -> torch.Tensor:
@@ -15,6 +18,25 @@ def as_float(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
+
+
+def bmm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` in at least float32: half-precision inputs are multiplied as they are, summed in float32.
+
+    A product of two fp16/bf16 numbers is exact in float32, so with float32 accumulation the result is what
+    upcasting first would give, without the float32 copies of both operands; and it runs on the tensor cores.
+    Where ``bmm`` has no ``out_dtype`` (CPUs), or the operands' dtypes differ, the operands are upcast.
+    """
+    if a.dtype not in _HALF and b.dtype not in _HALF:
+        return torch.bmm(a, b)
+    if a.dtype == b.dtype:
+        kind = a.device.type
+        if _OUT_DTYPE_BMM.get(kind, True):
+            try:
+                return torch.bmm(a, b, out_dtype=torch.float32)
+            except (NotImplementedError, RuntimeError, TypeError):
+                _OUT_DTYPE_BMM[kind] = False  # not on this device type: upcast from now on
+    return torch.bmm(as_float(a), as_float(b))
 
 
 def flatten_sequence(t: torch.Tensor) -> torch.Tensor:

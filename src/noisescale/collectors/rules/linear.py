@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import as_float, flatten_sequence
+from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequence
 from noisescale.collectors.rules.registry import register_norm_rule
 
 __all__ = ["linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_positions"]
@@ -48,25 +48,28 @@ def sequence_linear_sq_norms(
     """
     _, t, m = x.shape
     n = g.shape[-1]
+    # Half-precision inputs (autocast) go into the products as they are, summed in float32 (bmm_float).
     if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
-        gram_x = torch.bmm(x, x.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
+        gram_x = bmm_float(x, x.transpose(1, 2))
+        gram_g = bmm_float(g, g.transpose(1, 2))
         bias = gram_g.sum(dim=(1, 2)) if with_bias else None
         return gram_x.mul_(gram_g).sum(dim=(1, 2)), bias
-    per_example = torch.bmm(g.transpose(1, 2), x)  # (B, n, m)
+    per_example = bmm_float(g.transpose(1, 2), x)  # (B, n, m)
     weight = torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
-    return weight, (g.sum(dim=1).square_().sum(dim=1) if with_bias else None)
+    return weight, (g.sum(dim=1, dtype=weight.dtype).square_().sum(dim=1) if with_bias else None)
 
 
 @register_norm_rule(nn.Linear)
 def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.Linear`` (see the module docstring)."""
     assert isinstance(module, nn.Linear)
-    x = as_float(inputs[0])  # type: ignore[arg-type]
-    g = as_float(grad_output)
+    x = inputs[0]
+    assert isinstance(x, torch.Tensor)
+    g = grad_output
     out: dict[str, torch.Tensor] = {}
     if x.dim() == 2:
+        x, g = as_float(x), as_float(g)
         # Row norms by one reduction each, without a (B, d) temporary of squares; squared in place.
         g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
         if module.weight.requires_grad:
@@ -81,5 +84,5 @@ def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torc
         if bias is not None:
             out["bias"] = bias
     elif want_bias:
-        out["bias"] = g3.sum(dim=1).square_().sum(dim=1)
+        out["bias"] = as_float(g3).sum(dim=1).square_().sum(dim=1)
     return out
