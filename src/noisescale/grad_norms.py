@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["grad_sq_norms", "grad_sq_norms_host", "sq_norms"]
+__all__ = ["grad_sq_norms", "grad_sq_norms_host", "sq_norms", "tensor_sq_norm"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -55,16 +55,9 @@ def grad_sq_norms_host(params: Sequence[nn.Parameter]) -> list[float]:
     sq: list[torch.Tensor] = []
     where: list[int] = []
     for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            continue
-        g = _values(g)
-        if g.dtype in _HALF:
-            sq.append(torch.linalg.vector_norm(g, dtype=torch.float32).square())
-        else:
-            flat = g.reshape(-1)
-            sq.append(torch.dot(flat, flat))
-        where.append(i)
+        if p.grad is not None:
+            sq.append(tensor_sq_norm(p.grad))
+            where.append(i)
     if not sq:
         return [0.0] * len(params)
     values = torch.stack([v.to(torch.float64) for v in sq]).tolist() if _mixed(sq) else torch.stack(sq).tolist()
@@ -74,6 +67,15 @@ def grad_sq_norms_host(params: Sequence[nn.Parameter]) -> list[float]:
     for i, v in zip(where, values):
         out[i] = v
     return out
+
+
+def tensor_sq_norm(grad: torch.Tensor) -> torch.Tensor:
+    """``|grad|^2`` as a 0-d tensor by one dot product; sparse gradients by their values, half precision in float32."""
+    g = _values(grad)
+    if g.dtype in _HALF:  # a sum of fp16 squares overflows at 65504
+        return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    flat = g.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def _values(grad: torch.Tensor) -> torch.Tensor:

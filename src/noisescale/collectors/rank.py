@@ -26,10 +26,9 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.collectors.base import SmallBatchStats
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import ConfigError, StepError
+from noisescale.grad_norms import tensor_sq_norm
 
 __all__ = ["RankCollector"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class RankCollector:
@@ -100,7 +99,7 @@ class RankCollector:
         grad = param.grad
         if grad is None:
             return
-        self._latest[slot] = _local_sq_norm(grad.detach())
+        self._latest[slot] = tensor_sq_norm(grad)
 
     def _after_backward(self) -> None:
         # Runs when the backward pass ends, after DDP has launched every bucket's all-reduce: the gather of this
@@ -163,12 +162,3 @@ class RankCollector:
             h.remove()
         self._handles.clear()
         self.reset()
-
-
-def _local_sq_norm(grad: torch.Tensor) -> torch.Tensor:
-    """``|grad|^2`` as a 0-d tensor: one dot product; half precision is reduced in float32 (no overflow)."""
-    if grad.dtype in _HALF or grad.is_sparse:
-        values = grad.coalesce().values() if grad.is_sparse else grad
-        return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype in _HALF else None).square()
-    flat = grad.reshape(-1)
-    return torch.dot(flat, flat)
