@@ -81,9 +81,9 @@ def _train(
     return records
 
 
-def _ddp(dtype: torch.dtype = torch.float64) -> DDP:
+def _ddp(dtype: torch.dtype = torch.float64, **kwargs: Any) -> DDP:
     torch.manual_seed(0)
-    return DDP(make_model().to(dtype))
+    return DDP(make_model().to(dtype), **kwargs)
 
 
 # -- gradients with and without the hook -------------------------------------------------------------------------
@@ -147,6 +147,8 @@ def ddp_worker(rank: int, world: int) -> dict[str, Any]:
     with_hook = _ddp()
     with_hook.register_comm_hook(None, allreduce_hook)  # type: ignore[arg-type]  # the user's own, registered first
     out["rank/own_hook"] = _train(with_hook, rank, world, "rank")
+    # p.grad as views into DDP's buckets: the hook must still read this rank's gradient, before the all-reduce
+    out["rank/bucket_view"] = _train(_ddp(gradient_as_bucket_view=True), rank, world, "rank", micro=2)
     out["rank/accum"] = _train(_ddp(), rank, world, "rank", micro=2)
     out["microbatch/accum"] = _train(_ddp(), rank, world, "microbatch", micro=2)
     out["example"] = _train(_ddp(), rank, world, "example")

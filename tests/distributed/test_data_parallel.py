@@ -86,7 +86,8 @@ def test_gradients_bit_identical_with_the_hook_on_three_ranks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "per_rank"), [("rank", 1), ("rank/own_hook", 1), ("rank/accum", 1), ("microbatch/accum", 2)]
+    ("name", "per_rank"),
+    [("rank", 1), ("rank/own_hook", 1), ("rank/bucket_view", 1), ("rank/accum", 1), ("microbatch/accum", 2)],
 )
 def test_rank_and_microbatch_sources_match_reference(ddp: list[dict[str, Any]], name: str, per_rank: int) -> None:
     for step in range(STEPS):
