@@ -1,10 +1,11 @@
 """The ``example`` source: per-example squared gradient norms from module hooks.
 
 Each layer with a registered norm rule gets one forward hook.  When the layer runs with autograd on, the hook
-registers a tensor hook on the layer's output; in the backward pass that hook receives the output gradient and
-the layer's rule turns ``(inputs, grad_output)`` into per-example squared norms of each parameter's gradient.
-Only their sum over examples is kept (one 0-d tensor per parameter and backward), because the two-batch
-estimator needs only ``sum_i |g_i|^2`` (McCandlish et al. 2018, App. A with small batches of one example).
+registers a pre-hook on the autograd node that produced the layer's output; in the backward pass that hook
+receives the output gradient and the layer's rule turns ``(inputs, grad_output)`` into per-example squared
+norms of each parameter's gradient.  They are summed over examples and layers once per step in ``collect``,
+because the two-batch estimator needs only ``sum_i |g_i|^2`` (McCandlish et al. 2018, App. A with small batches
+of one example).
 
 Needs only activations and output gradients, never ``p.grad``, so it also works on sharded parameters.
 """
