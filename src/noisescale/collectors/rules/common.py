@@ -34,6 +34,8 @@ def bmm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _OUT_DTYPE_BMM.get(kind, True):
             try:
                 return torch.bmm(a, b, out_dtype=torch.float32)
+            except torch.OutOfMemoryError:
+                raise
             except (NotImplementedError, RuntimeError, TypeError):
                 _OUT_DTYPE_BMM[kind] = False  # not on this device type: upcast from now on
     return torch.bmm(as_float(a), as_float(b))
