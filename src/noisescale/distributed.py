@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from noisescale.collectors.base import DeviceIndex
 from noisescale.errors import ConfigError, StepError
 from noisescale.grad_norms import grad_sq_norms, sq_norms
 
@@ -140,7 +141,7 @@ class DataParallelSync:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._checked = False
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._owned = DeviceIndex()  # the slots of the gradients this rank holds a part of
         self._pending: tuple[Any, torch.Tensor] | None = None  # a gather started by the rank source's hook
 
     def collect(
@@ -291,10 +292,7 @@ class DataParallelSync:
         sq = sq_norms(owned, device)
         if len(slots) == len(params):
             return sq
-        key = tuple(slots)
-        index = self._index_cache.get(key)
-        if index is None:  # built once per layout: no host-to-device copy in later steps
-            index = self._index_cache[key] = torch.tensor(slots, dtype=torch.long, device=device)
+        index = self._owned.get(slots, device)
         return torch.zeros(len(params), dtype=torch.float64, device=device).index_copy_(0, index, sq)
 
 

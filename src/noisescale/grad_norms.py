@@ -19,9 +19,8 @@ def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
     """
     if any(t.dtype in _HALF for t in tensors):
         # _foreach_norm takes one reduction dtype for all; float32 would narrow a float64 neighbour.
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None) for t in tensors]
-    else:
-        norms = list(torch._foreach_norm(list(tensors), 2))
+        return torch.stack([tensor_sq_norm(t).to(device=device, dtype=torch.float64) for t in tensors])
+    norms = list(torch._foreach_norm(list(tensors), 2))
     first = norms[0]
     if all(n.dtype == first.dtype and n.device == first.device for n in norms):
         return torch.stack(norms).to(device=device, dtype=torch.float64).square()

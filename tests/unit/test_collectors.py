@@ -436,3 +436,15 @@ def test_a_layer_that_returns_a_leaf_tensor_is_still_measured() -> None:
         torch.testing.assert_close(stats.small_sq_sum, x.grad.square().sum() * 16 * torch.ones(1, dtype=torch.float64))
     finally:
         del _RULES[_PassThrough]
+
+
+def test_device_index_is_rebuilt_only_when_the_layout_changes() -> None:
+    from noisescale.collectors.base import DeviceIndex
+
+    cache = DeviceIndex()
+    cpu = torch.device("cpu")
+    first = cache.get([2, 0, 1], cpu, repeats=[1, 3, 2])
+    assert first.tolist() == [2, 0, 0, 0, 1, 1] and first.dtype == torch.long
+    assert cache.get([2, 0, 1], cpu, repeats=[1, 3, 2]) is first  # same layout: the same tensor, no new copy
+    assert cache.get([2, 0, 1], cpu, repeats=[3, 1, 2]).tolist() == [2, 2, 2, 0, 1, 1]
+    assert cache.get([2, 0, 1], cpu).tolist() == [2, 0, 1]

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["Collector", "SmallBatchStats", "equal_split"]
+__all__ = ["Collector", "DeviceIndex", "SmallBatchStats", "equal_split"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,25 @@ def equal_split(batch_size: int, n: int) -> list[int]:
     """
     base, rem = divmod(batch_size, n)
     return [base + (1 if i < rem else 0) for i in range(n)]
+
+
+class DeviceIndex:
+    """An integer index tensor kept on a device, rebuilt only when its content changes.
+
+    Hooks fire in the same order every step, so a collector's slot layout repeats from step to step: building the
+    index once spares an accelerator a blocking host-to-device copy per step.  One layout is remembered.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, ...], tuple[int, ...] | None, torch.device] | None = None
+        self._index: torch.Tensor | None = None
+
+    def get(self, slots: Sequence[int], device: torch.device, repeats: Sequence[int] | None = None) -> torch.Tensor:
+        """``slots`` as a long tensor on ``device``, each entry repeated ``repeats[i]`` times if given."""
+        key = (tuple(slots), None if repeats is None else tuple(repeats), device)
+        if self._index is None or key != self._key:
+            index = torch.tensor(key[0], dtype=torch.long)
+            if key[1] is not None:
+                index = torch.repeat_interleave(index, torch.tensor(key[1], dtype=torch.long))
+            self._key, self._index = key, index.to(device)
+        return self._index

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.base import SmallBatchStats
+from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
 from noisescale.collectors.rules.registry import NormRule
 from noisescale.collectors.tied import TiedEmbeddingHead
@@ -151,7 +151,7 @@ class ExampleCollector:
         self._per_example: dict[int, list[torch.Tensor]] = {}
         self._tied_parts: dict[int, torch.Tensor] = {}
         self._examples: dict[nn.Module, int] = {}
-        self._slot_cache: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.device], torch.Tensor] | None = None
+        self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
 
@@ -271,22 +271,14 @@ class ExampleCollector:
         vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): alpha B^2.
-        sums.index_add_(0, self._segment_ids(vals.device), vals, alpha=float(batch_size) ** 2)
+        segments = self._segments.get(self._idx, vals.device, repeats=[v.shape[0] for v in self._vals])
+        sums.index_add_(0, segments, vals, alpha=float(batch_size) ** 2)
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=batch_size,
             inv_size_sum=float(batch_size),
             examples=seen,
         )
-
-    def _segment_ids(self, device: torch.device) -> torch.Tensor:
-        """The parameter slot of every entry of the concatenated per-example norms."""
-        # Hooks fire in the same order with the same sizes every step: build the index tensor once.
-        key = (tuple(self._idx), tuple(v.shape[0] for v in self._vals), device)
-        if self._slot_cache is None or self._slot_cache[0] != key:
-            ids = torch.repeat_interleave(torch.tensor(self._idx), torch.tensor(key[1]))
-            self._slot_cache = (key, ids.to(device))
-        return self._slot_cache[1]
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-example squared norms (shares of ``p.grad``) gathered since the last reset, by parameter name.

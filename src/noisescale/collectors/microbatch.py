@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.base import SmallBatchStats, equal_split
+from noisescale.collectors.base import DeviceIndex, SmallBatchStats, equal_split
 from noisescale.errors import StepError
 
 __all__ = ["MicrobatchCollector"]
@@ -45,7 +45,7 @@ class MicrobatchCollector:
         self._idx: list[int] = []
         self._vals: list[torch.Tensor] = []
         self._counts = [0] * len(self.params)
-        self._index_cache: tuple[tuple[tuple[int, ...], torch.device], torch.Tensor] | None = None
+        self._slots = DeviceIndex()  # the parameter of every norm gathered
 
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
@@ -85,7 +85,7 @@ class MicrobatchCollector:
                 )
         vals = torch.stack(self._vals)
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
-        index = self._index(vals.device)
+        index = self._slots.get(self._idx, vals.device)
         if len(set(sizes)) == 1:
             sums.index_add_(0, index, vals, alpha=(batch_size / sizes[0]) ** 2)
         else:
@@ -103,15 +103,6 @@ class MicrobatchCollector:
             inv_size_sum=sum(1.0 / s for s in sizes),
             examples=None,
         )
-
-    def _index(self, device: torch.device) -> torch.Tensor:
-        """The parameter slot of every norm gathered, as a tensor on ``device``."""
-        # Hooks fire in the same order every step: copy the index to the device once, not every step (a blocking
-        # host-to-device copy would stall an accelerator).
-        key = (tuple(self._idx), device)
-        if self._index_cache is None or self._index_cache[0] != key:
-            self._index_cache = (key, torch.tensor(self._idx, dtype=torch.long).to(device))
-        return self._index_cache[1]
 
     def reset(self) -> None:
         self._idx = []

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.base import SmallBatchStats
+from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import ConfigError, StepError
 from noisescale.grad_norms import tensor_sq_norm
@@ -75,7 +75,7 @@ class RankCollector:
         self._latest: dict[int, torch.Tensor] = {}  # slot -> |local grad|^2 (0-d), the last synchronising pass
         self._in_backward = False
         self._sync_passes = 0
-        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._with_grads = DeviceIndex()  # the slots of the parameters that got a gradient
         self._sums: torch.Tensor | None = None
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._handles: list[RemovableHandle] = [
@@ -112,10 +112,7 @@ class RankCollector:
     def _local_sums(self) -> torch.Tensor:
         sums = torch.zeros(len(self.params), dtype=torch.float64, device=self._device)
         if self._latest:
-            key = tuple(self._latest)
-            index = self._index_cache.get(key)
-            if index is None:  # built once per set of parameters with gradients
-                index = self._index_cache[key] = torch.tensor(key, dtype=torch.long, device=self._device)
+            index = self._with_grads.get(list(self._latest), self._device)
             values = list(self._latest.values())
             if any(v.dtype != values[0].dtype for v in values):  # float64 beside float32 parameters
                 values = [v.to(torch.float64) for v in values]
