@@ -117,21 +117,16 @@ def render_html(reader: RunReader) -> str:
     # 3. |G|^2 and tr(Sigma)
     parts += [
         "<h2>|G|&sup2; and tr(&Sigma;)</h2>",
-        line_chart(
-            title="|G|^2",
-            x_label="examples seen",
-            y_label="|G|^2 (log scale)",
-            lines=[Line(ex, [r["grad_sq"] for r in rows], "|G|^2 (smoothed)", PALETTE[2])],
-            log_y=True,
-            height=220,
-        ),
-        line_chart(
-            title="tr(Sigma)",
-            x_label="examples seen",
-            y_label="tr(Sigma) (log scale)",
-            lines=[Line(ex, [r["trace_cov"] for r in rows], "tr(Sigma) (smoothed)", PALETTE[3])],
-            log_y=True,
-            height=220,
+        *(
+            line_chart(
+                title=label,
+                x_label="examples seen",
+                y_label=f"{label} (log scale)",
+                lines=[Line(ex, [r[key] for r in rows], f"{label} (smoothed)", color)],
+                log_y=True,
+                height=220,
+            )
+            for key, label, color in (("grad_sq", "|G|^2", PALETTE[2]), ("trace_cov", "tr(Sigma)", PALETTE[3]))
         ),
         '<p class="note">The signal |G|&sup2; (squared norm of the true gradient) and the noise tr(&Sigma;) '
         "(total variance of one example's gradient), each smoothed on its own; B_simple is their ratio.</p>",
