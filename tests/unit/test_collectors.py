@@ -106,6 +106,28 @@ def test_microbatch_matches_explicit_micro_batch_gradients(loss: str, sizes: lis
     collector.close()
 
 
+@pytest.mark.parametrize("sizes", [[3, 3, 3], [2, 5, 2]], ids=["equal", "unequal"])
+def test_microbatch_squares_kept_as_tensors_sum_like_host_floats(sizes: list[int]) -> None:
+    """On an accelerator the squares stay on the device; forced on a CPU, that path must agree with the floats.
+
+    The last case mixes both, as parameters spread over host and device memory do.
+    """
+    model, x, y = _block_data(sum(sizes), seed=5)
+    results = []
+    for host in (True, False, None):
+        collector = MicrobatchCollector(model)
+        model.zero_grad(set_to_none=True)
+        for j, (xj, yj) in enumerate(zip(torch.split(x, sizes), torch.split(y, sizes), strict=True)):
+            collector._host_floats = host if host is not None else j % 2 == 0
+            (sq_loss(model(xj), yj).sum() / sum(sizes)).backward()
+        kinds = {type(v) for v in collector._vals}
+        assert kinds == ({float} if host else {torch.Tensor} if host is False else {float, torch.Tensor})
+        results.append(collector.collect(sum(sizes), micro_batch_sizes=sizes).small_sq_sum.double())
+        collector.close()
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=0.0)
+
+
 def test_microbatch_refuses_inconsistent_sizes() -> None:
     model, x, y = _mlp_data(6)
     collector = MicrobatchCollector(model)

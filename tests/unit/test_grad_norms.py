@@ -58,21 +58,28 @@ def test_no_gradients_at_all_gives_zeros() -> None:
     assert grad_sq_norms(params, torch.device("cpu")).tolist() == [0.0, 0.0]
 
 
-def test_monitor_measures_a_sparse_embedding_like_its_dense_twin() -> None:
-    """``nn.Embedding(sparse=True)`` gives sparse gradients; the big-batch norm must read them as the dense ones."""
+@pytest.mark.parametrize("source", ["example", "microbatch"])
+def test_monitor_measures_a_sparse_embedding_like_its_dense_twin(source: str) -> None:
+    """``nn.Embedding(sparse=True)`` gives sparse gradients: to the micro-batch hooks and to the big-batch norm.
+
+    Both must read them as the dense ones.
+    """
+    micro = 2 if source == "microbatch" else 1
 
     def run(sparse: bool) -> list[float]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(12, 6, sparse=sparse), nn.Flatten(), nn.Linear(6 * 5, 3)).double()
-        monitor = ns.GNSMonitor(model, source="example")
+        monitor = ns.GNSMonitor(model, source=source)
         gen = torch.Generator().manual_seed(1)
         out = []
         for _ in range(3):
             model.zero_grad(set_to_none=True)
             ids = torch.randint(0, 12, (16, 5), generator=gen)
             y = torch.randint(0, 3, (16,), generator=gen)
-            nn.functional.cross_entropy(model(ids), y).backward()
+            for ids_j, y_j in zip(ids.chunk(micro), y.chunk(micro), strict=True):
+                (nn.functional.cross_entropy(model(ids_j), y_j) / micro).backward()
             m = monitor.step(batch_size=16)
+            assert m.source == source
             assert m.grad_sq_raw is not None and m.trace_cov_raw is not None
             out += [m.grad_sq_raw, m.trace_cov_raw]
         monitor.close()
