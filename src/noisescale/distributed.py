@@ -173,11 +173,14 @@ class DataParallelSync:
                 )
             local = batch_size // world
         stats = collector.collect(max(local, 1), micro_batch_sizes)
+        if not isinstance(stats.small_sq_sum, torch.Tensor):  # host floats: the collective needs a tensor
+            device = collector.params[0][1].device if collector.params else None
+            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_tensor(device))
         take = getattr(collector, "take_pending_sum", None)  # before the monitor resets the collector
         self._pending = take() if take is not None else None
         scale = (batch_size / (world * max(local, 1))) ** 2
         if scale != 1.0:
-            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_sum * scale)
+            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_tensor() * scale)
         return stats
 
     def start_sum(self, vec: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -208,7 +211,7 @@ class DataParallelSync:
             StepError: on the checked steps, when the ranks' counts contradict ``batch_size`` or the assumed layout.
         """
         world = self.world_size
-        small = stats.small_sq_sum.to(torch.float64)
+        small = stats.small_sq_tensor().to(torch.float64)
         n_params = small.numel()
         params = [p for _, p in collector.params]
         pending, self._pending = self._pending, None

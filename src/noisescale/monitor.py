@@ -279,12 +279,14 @@ class GNSMonitor:
         small: torch.Tensor | list[float]
         big: torch.Tensor | list[float]
         if self._dist is None:
-            device = stats.small_sq_sum.device
+            sums = stats.small_sq_sum
+            device = sums.device if isinstance(sums, torch.Tensor) else torch.device("cpu")
             host = device.type == "cpu" if self._host_path is None else self._host_path
             if host:  # straight to Python floats
-                small, big = stats.small_sq_sum.tolist(), grad_sq_norms_host([p for _, p in params])
+                small = sums if isinstance(sums, list) else sums.tolist()
+                big = grad_sq_norms_host([p for _, p in params])
             else:
-                small = stats.small_sq_sum.to(torch.float64)
+                small = stats.small_sq_tensor(device).to(torch.float64)
                 big = grad_sq_norms([p for _, p in params], device)
         else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
             stats, small, big = self._dist.reduce(collector, stats, batch_size)

@@ -27,16 +27,24 @@ class SmallBatchStats:
     sum and of any 1/k accumulation scaling: both only rescale ``p.grad`` and every ``G_j`` alike.
 
     Attributes:
-        small_sq_sum: ``(P,)`` tensor, ``sum_j |G_{j,p}|^2`` for each monitored parameter tensor ``p``.
+        small_sq_sum: ``sum_j |G_{j,p}|^2`` for each monitored parameter tensor ``p``: a ``(P,)`` tensor, or a list
+            of ``P`` Python floats when the collector summed on the host (gradients in host memory), which spares
+            the CPU path a tensor it would only read back.
         n_small: number of small batches ``k``.
         inv_size_sum: ``sum_j 1 / b_j``.
         examples: examples the hooks saw in this step, or ``None`` when the source cannot count them.
     """
 
-    small_sq_sum: torch.Tensor
+    small_sq_sum: torch.Tensor | list[float]
     n_small: int
     inv_size_sum: float
     examples: int | None
+
+    def small_sq_tensor(self, device: torch.device | None = None) -> torch.Tensor:
+        """``small_sq_sum`` as a tensor (float64 when it was a list, built on ``device``)."""
+        if isinstance(self.small_sq_sum, torch.Tensor):
+            return self.small_sq_sum
+        return torch.tensor(self.small_sq_sum, dtype=torch.float64, device=device)
 
 
 class Collector(Protocol):

@@ -152,6 +152,7 @@ class ExampleCollector:
         self._tied_parts: dict[int, torch.Tensor] = {}
         self._examples: dict[nn.Module, int] = {}
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
+        self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
 
@@ -268,11 +269,24 @@ class ExampleCollector:
                 f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
                 "last step; pass the number of examples of the whole optimizer step (all micro-batches)"
             )
-        vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
-        sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
-        # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): alpha B^2.
-        segments = self._segments.get(self._idx, vals.device, repeats=[v.shape[0] for v in self._vals])
-        sums.index_add_(0, segments, vals, alpha=float(batch_size) ** 2)
+        # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): times B^2.
+        scale = float(batch_size) ** 2
+        first = self._vals[0]
+        host = first.device.type == "cpu" if self._host_sums is None else self._host_sums
+        sums: torch.Tensor | list[float]
+        if host and all(v.shape == first.shape for v in self._vals):
+            # Straight to floats in three operations: right after a backward pass each costs tens of microseconds
+            # on a CPU (cold caches), more than the arithmetic.
+            per_entry = torch.stack(self._vals).sum(1).tolist()
+            host_sums = [0.0] * len(self.params)
+            for slot, value in zip(self._idx, per_entry):
+                host_sums[slot] += value
+            sums = [scale * v for v in host_sums]
+        else:
+            vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
+            sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+            segments = self._segments.get(self._idx, vals.device, repeats=[v.shape[0] for v in self._vals])
+            sums.index_add_(0, segments, vals, alpha=scale)
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=batch_size,

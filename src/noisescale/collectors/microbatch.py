@@ -91,11 +91,11 @@ class MicrobatchCollector:
                     f"sum to batch_size={batch_size}"
                 )
         weights = self._weights(batch_size, sizes)
+        sums: torch.Tensor | list[float]
         if all(isinstance(v, float) for v in self._vals):
-            sums_host = [0.0] * len(self.params)
+            sums = [0.0] * len(self.params)
             for slot, value, weight in zip(self._idx, self._vals, weights):
-                sums_host[slot] += weight * float(value)
-            sums = torch.tensor(sums_host, dtype=torch.float64)
+                sums[slot] += weight * float(value)
         else:
             sums = self._device_sums(weights)
         return SmallBatchStats(
@@ -121,7 +121,10 @@ class MicrobatchCollector:
         device = next(v.device for v in self._vals if isinstance(v, torch.Tensor))
         # Parameters spread over host and device memory leave a mix of floats and tensors; stack promotes dtypes.
         vals = torch.stack(
-            [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=device) for v in self._vals]
+            [
+                v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=device)
+                for v in self._vals
+            ]
         )
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=device)
         index = self._slots.get(self._idx, device)
