@@ -171,6 +171,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DEFAULTS = {"world": 2, "threads": 1, "accum": 1, "width": 1024, "trials": 25, "steps": 6, "warmup": 5, "seed": 0}
+QUICK = {"trials": 3, "steps": 3, "warmup": 2, "width": 256}
+
+
+def measure(batch: int, *, quick: bool = False, **settings: Any) -> dict[str, Any]:
+    """The paired ratio of ``ns_rank`` to plain DDP at one global ``batch``, with ``DEFAULTS`` unless overridden.
+
+    ``benchmarks/overhead.py`` calls this for its DDP row.
+    """
+    config = {**DEFAULTS, **(QUICK if quick else {}), **settings, "batch": batch}
+    result = _run(argparse.Namespace(**config))
+    result["config"] = config
+    result["meets_target"] = result["paired_ratio"]["median"] <= TARGET
+    return result
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in a fresh pair of processes; rank 0's result."""
     with tempfile.TemporaryDirectory() as out_dir:
@@ -183,24 +199,29 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", type=int, default=2, help="processes (gloo, CPU)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--world", type=int, default=DEFAULTS["world"], help="processes (gloo, CPU)")
+    p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="torch threads per process")
     p.add_argument(
         "--batch", type=int, nargs="+", default=[128, 256, 512], help="examples per step, all ranks together"
     )
     p.add_argument(
-        "--accum", type=int, default=1, help="micro-batches per rank and step (all but the last under no_sync)"
+        "--accum",
+        type=int,
+        default=DEFAULTS["accum"],
+        help="micro-batches per rank and step (all but the last under no_sync)",
     )
-    p.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
-    p.add_argument("--trials", type=int, default=25)
-    p.add_argument("--steps", type=int, default=6, help="steps per mode and trial")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=DEFAULTS["width"], help="hidden width of the MLP")
+    p.add_argument("--trials", type=int, default=DEFAULTS["trials"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="steps per mode and trial")
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--quick", action="store_true", help="smoke test: few trials, a small model, one batch size")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
-        args.trials, args.steps, args.warmup, args.width, args.batch = 3, 3, 2, 256, args.batch[:1]
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.batch = args.batch[:1]
 
     t0 = time.perf_counter()
     results = []

@@ -16,6 +16,9 @@ one warm-up step: exactly, as the most bytes of tensor storage alive at once dur
 and, for reference, as the rise of peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``),
 which the C allocator's caching blurs by several MB.
 
+The ``ddp_mlp`` workload is the data-parallel row: ``ddp_overhead.measure`` at one global batch (``--ddp-batch``),
+plain DDP against the ``rank`` source in two fresh gloo processes of one thread each (see that script).
+
 Peers (BackPACK, Opacus, torch.func) are optional: a missing package skips its mode.  Usage::
 
     python benchmarks/overhead.py --quick                 # smoke test, about a minute
@@ -49,6 +52,7 @@ from typing import Any
 
 import torch
 
+import ddp_overhead
 from _memory import LiveTensorBytes
 from _modes import LR, MODES, Mode, Skip
 from _profile import profile
@@ -57,8 +61,9 @@ from _workloads import N_BATCHES, N_MICRO, SEED, WORKLOADS, Workload
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "overhead.json"
+DDP_WORKLOAD = "ddp_mlp"  # not in WORKLOADS: measured by ddp_overhead in processes of its own
 PEERS = ("backpack", "opacus_ghost", "func")
-TARGETS = {"ns_example": 1.25, "ns_microbatch": 1.05, "peak_memory": 1.2}
+TARGETS = {"ns_example": 1.25, "ns_microbatch": 1.05, "ns_rank": ddp_overhead.TARGET, "peak_memory": 1.2}
 DISTRIBUTIONS = ("numpy", "scikit-learn", "noisescale", "backpack-for-pytorch", "opacus")
 
 
@@ -329,8 +334,39 @@ def markdown(results: dict) -> str:
                 f"per-example norms of {', '.join(diffs)} {verdict} with the exact reference on the parameters each "
                 f"covers (largest relative difference {diffs[worst]:.1e}, {worst}; tolerance {NORM_RTOL:g})",
             ]
+    ddp = results.get("ddp")
+    if ddp is not None:
+        lines += ["", *ddp_markdown(ddp)]
     lines += ["", "targets (reported, not enforced):", *(f"- {t}" for t in results["targets"])]
     return "\n".join(lines)
+
+
+def run_ddp(args: argparse.Namespace) -> dict:
+    """The DDP row: ``ddp_overhead.measure`` in two fresh processes, or the error that stopped it."""
+    try:
+        return {"status": "ok", **ddp_overhead.measure(args.ddp_batch, quick=args.quick)}
+    except Exception as e:  # a failed row is reported, the rest of the run is kept
+        traceback.print_exc()
+        return {"status": "error", "reason": f"{type(e).__name__}: {e}", "config": {"batch": args.ddp_batch}}
+
+
+def ddp_markdown(ddp: dict) -> list[str]:
+    c = ddp["config"]
+    if ddp["status"] != "ok":
+        return [f"### {DDP_WORKLOAD}: DDP at global batch {c['batch']}: {ddp['status']}: {ddp['reason'][:200]}"]
+    q, r, cr = ddp["step_quartiles_ms"], ddp["paired_ratio"], ddp["paired_cpu_ratio"]
+    return [
+        f"### {DDP_WORKLOAD}: DDP, {c['world']} gloo processes x {c['threads']} thread, MLP of "
+        f"{ddp['params'] / 1e6:.2f} M parameters, global batch {c['batch']} ({c['batch'] // c['world']} per rank), "
+        f"{c['trials']} interleaved trials of {c['steps']} steps",
+        "",
+        "| mode | median ms | p25-p75 ms | paired x (p25-p75) | vs | paired x of CPU time (p25-p75) |",
+        "|---|---|---|---|---|---|",
+        f"| plain_ddp | {q['plain'][1]:.3f} | {q['plain'][0]:.3f}-{q['plain'][2]:.3f} | - | - | - |",
+        f"| ns_rank | {q['ns_rank'][1]:.3f} | {q['ns_rank'][0]:.3f}-{q['ns_rank'][2]:.3f} | "
+        f"{r['median']:.2f} ({r['q1']:.2f}-{r['q3']:.2f}) | plain_ddp | "
+        f"{cr['median']:.2f} ({cr['q1']:.2f}-{cr['q3']:.2f}) |",
+    ]
 
 
 def assess_targets(results: dict) -> list[str]:
@@ -367,6 +403,13 @@ def assess_targets(results: dict) -> list[str]:
                     f"{'met' if ok else 'MISSED'}: {wname} {name} peak tensor memory {r:.3f}x "
                     f"{modes[name]['baseline']} (target <= {TARGETS['peak_memory']})"
                 )
+    ddp = results.get("ddp")
+    if ddp is not None and ddp["status"] == "ok":
+        ratio = ddp["paired_ratio"]["median"]
+        out.append(
+            f"{'met' if ratio <= TARGETS['ns_rank'] else 'MISSED'}: {DDP_WORKLOAD} ns_rank {ratio:.3f}x plain DDP "
+            f"(target <= {TARGETS['ns_rank']})"
+        )
     return out
 
 
@@ -404,7 +447,11 @@ def versions() -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    every = [*WORKLOADS, DDP_WORKLOAD]
+    ap.add_argument("--workloads", default=",".join(every), help=f"comma list of {', '.join(every)}")
+    ap.add_argument(
+        "--ddp-batch", type=int, default=256, help=f"global batch of the {DDP_WORKLOAD} row (2 ranks; default 256)"
+    )
     ap.add_argument(
         "--modes",
         default=None,
@@ -446,10 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     wl_names = [w for w in args.workloads.split(",") if w]
-    bad = [w for w in wl_names if w not in WORKLOADS]
+    bad = [w for w in wl_names if w not in WORKLOADS and w != DDP_WORKLOAD]
     if bad:
-        raise SystemExit(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
+        raise SystemExit(f"unknown workload(s) {bad}; choose from {[*WORKLOADS, DDP_WORKLOAD]}")
+    with_ddp = DDP_WORKLOAD in wl_names
+    wl_names = [w for w in wl_names if w != DDP_WORKLOAD]
     if args.profile:
+        if not wl_names:
+            raise SystemExit(f"--profile needs one of {list(WORKLOADS)} in --workloads")
         if args.profile not in MODES:
             raise SystemExit(f"unknown mode {args.profile!r}; choose from {list(MODES)}")
         with warnings.catch_warnings():
@@ -487,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(SEED)
     for wname in wl_names:
         results["workloads"][wname] = bench_workload(WORKLOADS[wname](), names, args, rng)
+    if with_ddp:
+        print(f"\n== {DDP_WORKLOAD}: plain DDP vs the rank source, 2 processes ==", flush=True)
+        results["ddp"] = run_ddp(args)
     results["meta"]["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     results["meta"]["total_s"] = time.perf_counter() - t_start
     results["targets"] = assess_targets(results)
