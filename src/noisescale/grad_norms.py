@@ -75,6 +75,7 @@ def tensor_sq_norm(grad: torch.Tensor) -> torch.Tensor:
 
 def _values(grad: torch.Tensor) -> torch.Tensor:
     """A dense tensor with the same norm: the values of a sparse gradient (``nn.Embedding(sparse=True)``)."""
-    grad = grad.detach()
+    if grad.requires_grad:  # backward(create_graph=True); detaching otherwise is one more operation per tensor
+        grad = grad.detach()
     # Coalescing sums the entries of repeated rows, as the dense gradient would.
     return grad.coalesce().values() if grad.is_sparse else grad

@@ -25,6 +25,15 @@ def batch(seed, n=B, dtype=torch.float64):
     return x, y
 
 
+def use_device_path(monitor):
+    """Make a monitor on a CPU take the path an accelerator takes: statistics kept as tensors, never read back."""
+    monitor._host_path = False
+    for collector in monitor._collectors.values():
+        for knob in ("_host_floats", "_host_sums"):  # the collectors' own choice of Python floats
+            if hasattr(collector, knob):
+                setattr(collector, knob, False)
+
+
 def run_step(model, monitor, x, y, *, reduction="mean", k=1, scaler=None, micro_scale=True):
     for xs, ys in zip(x.chunk(k), y.chunk(k)):
         loss = nn.functional.cross_entropy(model(xs), ys, reduction=reduction)
@@ -297,7 +306,8 @@ def test_device_path_gives_the_host_path_numbers_end_to_end():
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         mon = ns.GNSMonitor(model, source="example")
-        mon._host_path = host_path
+        if not host_path:
+            use_device_path(mon)
         out = []
         for s in range(8):
             x, y = batch(s)
@@ -365,3 +375,42 @@ def test_bf16_autocast_measures_what_float32_measures():
         out[amp] = (m.grad_sq_raw, m.trace_cov_raw)
     assert out[True][1] == pytest.approx(out[False][1], rel=0.02)
     assert out[True][0] == pytest.approx(out[False][0], rel=0.05)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+@pytest.mark.parametrize("source", ["example", "microbatch"])
+def test_create_graph_backward_measures_the_same_and_builds_no_graph(source, host):
+    """``backward(create_graph=True)`` (gradient penalties, higher-order methods) makes gradients that require grad.
+
+    The hooks must keep their statistics out of that graph: same numbers as a plain backward, and no tensor of the
+    monitor's state attached to it.
+    """
+    k = 2 if source == "microbatch" else 1
+
+    def run(create_graph):
+        model = make_model(seed=3)
+        mon = ns.GNSMonitor(model, source=source)
+        if not host:
+            use_device_path(mon)
+        x, y = batch(4)
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (nn.functional.cross_entropy(model(xs), ys) / k).backward(create_graph=create_graph)
+        assert all(p.grad.requires_grad == create_graph for p in model.parameters())
+        # What the hooks keep until step() must not hold on to the graph.
+        kept = [v for c in mon._collectors.values() for v in c._vals if isinstance(v, torch.Tensor)]
+        assert kept or host
+        assert not any(v.requires_grad for v in kept)
+        m = mon.step(batch_size=len(x))
+        sums = getattr(mon._ema, "sums", None)  # the device path's smoothing state is a tensor
+        assert sums is None or (sums.grad_fn is None and not sums.requires_grad)
+        rows = [m.grad_sq_raw, m.trace_cov_raw] + [
+            x for v in m.layers.values() for x in (v.grad_sq_raw, v.trace_cov_raw)
+        ]
+        mon.close()
+        model.zero_grad(set_to_none=True)  # create_graph leaves a parameter <-> gradient reference cycle
+        return rows
+
+    with_graph, plain = run(True), run(False)
+    assert len(plain) == 2 * (1 + 4) and all(v is not None for v in plain) and all(t > 0 for t in plain[1::2])
+    assert with_graph == pytest.approx(plain, rel=1e-12)

@@ -58,9 +58,9 @@ class MicrobatchCollector:
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
             return
-        sq = tensor_sq_norm(grad.detach() if grad.requires_grad else grad)  # detached unless create_graph=True
+        sq = tensor_sq_norm(grad)  # detached under create_graph=True
         self._idx.append(slot)
-        host = sq.device.type == "cpu" if self._host_floats is None else self._host_floats
+        host = grad.is_cpu if self._host_floats is None else self._host_floats
         self._vals.append(sq.item() if host else sq)  # see the module docstring
         self._counts[slot] += 1
 
