@@ -110,6 +110,10 @@ class RankCollector:
             self._pending = self._sync.start_sum(self._sums)
 
     def _local_sums(self) -> torch.Tensor:
+        latest = self._latest
+        if len(latest) == len(self.params) and len({v.dtype for v in latest.values()}) == 1:
+            # Every parameter got a gradient (the usual case): two operations, not four.
+            return torch.stack([latest[slot] for slot in range(len(self.params))]).to(torch.float64)
         sums = torch.zeros(len(self.params), dtype=torch.float64, device=self._device)
         if self._latest:
             index = self._with_grads.get(list(self._latest), self._device)
