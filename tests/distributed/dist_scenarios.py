@@ -86,6 +86,23 @@ def _ddp(dtype: torch.dtype = torch.float64, **kwargs: Any) -> DDP:
     return DDP(make_model().to(dtype), **kwargs)
 
 
+class _WithSpare(nn.Module):
+    """``make_model()`` as ``body``, beside a layer the forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_model()
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _ddp_with_unused() -> DDP:
+    torch.manual_seed(0)
+    return DDP(_WithSpare().double(), find_unused_parameters=True)
+
+
 # -- gradients with and without the hook -------------------------------------------------------------------------
 
 
@@ -150,6 +167,7 @@ def ddp_worker(rank: int, world: int) -> dict[str, Any]:
     # p.grad as views into DDP's buckets: the hook must still read this rank's gradient, before the all-reduce
     out["rank/bucket_view"] = _train(_ddp(gradient_as_bucket_view=True), rank, world, "rank", micro=2)
     out["rank/accum"] = _train(_ddp(), rank, world, "rank", micro=2)
+    out["rank/unused"] = _train(_ddp_with_unused(), rank, world, "rank")  # the spare layer gets no gradient
     out["microbatch/accum"] = _train(_ddp(), rank, world, "microbatch", micro=2)
     out["example"] = _train(_ddp(), rank, world, "example")
     out["example/uneven"] = _train(_ddp(), rank, world, "example", uneven=True)

@@ -104,6 +104,23 @@ def test_rank_and_microbatch_sources_match_reference(ddp: list[dict[str, Any]], 
             assert _close(layer["trace_cov_raw"], float(per_param.trace_cov[i])), (step, pname)
 
 
+def test_rank_source_with_unused_parameters_measures_the_used_ones(ddp: list[dict[str, Any]]) -> None:
+    """``find_unused_parameters=True`` and a layer outside the forward: its hooks never fire, its rows stay empty."""
+    for step in range(STEPS):
+        rec = ddp[0]["rank/unused"][step]
+        state = {n.removeprefix("body."): v for n, v in rec["state"].items() if n.startswith("body.")}
+        batches = _small_batches(ddp, "rank/unused", step, 1)
+        total, per_param = reference_estimate(state, batches)
+        m = rec["m"]
+        assert m["status"] == "ok"
+        assert _close(m["grad_sq_raw"], float(total.grad_sq)) and _close(m["trace_cov_raw"], float(total.trace_cov))
+        for i, pname in enumerate(state):
+            assert _close(m["layers"][f"module.body.{pname}"]["trace_cov_raw"], float(per_param.trace_cov[i]))
+        for pname in ("weight", "bias"):
+            spare = m["layers"][f"module.spare.{pname}"]
+            assert spare["grad_sq_raw"] == 0.0 and spare["trace_cov_raw"] == 0.0 and spare["b_simple"] is None
+
+
 def test_rank_source_b_simple_positive_and_banded(ddp: list[dict[str, Any]]) -> None:
     m = ddp[0]["rank"][-1]["m"]
     assert m["b_simple"] is not None and m["b_simple_low"] <= m["b_simple"] <= m["b_simple_high"]
