@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
 from noisescale.collectors.rules.registry import NormRule
+from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.collectors.tied import TiedEmbeddingHead
 from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
 
@@ -169,7 +170,9 @@ class ExampleCollector:
         # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
         # to register than a tensor hook, and keeps firing with the gradient of the value the layer returned when
         # a later operation modifies the output in place (nn.ReLU(inplace=True)): the node stays in the graph.
-        # The closure keeps `inputs` alive until backward; autograd already saves them for the weight gradient.
+        # The closure keeps `inputs` until backward; autograd already saves them for the weight gradient.  Under
+        # activation checkpointing or offloading it does not: there they go through the same hooks.
+        kept = keep_inputs(inputs)
         base = output._base
         if base is None:
             node, nr = output.grad_fn, output.output_nr
@@ -182,17 +185,17 @@ class ExampleCollector:
             else:
                 node, nr, shape = base.grad_fn, base.output_nr, output.shape
         if node is None:  # the layer returned a leaf (a parameter or an input as is): hook the tensor itself
-            output.register_hook(functools.partial(self._on_leaf_grad, module, inputs))
+            output.register_hook(functools.partial(self._on_leaf_grad, module, kept))
             return
-        node.register_prehook(functools.partial(self._on_node_grad, module, inputs, nr, shape))
+        node.register_prehook(functools.partial(self._on_node_grad, module, kept, nr, shape))
 
-    def _on_leaf_grad(self, module: nn.Module, inputs: tuple[object, ...], grad: torch.Tensor) -> None:
+    def _on_leaf_grad(self, module: nn.Module, inputs: tuple[object, ...] | SavedInputs, grad: torch.Tensor) -> None:
         self._on_node_grad(module, inputs, 0, None, (grad,))
 
     def _on_node_grad(
         self,
         module: nn.Module,
-        inputs: tuple[object, ...],
+        inputs: tuple[object, ...] | SavedInputs,
         nr: int,
         shape: torch.Size | None,
         grad_outputs: tuple[torch.Tensor | None, ...],
@@ -200,6 +203,8 @@ class ExampleCollector:
         grad = grad_outputs[nr]
         if grad is None or not self.enabled:
             return
+        if isinstance(inputs, SavedInputs):
+            inputs = inputs.unpack()
         if shape is not None:
             grad = grad.reshape(shape)
         if torch.is_grad_enabled():  # backward(create_graph=True): keep the statistics out of the graph
