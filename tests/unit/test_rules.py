@@ -25,6 +25,7 @@ from noisescale.collectors.rules.conv import conv_patches
 from noisescale.collectors.rules.embedding import embedding_form, embedding_sq_norms
 from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.norm import rms_norm_sq_norms
+from noisescale.collectors.rules.registry import forward_check
 from noisescale.errors import UnsupportedLayerError
 
 pytestmark = [
@@ -50,6 +51,46 @@ class HandRMSNorm(nn.Module):
 
 # The one line a user writes to have their RMSNorm measured (and counted by scope="norm").
 ns.register_norm_rule(HandRMSNorm, normalization=True)(rms_norm_rule)
+
+
+class RecognisedRMSNorm(nn.Module):
+    """Hugging Face's shape (``weight``, ``variance_epsilon``), never registered: recognised by structure."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class OnePlusRMSNorm(nn.Module):
+    """Gemma's variant, ``x_hat * (1 + weight)``: the same weight gradient."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(dim))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
+
+
+class Float32RMSNorm(RecognisedRMSNorm):
+    """As Llama's: normalises in float32 whatever the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+class CenteredRMSNorm(RecognisedRMSNorm):
+    """Named like an RMSNorm, but subtracts the mean: a LayerNorm without bias, which the RMS rule would get wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - x.mean(-1, keepdim=True))
 
 
 def sq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -143,6 +184,10 @@ CASES: dict[str, Case] = {
         lambda: _seq(nn.RMSNorm((3, 4), eps=1e-3), nn.Flatten(1), nn.Linear(12, 2)), _floats(3, 4)
     ),
     "rmsnorm_handwritten": Case(lambda: _seq(nn.Linear(6, 8), HandRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
+    "rmsnorm_recognised": Case(lambda: _seq(nn.Linear(6, 8), RecognisedRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
+    "rmsnorm_recognised_one_plus": Case(
+        lambda: _seq(nn.Linear(6, 8), OnePlusRMSNorm(8), nn.Linear(8, 2)), _floats(3, 6)
+    ),
     "conv1d": Case(
         lambda: _seq(
             nn.Conv1d(3, 4, 3, stride=2, padding=1),
@@ -361,6 +406,46 @@ def test_builtin_and_handwritten_rules_are_registered() -> None:
         assert find_norm_rule(layer) is not None and is_norm_layer(layer)
     assert find_norm_rule(HandRMSNorm(2)) is rms_norm_rule
     assert find_norm_rule(nn.GRU(2, 2)) is None
+
+
+def test_rmsnorms_of_other_libraries_are_recognised_and_checked_once() -> None:
+    for layer in (RecognisedRMSNorm(3), OnePlusRMSNorm(3), Float32RMSNorm(3)):
+        assert find_norm_rule(layer) is rms_norm_rule and is_norm_layer(layer) and forward_check(layer) is not None
+    assert forward_check(HandRMSNorm(3)) is None  # registered: its class's rule, no check
+
+    class BiasedRMSNorm(RecognisedRMSNorm):  # a second parameter: not the family
+        def __init__(self, dim: int) -> None:
+            super().__init__(dim)
+            self.bias = nn.Parameter(torch.zeros(dim))
+
+    class RMSNormWrapper(nn.Module):  # a name that does not end in RMSNorm
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(3)), 1e-6
+
+    for layer in (BiasedRMSNorm(3), RMSNormWrapper()):
+        assert find_norm_rule(layer) is None
+    with pytest.raises(UnsupportedLayerError, match="BiasedRMSNorm"):
+        ExampleCollector(_seq(nn.Linear(2, 3), BiasedRMSNorm(3)))
+
+
+def test_a_look_alike_rmsnorm_is_refused_on_its_first_forward() -> None:
+    model = _seq(nn.Linear(4, 6), CenteredRMSNorm(6), nn.Linear(6, 2)).double()
+    collector = ExampleCollector(model)  # recognised by structure: only its output can tell
+    with pytest.raises(UnsupportedLayerError, match=r"CenteredRMSNorm .*register_norm_rule\(CenteredRMSNorm\)"):
+        model(torch.randn(5, 4, dtype=torch.float64))
+    collector.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+def test_an_rmsnorm_normalising_in_float32_passes_the_check(dtype: torch.dtype) -> None:
+    """Llama's RMSNorm computes in float32 even for float64 inputs: rounding, not other maths."""
+    model = _seq(nn.Linear(4, 6), Float32RMSNorm(6), nn.Linear(6, 2)).to(dtype)
+    collector = ExampleCollector(model, keep_per_example=True)
+    x = torch.randn(5, 3, 4, dtype=dtype)
+    model(x).float().square().sum().backward()
+    assert collector.per_example_sq_norms()["1.weight"].shape == (5,)
+    collector.close()
 
 
 def test_handwritten_rmsnorm_is_measured_by_scope_norm() -> None:

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
-from noisescale.collectors.rules.registry import NormRule
+from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.collectors.tied import TiedEmbeddingHead
 from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
@@ -154,6 +154,10 @@ class ExampleCollector:
         self._examples: dict[nn.Module, int] = {}
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
+        # Layers recognised by structure (not registered by class) prove their maths on their first forward pass.
+        self._first_checks: dict[nn.Module, ForwardCheck] = {
+            m: check for m in self._slots if (check := forward_check(m)) is not None
+        }
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
 
@@ -164,6 +168,10 @@ class ExampleCollector:
             return
         if not torch.is_grad_enabled():
             return
+        if self._first_checks:
+            check = self._first_checks.pop(module, None)
+            if check is not None:
+                check(module, inputs, output)  # raises UnsupportedLayerError for a look-alike
         tie = self._tied.get(module)
         if tie is not None and module is tie.embedding:
             tie.saw_ids(inputs[0])  # type: ignore[arg-type]

@@ -13,12 +13,14 @@ normalised ones) and output gradients ``g_t``:
   (float64 for float64 inputs, float32 otherwise), as in ``torch.nn.functional.rms_norm``.
 
 These layers are registered with ``normalization=True``: ``scope="norm"`` measures only them (Gray et al.
-2024).  A hand-written RMSNorm (a ``weight`` of the normalised shape and an ``eps`` or ``variance_epsilon``
-attribute, ``eps`` inside the square root) is registered with one line::
+2024).  Hand-written RMSNorms, as every Hugging Face decoder has (``LlamaRMSNorm``, ``Qwen2RMSNorm``,
+``MistralRMSNorm``, ``GemmaRMSNorm``, ...), are recognised: a class whose name ends in ``RMSNorm``, with one
+parameter, ``weight``, no submodules and an ``eps`` or ``variance_epsilon`` attribute.  On its first forward
+pass the layer's output is compared with ``x_hat * weight`` and ``x_hat * (1 + weight)`` (Gemma; the same
+weight gradient); one that computes anything else is refused with an error.  Another hand-written RMSNorm
+(``eps`` inside the square root) is registered with one line::
 
     noisescale.register_norm_rule(MyRMSNorm, normalization=True)(rms_norm_rule)
-
-Variants with ``(1 + weight)`` (Gemma) have the same weight gradient and are covered too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from noisescale.collectors.rules.common import affine_rule, as_float
-from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.collectors.rules.registry import Recognized, recognize_layers, register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = [
@@ -147,3 +149,53 @@ def rms_norm_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: to
     assert isinstance(x, torch.Tensor)
     eps_value = None if eps is None else float(eps)  # type: ignore[arg-type]
     return {"weight": rms_norm_sq_norms(x, grad_output, normalized_ndim=normalized_ndim, eps=eps_value)}
+
+
+_NO_EPS = object()
+
+
+def _epsilon(module: nn.Module) -> object:
+    return getattr(module, "eps", getattr(module, "variance_epsilon", _NO_EPS))
+
+
+def _looks_like_rms_norm(module: nn.Module) -> bool:
+    if not type(module).__name__.endswith("RMSNorm") or next(module.children(), None) is not None:
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    eps = _epsilon(module)
+    return set(own) == {"weight"} and (eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool)))
+
+
+def _check_rms_norm_output(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> None:
+    """Refuse a recognised RMSNorm whose output is neither ``x_hat * w`` nor ``x_hat * (1 + w)``."""
+    x = inputs[0] if inputs else None
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    ok, worst = False, float("nan")
+    if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.shape == output.shape:
+        with torch.no_grad():
+            wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+            eps = _epsilon(module)
+            eps_value = torch.finfo(wide).eps if eps is None else float(eps)  # type: ignore[arg-type]
+            xf = x.to(wide)
+            dims = tuple(range(x.dim() - weight.dim(), x.dim()))
+            x_hat = xf * torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps_value)
+            out, w = output.to(wide), weight.to(wide)
+            # Rounding, relative to the output's scale: of the output's dtype (bf16 keeps 8 bits), and at least of
+            # float32, in which Hugging Face's RMSNorms normalise whatever the input's dtype.
+            unit = max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps)
+            tol = 8 * unit * (1.0 + float(out.abs().max()))
+            errors = [float((out - x_hat * form).abs().max()) for form in (w, 1.0 + w)]
+            worst = min(errors)
+            ok = worst <= tol
+    if not ok:
+        raise UnsupportedLayerError(
+            f"{type(module).__name__} looks like an RMSNorm (one `weight`, an epsilon), but its output is neither "
+            f"x / sqrt(mean(x^2) + eps) * weight nor the same times (1 + weight) (largest difference {worst:.3g}); "
+            f"register a rule of its own with @noisescale.register_norm_rule({type(module).__name__})"
+        )
+
+
+recognize_layers(
+    Recognized(matches=_looks_like_rms_norm, rule=rms_norm_rule, check=_check_rms_norm_output, normalization=True)
+)

@@ -13,23 +13,62 @@ The built-in rules use the same public decorator, so a user can add a layer of t
     def my_rms_norm_rule(module, inputs, grad_output):
         ...
         return {"weight": per_example_sq_norms}
+
+Layers of other libraries that cannot be imported here (Hugging Face's ``LlamaRMSNorm`` and its kin) are
+*recognised* by their structure instead (``recognize_layers``).  A recognised layer's rule is checked once, on
+the layer's first forward pass, against what the layer really computed (``Recognized.check``), so a look-alike
+with other maths is refused, not measured wrongly.  A class registered with ``register_norm_rule`` always wins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["NormRule", "find_norm_rule", "is_norm_layer", "register_norm_rule", "registered_layer_types"]
+__all__ = [
+    "ForwardCheck",
+    "NormRule",
+    "Recognized",
+    "find_norm_rule",
+    "forward_check",
+    "is_norm_layer",
+    "recognize_layers",
+    "register_norm_rule",
+    "registered_layer_types",
+]
 
 NormRule = Callable[[nn.Module, tuple[object, ...], torch.Tensor], Mapping[str, torch.Tensor]]
 """``(module, inputs, grad_output) -> {param_name: per-example squared norms of shape (B,)}``."""
 
+ForwardCheck = Callable[[nn.Module, tuple[object, ...], torch.Tensor], None]
+"""``(module, inputs, output) -> None``; raises ``UnsupportedLayerError`` when the rule does not fit the layer."""
+
 _RULES: dict[type[nn.Module], NormRule] = {}
 _NORM_LAYERS: set[type[nn.Module]] = set()
+
+
+@dataclass(frozen=True)
+class Recognized:
+    """A family of layer classes known by their structure, with its rule and the check of its first call.
+
+    Attributes:
+        matches: whether a module belongs to the family (structure only: names, parameters, attributes).
+        rule: its norm rule.
+        check: run once per module on its first forward pass with ``(module, inputs, output)``.
+        normalization: whether the family counts as normalisation layers (``scope="norm"``).
+    """
+
+    matches: Callable[[nn.Module], bool]
+    rule: NormRule
+    check: ForwardCheck
+    normalization: bool = False
+
+
+_RECOGNIZED: list[Recognized] = []
 
 R = TypeVar("R", bound=NormRule)
 
@@ -67,18 +106,46 @@ def register_norm_rule(*layer_types: type[nn.Module], normalization: bool = Fals
     return decorator
 
 
-def find_norm_rule(module: nn.Module) -> NormRule | None:
-    """Return the rule for ``module``'s class, looking up its method resolution order; ``None`` if none."""
+def recognize_layers(family: Recognized) -> None:
+    """Add a family of layers known by structure; consulted after the registered classes, in order added."""
+    _RECOGNIZED.append(family)
+
+
+def _registered(module: nn.Module) -> type[nn.Module] | None:
     for t in type(module).__mro__:
-        rule = _RULES.get(t)
-        if rule is not None:
-            return rule
+        if t in _RULES:
+            return t
     return None
 
 
+def _recognized(module: nn.Module) -> Recognized | None:
+    if _registered(module) is not None:
+        return None
+    return next((family for family in _RECOGNIZED if family.matches(module)), None)
+
+
+def find_norm_rule(module: nn.Module) -> NormRule | None:
+    """The rule for ``module``: its class's (method resolution order), else a recognised family's; or ``None``."""
+    t = _registered(module)
+    if t is not None:
+        return _RULES[t]
+    family = _recognized(module)
+    return family.rule if family is not None else None
+
+
+def forward_check(module: nn.Module) -> ForwardCheck | None:
+    """The check to run on ``module``'s first forward pass: only recognised (not registered) layers have one."""
+    family = _recognized(module)
+    return family.check if family is not None else None
+
+
 def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` was registered as a normalisation layer (see ``register_norm_rule``)."""
-    return any(t in _NORM_LAYERS for t in type(module).__mro__)
+    """Whether ``module`` is a normalisation layer: registered as one (``register_norm_rule``) or recognised."""
+    t = _registered(module)
+    if t is not None:
+        return t in _NORM_LAYERS
+    family = _recognized(module)
+    return family is not None and family.normalization
 
 
 def registered_layer_types() -> tuple[type[nn.Module], ...]:
