@@ -387,6 +387,46 @@ def test_module_called_twice_per_forward_is_a_step_error() -> None:
         collector.collect(4)
 
 
+class PositionEmbedded(nn.Module):
+    """Token plus position embeddings, GPT-2 style; ``expand_positions`` gives one index row per example."""
+
+    def __init__(self, expand_positions: bool) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 2)
+        self.expand_positions = expand_positions
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, T): broadcast over the batch
+        if self.expand_positions:
+            positions = positions.expand(ids.shape[0], -1)
+        return self.head(torch.tanh(self.tok(ids) + self.pos(positions)))
+
+
+def test_position_embedding_broadcast_over_the_batch_is_named_in_the_error() -> None:
+    model = PositionEmbedded(expand_positions=False)
+    collector = ExampleCollector(model)
+    model(torch.randint(0, 7, (6, 5))).square().sum().backward()
+    with pytest.raises(StepError, match=r"'pos' \(Embedding\): 1\. .*broadcast over the batch.*position_ids"):
+        collector.collect(6)
+    collector.close()
+
+
+def test_position_embedding_with_a_row_per_example_is_exact() -> None:
+    torch.manual_seed(0)
+    model = PositionEmbedded(expand_positions=True).double()
+    collector = ExampleCollector(model, keep_per_example=True)
+    ids = torch.randint(0, 7, (6, 5))
+    model(ids).square().sum().backward()
+    got = collector.per_example_sq_norms()
+    ref = per_example_sq_norms(
+        model, ids, torch.zeros(6, 5, 2, dtype=torch.float64), lambda out, y: out.square().flatten(1).sum(1)
+    )
+    for name, expected in ref.items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-10, atol=1e-14)
+    assert collector.collect(6).examples == 6
+    collector.close()
+
+
 def test_scope_norm_measures_only_normalisation_layers() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 2)).double()

@@ -86,6 +86,20 @@ class Float32RMSNorm(RecognisedRMSNorm):
         return self.weight * h.to(x.dtype)
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 projection: ``x @ weight + bias`` with ``weight`` of shape ``(nx, nf)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(0.3 * torch.randn(nx, nf))
+        self.bias = nn.Parameter(0.1 * torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
 class CenteredRMSNorm(RecognisedRMSNorm):
     """Named like an RMSNorm, but subtracts the mean: a LayerNorm without bias, which the RMS rule would get wrong."""
 
@@ -184,6 +198,8 @@ CASES: dict[str, Case] = {
         lambda: _seq(nn.RMSNorm((3, 4), eps=1e-3), nn.Flatten(1), nn.Linear(12, 2)), _floats(3, 4)
     ),
     "rmsnorm_handwritten": Case(lambda: _seq(nn.Linear(6, 8), HandRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
+    "hf_conv1d_2d": Case(lambda: _seq(Conv1D(5, 3), nn.Tanh(), Conv1D(2, 5)), _floats(3)),
+    "hf_conv1d_3d": Case(lambda: _seq(Conv1D(5, 3), nn.Tanh(), Conv1D(2, 5)), _floats(4, 3)),
     "rmsnorm_recognised": Case(lambda: _seq(nn.Linear(6, 8), RecognisedRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
     "rmsnorm_recognised_one_plus": Case(
         lambda: _seq(nn.Linear(6, 8), OnePlusRMSNorm(8), nn.Linear(8, 2)), _floats(3, 6)
@@ -427,6 +443,24 @@ def test_rmsnorms_of_other_libraries_are_recognised_and_checked_once() -> None:
         assert find_norm_rule(layer) is None
     with pytest.raises(UnsupportedLayerError, match="BiasedRMSNorm"):
         ExampleCollector(_seq(nn.Linear(2, 3), BiasedRMSNorm(3)))
+
+
+def test_a_conv1d_that_is_not_x_at_w_plus_b_is_refused() -> None:
+    class Conv1D(nn.Module):  # the same structure, but multiplies by the transpose
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf = 3
+            self.weight, self.bias = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T + self.bias
+
+    model = _seq(Conv1D(), nn.Linear(3, 1)).double()
+    assert find_norm_rule(model[0]) is not None and not is_norm_layer(model[0])
+    collector = ExampleCollector(model)
+    with pytest.raises(UnsupportedLayerError, match=r"Conv1D looks like a linear layer with a transposed weight"):
+        model(torch.randn(4, 3, dtype=torch.float64))
+    collector.close()
 
 
 def test_a_look_alike_rmsnorm_is_refused_on_its_first_forward() -> None:

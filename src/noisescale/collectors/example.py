@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -84,6 +85,7 @@ class ExampleCollector:
 
         covered: list[tuple[str, nn.Parameter]] = []
         self._slots: dict[nn.Module, tuple[NormRule, dict[str, int]]] = {}
+        self._names: dict[nn.Module, str] = {}
         problems: list[str] = []
         shared: list[str] = []
         seen_modules: set[int] = set()
@@ -118,6 +120,7 @@ class ExampleCollector:
                 covered.append((_join(mname, pname), p))
             if index:
                 self._slots[module] = (rule, index)
+                self._names[module] = mname
         if problems and on_unsupported != "ignore":
             msg = (
                 "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
@@ -261,11 +264,16 @@ class ExampleCollector:
             return None
         counts = set(self._examples.values())
         if len(counts) > 1:
-            detail = ", ".join(f"{type(m).__name__}: {n}" for m, n in self._examples.items())
+            usual = Counter(self._examples.values()).most_common(1)[0][0]
+            detail = ", ".join(
+                f"'{self._names[m]}' ({type(m).__name__}): {n}" for m, n in self._examples.items() if n != usual
+            )
             raise StepError(
-                "layers saw different numbers of examples in this step "
-                f"({detail}); a layer called several times per example (shared weights, recurrence) cannot be "
-                "measured per example. Use source='microbatch' or exclude that layer."
+                f"layers saw different numbers of examples in this step: most saw {usual}, but {detail}. A layer "
+                "whose output is broadcast over the batch (a position embedding looked up with (1, T) or (T,) "
+                "positions) has no per-example gradient: give it one index row per example (Hugging Face models: "
+                "pass position_ids=torch.arange(T).expand(B, T)). A layer called several times per example "
+                "(shared weights, recurrence) cannot be measured per example either. Or use source='microbatch'."
             )
         return counts.pop()
 

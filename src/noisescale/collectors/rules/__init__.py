@@ -1,6 +1,6 @@
 """Built-in per-example norm rules; importing this package registers them."""
 
-from noisescale.collectors.rules import conv, embedding, group_norm, linear, norm  # noqa: F401  (registers them)
+from noisescale.collectors.rules import conv, embedding, group_norm, linear, norm, transposed_linear  # noqa: F401
 from noisescale.collectors.rules.norm import rms_norm_rule
 from noisescale.collectors.rules.registry import (
     NormRule,

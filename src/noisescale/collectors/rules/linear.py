@@ -18,7 +18,7 @@ from torch import nn
 from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequence
 from noisescale.collectors.rules.registry import register_norm_rule
 
-__all__ = ["linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_positions"]
+__all__ = ["affine_map_sq_norms", "linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_positions"]
 
 
 def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -60,29 +60,47 @@ def sequence_linear_sq_norms(
     return weight, (g.sum(dim=1, dtype=weight.dtype).square_().sum(dim=1) if with_bias else None)
 
 
+def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: bool) -> dict[str, torch.Tensor]:
+    """Per-example squared norms of ``y = x W^T + b`` (or ``x W + b``: the Frobenius norm ignores the transpose).
+
+    Args:
+        x: ``(B, *positions, d_in)`` input.
+        g: ``(B, *positions, d_out)`` output gradient.
+        weight: whether the weight needs a gradient.
+        bias: whether there is a bias that needs one.
+
+    Returns:
+        ``{"weight": (B,), "bias": (B,)}``, each present only if asked for.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if x.dim() == 2:
+        x, g = as_float(x), as_float(g)
+        # Row norms by one reduction each, without a (B, d) temporary of squares; squared in place.
+        g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
+        if weight:
+            out["weight"] = (g_norm * torch.linalg.vector_norm(x, dim=1)).square_()
+        if bias:
+            out["bias"] = g_norm.square_()
+        return out
+    g3 = flatten_sequence(g)  # (B, T, d_out)
+    if weight:
+        out["weight"], bias_sq = sequence_linear_sq_norms(flatten_sequence(x), g3, with_bias=bias)
+        if bias_sq is not None:
+            out["bias"] = bias_sq
+    elif bias:
+        out["bias"] = as_float(g3).sum(dim=1).square_().sum(dim=1)
+    return out
+
+
 @register_norm_rule(nn.Linear)
 def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.Linear`` (see the module docstring)."""
     assert isinstance(module, nn.Linear)
     x = inputs[0]
     assert isinstance(x, torch.Tensor)
-    g = grad_output
-    out: dict[str, torch.Tensor] = {}
-    if x.dim() == 2:
-        x, g = as_float(x), as_float(g)
-        # Row norms by one reduction each, without a (B, d) temporary of squares; squared in place.
-        g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
-        if module.weight.requires_grad:
-            out["weight"] = (g_norm * torch.linalg.vector_norm(x, dim=1)).square_()
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = g_norm.square_()
-        return out
-    g3 = flatten_sequence(g)  # (B, T, d_out)
-    want_bias = module.bias is not None and module.bias.requires_grad
-    if module.weight.requires_grad:
-        out["weight"], bias = sequence_linear_sq_norms(flatten_sequence(x), g3, with_bias=want_bias)
-        if bias is not None:
-            out["bias"] = bias
-    elif want_bias:
-        out["bias"] = as_float(g3).sum(dim=1).square_().sum(dim=1)
-    return out
+    return affine_map_sq_norms(
+        x,
+        grad_output,
+        weight=module.weight.requires_grad,
+        bias=module.bias is not None and module.bias.requires_grad,
+    )
