@@ -5,6 +5,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HF_STAMP := $(VENV)/.installed-hf
 
 .PHONY: venv demo test lint typecheck bench clean
 
@@ -16,12 +17,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The tests also run tiny Hugging Face models; `make demo` does not need them.
+$(HF_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf]"
+	touch $(HF_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/noisescale demo
 
-test: $(STAMP)
+test: $(HF_STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

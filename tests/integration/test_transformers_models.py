@@ -1,0 +1,102 @@
+"""Tiny Hugging Face language models, randomly initialised: the ``example`` source covers them exactly.
+
+Llama and Qwen2 bring hand-written RMSNorms, GPT-2 its transposed-weight ``Conv1D`` and an embedding tied to the
+output head, GPT-NeoX plain ``Linear`` and ``LayerNorm``.  Per-example squared norms are checked against
+``torch.func`` per-example gradients of the same model.  Needs ``transformers`` (in the ``dev`` extra); nothing
+is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import noisescale as ns
+from noisescale.collectors.example import ExampleCollector
+
+T = pytest.importorskip("transformers")
+
+VOCAB, B, LENGTH = 50, 4, 12
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _models() -> dict[str, Callable[[], nn.Module]]:
+    eager: dict[str, Any] = {"attn_implementation": "eager"}
+    return {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL, num_key_value_heads=2, **eager)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL, num_key_value_heads=2, **eager)),
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**SMALL, **eager)),
+        "gpt2": lambda: T.GPT2LMHeadModel(
+            T.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=0,
+                eos_token_id=0,
+                **eager,
+            )
+        ),
+    }
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _models()[name]().double().train()
+
+
+def _inputs(seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (B, LENGTH), generator=torch.Generator().manual_seed(seed))
+    # One row of positions per example: GPT-2's own (1, T) positions are broadcast over the batch.
+    return {"input_ids": ids, "labels": ids, "position_ids": torch.arange(LENGTH).expand(B, LENGTH)}
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_per_example_norms_match_torch_func(name: str) -> None:
+    model = _build(name)
+    collector = ExampleCollector(model, keep_per_example=True)
+    assert collector.coverage == 1.0
+    batch = _inputs(1)
+    model(**batch).loss.backward()  # the mean over the batch's tokens: example i's share is its mean loss / B
+    got = collector.per_example_sq_norms()
+    collector.close()
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
+        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
+    assert set(got) == set(params)
+    for pname, g in per_example.items():
+        expected = g.reshape(B, -1).square().sum(1) / B**2
+        # Llama's and Qwen2's RMSNorms normalise in float32 even in a float64 model.
+        torch.testing.assert_close(got[pname], expected, rtol=1e-6, atol=1e-12 * float(expected.max()), msg=pname)
+
+
+@pytest.mark.parametrize("name", list(_models()))
+def test_monitor_measures_a_training_run(name: str) -> None:
+    model = _build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with ns.GNSMonitor(model, source="example") as monitor:
+        for step in range(3):
+            model(**_inputs(step)).loss.backward()
+            m = monitor.step(batch_size=B)
+            opt.step()
+            opt.zero_grad()
+        assert m.status == "ok" and m.coverage == 1.0
+        assert m.trace_cov_raw is not None and m.trace_cov_raw > 0 and math.isfinite(m.trace_cov_raw)
