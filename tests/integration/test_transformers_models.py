@@ -100,3 +100,28 @@ def test_monitor_measures_a_training_run(name: str) -> None:
             opt.zero_grad()
         assert m.status == "ok" and m.coverage == 1.0
         assert m.trace_cov_raw is not None and m.trace_cov_raw > 0 and math.isfinite(m.trace_cov_raw)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_measurement(use_reentrant: bool) -> None:
+    """Activation checkpointing of the decoder blocks: their activations are recomputed in the backward pass."""
+
+    def measure(checkpointing: bool) -> list[float | None]:
+        model = _build("llama")
+        if checkpointing:
+            kwargs = {"use_reentrant": use_reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        with ns.GNSMonitor(model, source="example") as monitor:
+            model(**_inputs(3)).loss.backward()
+            m = monitor.step(batch_size=B)
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointed: recomputed in the backward pass
+        return [m.grad_sq_raw, m.trace_cov_raw, *(layer.trace_cov_raw for layer in m.layers.values())]
+
+    plain = measure(False)
+    assert all(v is not None for v in plain)
+    assert measure(True) == pytest.approx(plain, rel=1e-9)
