@@ -209,6 +209,19 @@ def fsdp_worker(rank: int, world: int) -> dict[str, Any]:
                 fully_shard(layer)
         fully_shard(model)
         out[name] = _train(model, rank, world, "example", poison=poison)
+    # FSDP2 with activation checkpointing (the composable API keeps the parameter names): the first two layers'
+    # activations are recomputed in the backward pass, after FSDP2 gathers their parameters again.
+    from torch.distributed._composable import checkpoint
+
+    torch.manual_seed(0)
+    model = make_model().double()
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+            if layer is not model[-1]:
+                checkpoint(layer)
+            fully_shard(layer)
+    fully_shard(model)
+    out["example/checkpointed"] = _train(model, rank, world, "example")
     return out
 
 

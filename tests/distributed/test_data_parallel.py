@@ -129,10 +129,10 @@ def test_rank_source_b_simple_positive_and_banded(ddp: list[dict[str, Any]]) -> 
 # -- the example source under DDP and FSDP2 equals one process on the global batch ----------------------------------
 
 
-def _check_example_matches_single_process(runs: list[dict[str, Any]], prefix: str) -> None:
-    single = single_process_example([runs[r]["example"] for r in range(WORLD)])
+def _check_example_matches_single_process(runs: list[dict[str, Any]], prefix: str, name: str = "example") -> None:
+    single = single_process_example([runs[r][name] for r in range(WORLD)])
     for step in range(STEPS):
-        got, want = runs[0]["example"][step]["m"], single[step]
+        got, want = runs[0][name][step]["m"], single[step]
         assert got["status"] == want["status"] == "ok"
         assert got["coverage"] == want["coverage"] == 1.0
         for key in RAW + SMOOTHED:
@@ -141,7 +141,7 @@ def _check_example_matches_single_process(runs: list[dict[str, Any]], prefix: st
             got_layer = got["layers"][prefix + pname]
             for key in RAW:
                 assert _close(got_layer[key], want_layer[key]), (step, pname, key)
-        total, _ = reference_estimate(runs[0]["example"][step]["state"], _small_batches(runs, "example", step, LOCAL))
+        total, _ = reference_estimate(runs[0][name][step]["state"], _small_batches(runs, name, step, LOCAL))
         assert _close(got["trace_cov_raw"], float(total.trace_cov))
 
 
@@ -161,6 +161,10 @@ def test_example_source_ddp_uneven_ranks_matches_reference(ddp: list[dict[str, A
 
 def test_example_source_fsdp2_matches_single_process(fsdp: list[dict[str, Any]]) -> None:
     _check_example_matches_single_process(fsdp, "")
+
+
+def test_example_source_fsdp2_with_activation_checkpointing_matches_single_process(fsdp: list[dict[str, Any]]) -> None:
+    _check_example_matches_single_process(fsdp, "", name="example/checkpointed")
 
 
 # -- a non-finite gradient on one rank: every rank skips ------------------------------------------------------------
