@@ -17,7 +17,8 @@ The built-in rules use the same public decorator, so a user can add a layer of t
 Layers of other libraries that cannot be imported here (Hugging Face's ``LlamaRMSNorm`` and its kin) are
 *recognised* by their structure instead (``recognize_layers``).  A recognised layer's rule is checked once, on
 the layer's first forward pass, against what the layer really computed (``Recognized.check``), so a look-alike
-with other maths is refused, not measured wrongly.  A class registered with ``register_norm_rule`` always wins.
+with other maths is refused, not measured wrongly; the check reads one number back from the device, once per
+layer.  A class registered with ``register_norm_rule`` always wins (and skips the check).
 """
 
 from __future__ import annotations
