@@ -466,8 +466,9 @@ def test_a_conv1d_that_is_not_x_at_w_plus_b_is_refused() -> None:
 def test_a_look_alike_rmsnorm_is_refused_on_its_first_forward() -> None:
     model = _seq(nn.Linear(4, 6), CenteredRMSNorm(6), nn.Linear(6, 2)).double()
     collector = ExampleCollector(model)  # recognised by structure: only its output can tell
-    with pytest.raises(UnsupportedLayerError, match=r"CenteredRMSNorm .*register_norm_rule\(CenteredRMSNorm\)"):
-        model(torch.randn(5, 4, dtype=torch.float64))
+    for _ in range(2):  # refused again if the error was caught: never measured with the wrong maths
+        with pytest.raises(UnsupportedLayerError, match=r"CenteredRMSNorm .*register_norm_rule\(CenteredRMSNorm\)"):
+            model(torch.randn(5, 4, dtype=torch.float64))
     collector.close()
 
 

@@ -172,9 +172,10 @@ class ExampleCollector:
         if not torch.is_grad_enabled():
             return
         if self._first_checks:
-            check = self._first_checks.pop(module, None)
+            check = self._first_checks.get(module)
             if check is not None:
-                check(module, inputs, output)  # raises UnsupportedLayerError for a look-alike
+                check(module, inputs, output)  # raises UnsupportedLayerError for a look-alike, on every call
+                del self._first_checks[module]
         tie = self._tied.get(module)
         if tie is not None and module is tie.embedding:
             tie.saw_ids(inputs[0])  # type: ignore[arg-type]
