@@ -9,6 +9,7 @@ expected value is ``|c s grad l_i|^2`` for every parameter and example.
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from noisescale.collectors.example import ExampleCollector
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer, rms_norm_rule
 from noisescale.collectors.rules.conv import conv_patches
 from noisescale.collectors.rules.embedding import embedding_form, embedding_sq_norms
-from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
+from noisescale.collectors.rules.linear import SHARED_GRAM, sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.norm import rms_norm_sq_norms
 from noisescale.collectors.rules.registry import forward_check
 from noisescale.errors import UnsupportedLayerError
@@ -98,6 +99,18 @@ class Conv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class SharedInputProjections(nn.Module):
+    """Query-, key- and value-like projections of one input: one Gram matrix of the input for all three."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
 
 
 class CenteredRMSNorm(RecognisedRMSNorm):
@@ -200,6 +213,12 @@ CASES: dict[str, Case] = {
     "rmsnorm_handwritten": Case(lambda: _seq(nn.Linear(6, 8), HandRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
     "hf_conv1d_2d": Case(lambda: _seq(Conv1D(5, 3), nn.Tanh(), Conv1D(2, 5)), _floats(3)),
     "hf_conv1d_3d": Case(lambda: _seq(Conv1D(5, 3), nn.Tanh(), Conv1D(2, 5)), _floats(4, 3)),
+    "linear_shared_input": Case(
+        lambda: SharedInputProjections(8),
+        _floats(3, 8),
+        branches=(linear_ghost(3, 8, 8),),
+        expected_branches=(True,),
+    ),
     "rmsnorm_recognised": Case(lambda: _seq(nn.Linear(6, 8), RecognisedRMSNorm(8), nn.Linear(8, 2)), _floats(4, 6)),
     "rmsnorm_recognised_one_plus": Case(
         lambda: _seq(nn.Linear(6, 8), OnePlusRMSNorm(8), nn.Linear(8, 2)), _floats(3, 6)
@@ -443,6 +462,36 @@ def test_rmsnorms_of_other_libraries_are_recognised_and_checked_once() -> None:
         assert find_norm_rule(layer) is None
     with pytest.raises(UnsupportedLayerError, match="BiasedRMSNorm"):
         ExampleCollector(_seq(nn.Linear(2, 3), BiasedRMSNorm(3)))
+
+
+def test_layers_reading_one_input_share_its_gram_matrix() -> None:
+    model, x, y = _data("linear_shared_input")
+    model = model.double()
+    collector = ExampleCollector(model, keep_per_example=True)
+    hits = SHARED_GRAM.hits
+    sq_loss(model(x.double()), y.double()).sum().backward()
+    assert SHARED_GRAM.hits == hits + 2  # q, k and v read the same tensor: one Gram matrix, two reuses
+    ref = _reference("linear_shared_input")
+    for name, got in collector.per_example_sq_norms().items():
+        torch.testing.assert_close(got, ref[name], rtol=1e-10, atol=0.0, msg=name)
+    collector.close()
+    del x
+    gc.collect()
+    assert SHARED_GRAM._gram is None  # let go with the input
+
+
+def test_equal_but_distinct_inputs_do_not_share_a_gram_matrix() -> None:
+    class TwoCopies(SharedInputProjections):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.q(x.clone())) * self.k(x.clone()) + self.v(x.clone()))
+
+    torch.manual_seed(0)
+    model = TwoCopies(8).double()
+    collector = ExampleCollector(model)
+    hits = SHARED_GRAM.hits
+    model(torch.randn(B, 3, 8, dtype=torch.float64)).square().sum().backward()
+    assert SHARED_GRAM.hits == hits
+    collector.close()
 
 
 def test_a_conv1d_that_is_not_x_at_w_plus_b_is_refused() -> None:

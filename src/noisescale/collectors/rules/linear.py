@@ -8,9 +8,15 @@ gradients ``g_t``, the weight gradient is ``W_i = sum_t g_t x_t^T`` and the bias
   ``|W_i|^2 = sum_{t,s} (x_t . x_s)(g_t . g_s)``, at ``O(B T^2 (d_in + d_out))`` and ``(B, T, T)`` memory, or
   the materialised ``W_i = G_i^T X_i`` at ``O(B T d_in d_out)`` and ``(B, d_out, d_in)`` memory; the cheaper
   one is chosen per call from the shapes.
+
+Layers that read the same input (separate query, key and value projections; gate and up projections) share its
+Gram matrix ``X_i X_i^T`` in the ghost form: the last one computed is kept, keyed by the input tensor itself
+(object and version), until that tensor is freed or another input's Gram replaces it.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -18,7 +24,46 @@ from torch import nn
 from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequence
 from noisescale.collectors.rules.registry import register_norm_rule
 
-__all__ = ["affine_map_sq_norms", "linear_rule", "sequence_linear_sq_norms", "sq_norm_of_sum_over_positions"]
+__all__ = [
+    "SHARED_GRAM",
+    "affine_map_sq_norms",
+    "linear_rule",
+    "sequence_linear_sq_norms",
+    "sq_norm_of_sum_over_positions",
+]
+
+
+class _SharedGram:
+    """The input Gram matrix of the last ghost-form call, for the next layer that reads the same input tensor.
+
+    In a backward pass the layers that read one input run one after the other, so one entry is enough.  The key
+    is a weak reference to the input and its version counter: a different or modified tensor never matches,
+    and the entry is dropped as soon as the input is freed.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._gram: torch.Tensor | None = None
+        self.hits = 0  # for tests and diagnostics
+
+    def get(self, source: torch.Tensor) -> torch.Tensor | None:
+        if self._ref is not None and self._ref() is source and self._version == source._version:
+            self.hits += 1
+            return self._gram
+        return None
+
+    def put(self, source: torch.Tensor, gram: torch.Tensor) -> None:
+        self._ref = weakref.ref(source, self._forget)
+        self._version = source._version
+        self._gram = gram
+
+    def _forget(self, ref: weakref.ref[torch.Tensor]) -> None:
+        if ref is self._ref:
+            self._ref, self._gram = None, None
+
+
+SHARED_GRAM = _SharedGram()
 
 
 def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -30,7 +75,7 @@ def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 def sequence_linear_sq_norms(
-    x: torch.Tensor, g: torch.Tensor, *, with_bias: bool
+    x: torch.Tensor, g: torch.Tensor, *, with_bias: bool, shared_input: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-example ``|sum_t g_t x_t^T|_F^2`` and, if asked, ``|sum_t g_t|^2`` (a bias gradient's squared norm).
 
@@ -38,6 +83,8 @@ def sequence_linear_sq_norms(
         x: ``(B, T, m)`` inputs.
         g: ``(B, T, n)`` output gradients.
         with_bias: also return the bias term; otherwise the second value is ``None``.
+        shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix is shared
+            with the next layer that reads the same tensor (``SHARED_GRAM``).
 
     The weight term takes the ghost form when ``T^2 (m + n) <= T m n`` (no more multiply-adds), else the
     materialised one.  With a ghost form the bias term comes from its output-gradient Gram matrix,
@@ -51,10 +98,14 @@ def sequence_linear_sq_norms(
     # Half-precision inputs (autocast) go into the products as they are, summed in float32 (bmm_float).
     if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
-        gram_x = bmm_float(x, x.transpose(1, 2))
+        gram_x = SHARED_GRAM.get(shared_input) if shared_input is not None else None
+        if gram_x is None:
+            gram_x = bmm_float(x, x.transpose(1, 2))
+            if shared_input is not None:
+                SHARED_GRAM.put(shared_input, gram_x)
         gram_g = bmm_float(g, g.transpose(1, 2))
         bias = gram_g.sum(dim=(1, 2)) if with_bias else None
-        return gram_x.mul_(gram_g).sum(dim=(1, 2)), bias
+        return gram_g.mul_(gram_x).sum(dim=(1, 2)), bias  # gram_x stays intact for a layer that shares it
     per_example = bmm_float(g.transpose(1, 2), x)  # (B, n, m)
     weight = torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
     return weight, (g.sum(dim=1, dtype=weight.dtype).square_().sum(dim=1) if with_bias else None)
@@ -84,7 +135,7 @@ def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias:
         return out
     g3 = flatten_sequence(g)  # (B, T, d_out)
     if weight:
-        out["weight"], bias_sq = sequence_linear_sq_norms(flatten_sequence(x), g3, with_bias=bias)
+        out["weight"], bias_sq = sequence_linear_sq_norms(flatten_sequence(x), g3, with_bias=bias, shared_input=x)
         if bias_sq is not None:
             out["bias"] = bias_sq
     elif bias:
