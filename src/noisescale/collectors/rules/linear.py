@@ -38,29 +38,32 @@ class _SharedGram:
 
     In a backward pass the layers that read one input run one after the other, so one entry is enough.  The key
     is a weak reference to the input and its version counter: a different or modified tensor never matches,
-    and the entry is dropped as soon as the input is freed.
+    and the entry is dropped as soon as the input is freed.  The entry is one tuple, read and replaced whole,
+    so backward passes on several threads (one per device) can only evict each other's entries, never mix them.
     """
 
     def __init__(self) -> None:
-        self._ref: weakref.ref[torch.Tensor] | None = None
-        self._version = -1
-        self._gram: torch.Tensor | None = None
+        self._entry: tuple[weakref.ref[torch.Tensor], int, torch.Tensor] | None = None
         self.hits = 0  # for tests and diagnostics
 
     def get(self, source: torch.Tensor) -> torch.Tensor | None:
-        if self._ref is not None and self._ref() is source and self._version == source._version:
+        entry = self._entry
+        if entry is not None and entry[0]() is source and entry[1] == source._version:
             self.hits += 1
-            return self._gram
+            return entry[2]
         return None
 
     def put(self, source: torch.Tensor, gram: torch.Tensor) -> None:
-        self._ref = weakref.ref(source, self._forget)
-        self._version = source._version
-        self._gram = gram
+        self._entry = (weakref.ref(source, self._forget), source._version, gram)
 
     def _forget(self, ref: weakref.ref[torch.Tensor]) -> None:
-        if ref is self._ref:
-            self._ref, self._gram = None, None
+        entry = self._entry
+        if entry is not None and entry[0] is ref:
+            self._entry = None
+
+    @property
+    def holds_a_matrix(self) -> bool:
+        return self._entry is not None
 
 
 SHARED_GRAM = _SharedGram()
