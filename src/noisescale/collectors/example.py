@@ -89,6 +89,7 @@ class ExampleCollector:
         problems: list[str] = []
         shared: list[str] = []
         seen_modules: set[int] = set()
+        never_called = _called_by_their_parent_functionally(model)
         for mname, module in model.named_modules(remove_duplicate=False):
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -99,6 +100,10 @@ class ExampleCollector:
                 shared.append(f"module '{mname}' is registered twice in the model")
                 continue
             seen_modules.add(id(module))
+            if id(module) in never_called:
+                # Its hooks would never fire while its parameters get gradients: measured as zero, silently wrong.
+                problems.append(f"'{mname}' ({never_called[id(module)]}, params {[n for n, _ in own]})")
+                continue
             rule = find_norm_rule(module)
             if rule is None:
                 why = _BATCH_COUPLED if isinstance(module, nn.modules.batchnorm._BatchNorm) else ""
@@ -340,6 +345,19 @@ class ExampleCollector:
             h.remove()
         self._handles.clear()
         self.reset()
+
+
+def _called_by_their_parent_functionally(model: nn.Module) -> dict[int, str]:
+    """Submodules whose parameters their parent passes to a function instead of calling the submodule: ``id -> why``.
+
+    ``nn.MultiheadAttention`` hands ``out_proj.weight`` and ``out_proj.bias`` to
+    ``F.multi_head_attention_forward``, so ``out_proj``'s forward (and the collector's hook on it) never runs.
+    """
+    out: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None:
+            out[id(module.out_proj)] = "used inside nn.MultiheadAttention's functional forward, never called itself"
+    return out
 
 
 def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | None:
