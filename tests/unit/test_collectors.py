@@ -427,6 +427,15 @@ def test_position_embedding_with_a_row_per_example_is_exact() -> None:
     collector.close()
 
 
+def test_sequence_first_inputs_are_explained_in_the_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    collector = ExampleCollector(model)
+    model(torch.randn(7, 5, 4)).sum().backward()  # (T=7, B=5, d): the hooks count 7 "examples"
+    with pytest.raises(StepError, match=r"hooks saw 7 examples.*sequence-first layers \(batch_first=False"):
+        collector.collect(5)
+    collector.close()
+
+
 def test_multihead_attention_out_proj_is_left_out_with_its_parent() -> None:
     """``nn.MultiheadAttention`` passes ``out_proj.weight`` to a function: ``out_proj``'s own hooks never fire.
 

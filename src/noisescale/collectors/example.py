@@ -294,7 +294,10 @@ class ExampleCollector:
         if seen != batch_size:
             raise StepError(
                 f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
-                "last step; pass the number of examples of the whole optimizer step (all micro-batches)"
+                "last step; pass the number of examples of the whole optimizer step (all micro-batches). The hooks "
+                "read the first dimension of each layer's input as the batch: sequence-first layers "
+                "(batch_first=False, inputs of shape (T, B, ...)) and packed sequences ((1, B*T, ...)) cannot be "
+                "measured per example; use batch-first inputs or source='microbatch'"
             )
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): times B^2.
         scale = float(batch_size) ** 2
