@@ -129,12 +129,12 @@ def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias:
     out: dict[str, torch.Tensor] = {}
     if x.dim() == 2:
         x, g = as_float(x), as_float(g)
-        # Row norms by one reduction each, without a (B, d) temporary of squares; squared in place.
-        g_norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
+        # Squared row norms by one operation each (vecdot: no (B, d) temporary of squares).
+        g_sq = torch.linalg.vecdot(g, g)  # (B,)
         if weight:
-            out["weight"] = (g_norm * torch.linalg.vector_norm(x, dim=1)).square_()
+            out["weight"] = g_sq * torch.linalg.vecdot(x, x)
         if bias:
-            out["bias"] = g_norm.square_()
+            out["bias"] = g_sq
         return out
     g3 = flatten_sequence(g)  # (B, T, d_out)
     if weight:
