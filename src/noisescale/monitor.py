@@ -190,6 +190,8 @@ class GNSMonitor:
         try:
             if self._dist is None:
                 stats = collector.collect(batch_size, micro_batch_sizes)
+                if self.step_count == 0 and isinstance(collector, ExampleCollector):
+                    _refuse_unmeasured(collector)
             else:  # this rank's share of the step, in the whole step's units
                 stats = self._dist.collect(collector, batch_size, micro_batch_sizes)
         finally:
@@ -431,6 +433,19 @@ class _Layout:
                 matrix[idx, 1 + n_params + self._owner] = 1.0
             self._matrix = matrix.to(per_param.device)
         return per_param @ self._matrix
+
+
+def _refuse_unmeasured(collector: ExampleCollector) -> None:
+    # Checked on the first step of a single process only: under DDP a layer can get an averaged gradient from the
+    # other ranks without running here (conditional computation), which is no error.
+    names = collector.unmeasured_with_gradients()
+    if names:
+        raise StepError(
+            f"these measured parameters got gradients, but no hook of their layer saw them: {names}. Some code uses "
+            "them without calling their module (a parent passing the weights to a function, as "
+            "nn.MultiheadAttention does with out_proj), so their per-example norms are unknown and the estimate "
+            "would be biased. Register a norm rule for the module that uses them, or use source='microbatch'."
+        )
 
 
 def _already_unscaled(scaler: Any) -> bool:

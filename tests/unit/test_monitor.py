@@ -414,3 +414,42 @@ def test_create_graph_backward_measures_the_same_and_builds_no_graph(source, hos
     with_graph, plain = run(True), run(False)
     assert len(plain) == 2 * (1 + 4) and all(v is not None for v in plain) and all(t > 0 for t in plain[1::2])
     assert with_graph == pytest.approx(plain, rel=1e-12)
+
+
+class _FunctionalChild(nn.Module):
+    """Uses its child's weights through F.linear: the child's forward, and the hook on it, never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.inner.weight, self.inner.bias)
+
+
+class _Skipped(nn.Module):
+    """A branch that does not run in this step: no gradient, nothing wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_parameters_used_outside_their_layer_are_refused_on_the_first_step():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), _FunctionalChild()).double()
+    with ns.GNSMonitor(model, source="example") as mon:
+        for _ in range(2):  # refused again on the next try: never measured with zeros for them
+            with pytest.raises(ns.StepError, match=r"\['2.inner.weight', '2.inner.bias'\].*source='microbatch'"):
+                run_step(model, mon, *batch(0))
+            model.zero_grad()
+        assert mon.step_count == 0
+
+
+def test_a_layer_that_did_not_run_is_no_error():
+    model = _Skipped().double()
+    with ns.GNSMonitor(model, source="example") as mon:
+        m = run_step(model, mon, *batch(0))
+        assert m.status == "ok" and mon.step_count == 1

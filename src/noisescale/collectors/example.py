@@ -324,6 +324,26 @@ class ExampleCollector:
             examples=seen,
         )
 
+    def unmeasured_with_gradients(self) -> list[str]:
+        """Measured parameters with a non-zero gradient that no hook of their layer saw since the last reset.
+
+        Such a parameter is used by code other than its layer's forward (a parent passing the weight to a
+        function), so its per-example norms are unknown.  A layer that simply did not run has no gradient and is
+        not listed.  Reads one number from the device per suspect parameter; none in the usual case.
+        """
+        seen = set(self._idx)
+        if len(seen) == len(self.params):
+            return []
+        out = []
+        for slot, (name, p) in enumerate(self.params):
+            g = p.grad
+            if slot in seen or g is None:
+                continue
+            values = g.coalesce().values() if g.is_sparse else g
+            if bool(torch.count_nonzero(values)):
+                out.append(name)
+        return out
+
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-example squared norms (shares of ``p.grad``) gathered since the last reset, by parameter name.
 
