@@ -1,4 +1,4 @@
-"""The two CPU workloads of ``overhead.py``: an MLP on sklearn's digits and a tiny causal transformer.
+"""The CPU workloads of ``overhead.py``: an MLP on sklearn's digits, a tiny causal transformer and a tiny Llama.
 
 Both are built from a seed, so every mode (and every memory-probe subprocess) starts from the same initial
 parameters and sees the same fixed batches.
@@ -160,4 +160,77 @@ def tiny_transformer() -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {"mlp_digits": mlp_digits, "tiny_transformer": tiny_transformer}
+# -- (c) 2-block Llama-style transformer: RMSNorm, separate q/k/v/o, gated MLP ---------------------------------
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (z(x).reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.attn = LlamaAttention(d, heads)
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    """Llama's layer types (RMSNorm, bias-free separate q/k/v/o, SwiGLU) with learned positions instead of RoPE."""
+
+    def __init__(self, vocab: int = 96, ctx: int = 64, d: int = 128, heads: int = 4, n_layer: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(LlamaBlock(d, heads, hidden=344) for _ in range(n_layer))  # 8d/3, rounded
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device).repeat(b, 1))  # (B, T): see TinyGPT
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def tiny_llama() -> Workload:
+    vocab, ctx, b = 96, 64, 32
+    gen = torch.Generator().manual_seed(SEED + 2)
+    batches = []
+    for _ in range(N_BATCHES):
+        ids = torch.randint(0, vocab, (b, ctx + 1), generator=gen)
+        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return Workload(
+        name="tiny_llama",
+        description=(
+            "Llama-style causal transformer, 2 blocks, d=128, 4 heads, separate q/k/v/o, SwiGLU 344, RMSNorm, "
+            "context 64, vocab 96, random tokens, batch 32, next-token CE mean, SGD"
+        ),
+        make_model=lambda: TinyLlama(vocab=vocab, ctx=ctx),
+        batches=batches,
+        n_classes=vocab,
+        float_input=False,
+    )
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "mlp_digits": mlp_digits,
+    "tiny_transformer": tiny_transformer,
+    "tiny_llama": tiny_llama,
+}
