@@ -110,17 +110,14 @@ class RankCollector:
             self._pending = self._sync.start_sum(self._sums)
 
     def _local_sums(self) -> torch.Tensor:
+        # torch.stack promotes float32 squares beside float64 ones, so parameters of mixed dtypes need no care.
         latest = self._latest
-        if len(latest) == len(self.params) and len({v.dtype for v in latest.values()}) == 1:
-            # Every parameter got a gradient (the usual case): two operations, not four.
+        if len(latest) == len(self.params):  # every parameter got a gradient (the usual case): two operations
             return torch.stack([latest[slot] for slot in range(len(self.params))]).to(torch.float64)
         sums = torch.zeros(len(self.params), dtype=torch.float64, device=self._device)
-        if self._latest:
-            index = self._with_grads.get(list(self._latest), self._device)
-            values = list(self._latest.values())
-            if any(v.dtype != values[0].dtype for v in values):  # float64 beside float32 parameters
-                values = [v.to(torch.float64) for v in values]
-            sums.index_copy_(0, index, torch.stack(values).to(torch.float64))
+        if latest:
+            index = self._with_grads.get(list(latest), self._device)
+            sums.index_copy_(0, index, torch.stack(list(latest.values())).to(torch.float64))
         return sums
 
     def take_pending_sum(self) -> tuple[Any, torch.Tensor] | None:
