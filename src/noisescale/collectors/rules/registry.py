@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -112,41 +112,37 @@ def recognize_layers(family: Recognized) -> None:
     _RECOGNIZED.append(family)
 
 
-def _registered(module: nn.Module) -> type[nn.Module] | None:
+class _Found(NamedTuple):
+    rule: NormRule
+    normalization: bool
+    check: ForwardCheck | None  # only for a recognised layer
+
+
+def _lookup(module: nn.Module) -> _Found | None:
+    """The registered class's rule (method resolution order), else the first recognised family's; or ``None``."""
     for t in type(module).__mro__:
         if t in _RULES:
-            return t
-    return None
-
-
-def _recognized(module: nn.Module) -> Recognized | None:
-    if _registered(module) is not None:
-        return None
-    return next((family for family in _RECOGNIZED if family.matches(module)), None)
+            return _Found(_RULES[t], t in _NORM_LAYERS, None)
+    family = next((f for f in _RECOGNIZED if f.matches(module)), None)
+    return None if family is None else _Found(family.rule, family.normalization, family.check)
 
 
 def find_norm_rule(module: nn.Module) -> NormRule | None:
     """The rule for ``module``: its class's (method resolution order), else a recognised family's; or ``None``."""
-    t = _registered(module)
-    if t is not None:
-        return _RULES[t]
-    family = _recognized(module)
-    return family.rule if family is not None else None
+    found = _lookup(module)
+    return None if found is None else found.rule
 
 
 def forward_check(module: nn.Module) -> ForwardCheck | None:
     """The check to run on ``module``'s first forward pass: only recognised (not registered) layers have one."""
-    family = _recognized(module)
-    return family.check if family is not None else None
+    found = _lookup(module)
+    return None if found is None else found.check
 
 
 def is_norm_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a normalisation layer: registered as one (``register_norm_rule``) or recognised."""
-    t = _registered(module)
-    if t is not None:
-        return t in _NORM_LAYERS
-    family = _recognized(module)
-    return family is not None and family.normalization
+    found = _lookup(module)
+    return found is not None and found.normalization
 
 
 def registered_layer_types() -> tuple[type[nn.Module], ...]:
