@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["affine_rule", "as_float", "bmm_float", "flatten_sequence"]
+__all__ = ["affine_rule", "as_float", "bmm_float", "flatten_sequence", "rounding_tolerance"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _OUT_DTYPE_BMM: dict[str, bool] = {}  # device type -> whether bmm takes out_dtype for half inputs
@@ -39,6 +39,16 @@ def bmm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             except (NotImplementedError, RuntimeError, TypeError):
                 _OUT_DTYPE_BMM[kind] = False  # not on this device type: upcast from now on
     return torch.bmm(as_float(a), as_float(b))
+
+
+def rounding_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """How far a recomputation may differ from a layer's own output of ``dtype`` whose terms are of size ``scale``.
+
+    Eight units of rounding of ``dtype`` (bf16 keeps 8 bits), and at least of float32, in which libraries often
+    compute whatever the input's dtype (Hugging Face's RMSNorms do): used by the first-call checks of recognised
+    layers, which must tell other maths from rounding.
+    """
+    return 8 * max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps) * (1.0 + scale)
 
 
 def flatten_sequence(t: torch.Tensor) -> torch.Tensor:

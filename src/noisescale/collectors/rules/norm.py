@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import affine_rule, as_float
+from noisescale.collectors.rules.common import affine_rule, as_float, rounding_tolerance
 from noisescale.collectors.rules.registry import Recognized, recognize_layers, register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
@@ -181,10 +181,7 @@ def _check_rms_norm_output(module: nn.Module, inputs: tuple[object, ...], output
             dims = tuple(range(x.dim() - weight.dim(), x.dim()))
             x_hat = xf * torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps_value)
             out, w = output.to(wide), weight.to(wide)
-            # Rounding, relative to the output's scale: of the output's dtype (bf16 keeps 8 bits), and at least of
-            # float32, in which Hugging Face's RMSNorms normalise whatever the input's dtype.
-            unit = max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps)
-            tol = 8 * unit * (1.0 + float(out.abs().max()))
+            tol = rounding_tolerance(output.dtype, float(out.abs().max()))
             errors = [float((out - x_hat * form).abs().max()) for form in (w, 1.0 + w)]
             worst = min(errors)
             ok = worst <= tol

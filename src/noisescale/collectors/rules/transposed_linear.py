@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from noisescale.collectors.rules.common import rounding_tolerance
 from noisescale.collectors.rules.linear import affine_map_sq_norms
 from noisescale.collectors.rules.registry import Recognized, recognize_layers
 from noisescale.errors import UnsupportedLayerError
@@ -52,9 +53,9 @@ def _check_transposed_linear_output(module: nn.Module, inputs: tuple[object, ...
             wide = torch.float64 if x.dtype == torch.float64 else torch.float32
             expected = x.to(wide) @ weight.to(wide) + bias.to(wide)
             out = output.to(wide)
-            # The product's rounding in the layer's dtype, relative to the size of its terms.
+            # The product's rounding, relative to the size of its terms.
             scale = float((x.to(wide).abs() @ weight.to(wide).abs()).max()) + float(bias.abs().max())
-            tol = 8 * max(torch.finfo(output.dtype).eps, torch.finfo(torch.float32).eps) * (1.0 + scale)
+            tol = rounding_tolerance(output.dtype, scale)
             worst = float((out - expected).abs().max())
             if worst <= tol:
                 return
