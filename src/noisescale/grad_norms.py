@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["grad_sq_norms", "grad_sq_norms_host", "sq_norms", "tensor_sq_norm"]
+__all__ = ["dense_values", "grad_sq_norms", "grad_sq_norms_host", "sq_norms", "tensor_sq_norm"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -33,7 +33,7 @@ def grad_sq_norms(params: Sequence[nn.Parameter], device: torch.device) -> torch
     if device.type == "cpu" and all(p.grad is None or p.grad.device.type == "cpu" for p in params):
         return torch.tensor(grad_sq_norms_host(params), dtype=torch.float64)
     grads = [p.grad for p in params]
-    present = [_values(g) for g in grads if g is not None]
+    present = [dense_values(g) for g in grads if g is not None]
     if not present:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
     sq = sq_norms(present, device)
@@ -56,14 +56,14 @@ def grad_sq_norms_host(params: Sequence[nn.Parameter]) -> list[float]:
 
 def tensor_sq_norm(grad: torch.Tensor) -> torch.Tensor:
     """``|grad|^2`` as a 0-d tensor by one dot product; sparse gradients by their values, half precision in float32."""
-    g = _values(grad)
+    g = dense_values(grad)
     if g.dtype in _HALF:  # a sum of fp16 squares overflows at 65504
         return torch.linalg.vector_norm(g, dtype=torch.float32).square()
     flat = g.reshape(-1)
     return torch.dot(flat, flat)
 
 
-def _values(grad: torch.Tensor) -> torch.Tensor:
+def dense_values(grad: torch.Tensor) -> torch.Tensor:
     """A dense tensor with the same norm: the values of a sparse gradient (``nn.Embedding(sparse=True)``)."""
     if grad.requires_grad:  # backward(create_graph=True); detaching otherwise is one more operation per tensor
         grad = grad.detach()

@@ -28,6 +28,7 @@ from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.collectors.tied import TiedEmbeddingHead
 from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.grad_norms import dense_values
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
@@ -339,8 +340,7 @@ class ExampleCollector:
             g = p.grad
             if slot in seen or g is None:
                 continue
-            values = g.coalesce().values() if g.is_sparse else g
-            if bool(torch.count_nonzero(values)):
+            if bool(torch.count_nonzero(dense_values(g))):
                 out.append(name)
         return out
 
