@@ -140,23 +140,31 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def tiny_transformer() -> Workload:
+def _random_tokens(name: str, description: str, make_model: Callable[[], nn.Module], seed: int) -> Workload:
+    """A next-token workload on random tokens: vocabulary 96, context 64, batch 32 (both transformers)."""
     vocab, ctx, b = 96, 64, 32
-    gen = torch.Generator().manual_seed(SEED + 1)
+    gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(N_BATCHES):
         ids = torch.randint(0, vocab, (b, ctx + 1), generator=gen)
         batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     return Workload(
-        name="tiny_transformer",
-        description=(
-            "causal transformer, 2 pre-LN blocks, d=128, 4 heads, MLP 4x, LayerNorm, context 64, vocab 96, "
-            "random tokens, batch 32, next-token CE mean, SGD"
-        ),
-        make_model=lambda: TinyGPT(vocab=vocab, ctx=ctx),
+        name=name,
+        description=description,
+        make_model=make_model,
         batches=batches,
         n_classes=vocab,
         float_input=False,
+    )
+
+
+def tiny_transformer() -> Workload:
+    return _random_tokens(
+        "tiny_transformer",
+        "causal transformer, 2 pre-LN blocks, d=128, 4 heads, MLP 4x, LayerNorm, context 64, vocab 96, "
+        "random tokens, batch 32, next-token CE mean, SGD",
+        lambda: TinyGPT(vocab=96, ctx=64),
+        SEED + 1,
     )
 
 
@@ -210,22 +218,12 @@ class TinyLlama(nn.Module):
 
 
 def tiny_llama() -> Workload:
-    vocab, ctx, b = 96, 64, 32
-    gen = torch.Generator().manual_seed(SEED + 2)
-    batches = []
-    for _ in range(N_BATCHES):
-        ids = torch.randint(0, vocab, (b, ctx + 1), generator=gen)
-        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
-    return Workload(
-        name="tiny_llama",
-        description=(
-            "Llama-style causal transformer, 2 blocks, d=128, 4 heads, separate q/k/v/o, SwiGLU 344, RMSNorm, "
-            "context 64, vocab 96, random tokens, batch 32, next-token CE mean, SGD"
-        ),
-        make_model=lambda: TinyLlama(vocab=vocab, ctx=ctx),
-        batches=batches,
-        n_classes=vocab,
-        float_input=False,
+    return _random_tokens(
+        "tiny_llama",
+        "Llama-style causal transformer, 2 blocks, d=128, 4 heads, separate q/k/v/o, SwiGLU 344, RMSNorm, "
+        "context 64, vocab 96, random tokens, batch 32, next-token CE mean, SGD",
+        lambda: TinyLlama(vocab=96, ctx=64),
+        SEED + 2,
     )
 
 
