@@ -131,12 +131,14 @@ class GNSMonitor:
         self._closed = False
         self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
         self._collectors: dict[str, Collector] = {}
+        self._example_refusal: str | None = None  # why "auto" could not use the example source
         if source in ("example", "auto"):
             try:
                 self._collectors["example"] = ExampleCollector(model, on_unsupported=on_unsupported, scope=scope)
-            except NoiseScaleError:
+            except NoiseScaleError as e:
                 if source == "example" or scope == "norm":
                     raise
+                self._example_refusal = str(e)
         if source in ("microbatch", "auto"):
             self._collectors["microbatch"] = MicrobatchCollector(model)
         if source == "rank":
@@ -302,6 +304,14 @@ class GNSMonitor:
                 f"only {stats.n_small} small batch(es) in this step: the {collector.source} source needs at least "
                 "two (use gradient accumulation with >= 2 micro-batches, or source='example')"
             )
+            if self._example_refusal is not None:
+                # "auto" fell back to this source; suggesting source='example' would only move the user to that error.
+                undefined_reason = (
+                    f"source='auto' measures with the {collector.source} source because the example source cannot "
+                    f"measure this model ({self._example_refusal}), and the {collector.source} source needs at least "
+                    f"two small batches per step, this one had {stats.n_small}: use gradient accumulation with >= 2 "
+                    "micro-batches, or pass on_unsupported='warn' to measure the supported layers per example"
+                )
             if not self._warned_single_micro:
                 warnings.warn(undefined_reason, RuntimeWarning, stacklevel=3)
                 self._warned_single_micro = True

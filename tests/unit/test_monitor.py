@@ -219,6 +219,20 @@ def test_auto_picks_microbatch_under_accumulation_and_example_otherwise():
         assert mon.source == "example"
 
 
+def test_auto_says_why_it_fell_back_when_the_example_source_refuses_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with ns.GNSMonitor(model) as mon:
+        nn.functional.cross_entropy(model(x), y).backward()
+        with pytest.warns(RuntimeWarning, match="example source cannot measure this model") as caught:
+            m = mon.step(16)
+    assert mon.source == "microbatch" and m.status == "undefined" and m.b_simple is None
+    message = str(caught[0].message)
+    assert "BatchNorm1d" in message and "on_unsupported='warn'" in message
+    assert m.undefined_reason == message
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
