@@ -251,6 +251,12 @@ class DataParallelSync:
         )
         return out, total[:n_params], big
 
+    def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``flags`` over the ranks (a blocking all-reduce): the same on every rank."""
+        out = flags.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return out
+
     def _check(self, counts: torch.Tensor, source: str, batch_size: int, n_small: int, inv_size_sum: float) -> None:
         got_n, got_inv, got_examples = counts.tolist()  # host sync: first step only on an accelerator
         self._checked = True

@@ -192,10 +192,10 @@ class GNSMonitor:
         try:
             if self._dist is None:
                 stats = collector.collect(batch_size, micro_batch_sizes)
-                if self.step_count == 0 and isinstance(collector, ExampleCollector):
-                    _refuse_unmeasured(collector)
             else:  # this rank's share of the step, in the whole step's units
                 stats = self._dist.collect(collector, batch_size, micro_batch_sizes)
+            if self.step_count == 0 and isinstance(collector, ExampleCollector):
+                _refuse_unmeasured(collector, None if self._dist is None else self._dist.any_rank)
         finally:
             for c in self._collectors.values():
                 c.reset()
@@ -445,10 +445,12 @@ class _Layout:
         return per_param @ self._matrix
 
 
-def _refuse_unmeasured(collector: ExampleCollector) -> None:
-    # Checked on the first step of a single process only: under DDP a layer can get an averaged gradient from the
-    # other ranks without running here (conditional computation), which is no error.
-    names = collector.unmeasured_with_gradients()
+def _refuse_unmeasured(
+    collector: ExampleCollector, any_rank: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
+    # First step only.  Under DDP and FSDP2 the ranks pool what they saw (one small all-reduce): a layer that ran
+    # on one rank only gets the averaged gradient on the others (conditional computation), which is no error.
+    names = collector.unmeasured_with_gradients(any_rank)
     if names:
         raise StepError(
             f"these measured parameters got gradients, but no hook of their layer saw them: {names}. Some code uses "

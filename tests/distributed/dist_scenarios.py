@@ -139,9 +139,49 @@ def _grads_after_steps(hook: str, rank: int, world: int) -> list[torch.Tensor]:
     return grads
 
 
+class _FunctionalUse(nn.Module):
+    """``make_model()`` whose last layer's weights are passed to ``F.linear`` by the parent (never called itself).
+
+    With ``rank_only`` set, the parent calls the last layer itself, on that rank only (conditional computation).
+    """
+
+    def __init__(self, rank_only: int | None = None) -> None:
+        super().__init__()
+        self.body = make_model()
+        self.rank_only = rank_only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.body[-1]
+        h = self.body[:-1](x)
+        if self.rank_only is None:
+            return F.linear(h, head.weight, head.bias)
+        if dist.get_rank() == self.rank_only:
+            return head(h)
+        return F.linear(h.detach(), head.weight.detach(), head.bias.detach()) + 0 * h.sum()
+
+
+def _first_step_error(model: nn.Module, rank: int, world: int) -> str:
+    monitor = ns.GNSMonitor(model, source="example")
+    x, y = make_batch(0, rank)
+    F.cross_entropy(model(x), y).backward()
+    try:
+        monitor.step(batch_size=LOCAL * world)
+        return "no error"
+    except ns.StepError as e:
+        return type(e).__name__ + (": unmeasured" if "no hook of their layer saw them" in str(e) else "")
+    finally:
+        monitor.close()
+
+
 def _errors(rank: int, world: int) -> dict[str, str]:
     """The errors each rank raises (they must be the same on every rank, not a hang)."""
     out: dict[str, str] = {}
+    torch.manual_seed(0)
+    out["example/functional"] = _first_step_error(DDP(_FunctionalUse().double()), rank, world)
+    torch.manual_seed(0)
+    out["example/one_rank_runs_the_head"] = _first_step_error(
+        DDP(_FunctionalUse(rank_only=0).double(), find_unused_parameters=True), rank, world
+    )
     for source, batch_size in (("example", LOCAL * world + 2), ("rank", LOCAL * world + 1)):
         model = _ddp()
         monitor = ns.GNSMonitor(model, source=source)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -325,24 +325,34 @@ class ExampleCollector:
             examples=seen,
         )
 
-    def unmeasured_with_gradients(self) -> list[str]:
+    def unmeasured_with_gradients(self, any_rank: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
         """Measured parameters with a non-zero gradient that no hook of their layer saw since the last reset.
 
         Such a parameter is used by code other than its layer's forward (a parent passing the weight to a
         function), so its per-example norms are unknown.  A layer that simply did not run has no gradient and is
         not listed.  Reads one number from the device per suspect parameter; none in the usual case.
+
+        Args:
+            any_rank: under data parallelism, the element-wise maximum of a tensor over the ranks (a collective
+                every rank calls together): a layer whose hooks ran on any rank counts as seen (conditional
+                computation gives the others its averaged gradient), and a non-zero part of a gradient on any
+                rank (an FSDP2 shard) counts as a gradient.  Every rank then returns the same names.
         """
         seen = set(self._idx)
-        if len(seen) == len(self.params):
+        if any_rank is None and len(seen) == len(self.params):
             return []
-        out = []
-        for slot, (name, p) in enumerate(self.params):
+        seen_row = [1 if slot in seen else 0 for slot in range(len(self.params))]
+        got_row = [0] * len(self.params)
+        for slot, (_, p) in enumerate(self.params):
             g = p.grad
             if slot in seen or g is None:
                 continue
-            if bool(torch.count_nonzero(dense_values(g))):
-                out.append(name)
-        return out
+            local = g.to_local() if hasattr(g, "to_local") else g  # an FSDP2 DTensor: this rank's shard
+            got_row[slot] = int(bool(torch.count_nonzero(dense_values(local))))
+        if any_rank is not None:
+            flags = any_rank(torch.tensor([seen_row, got_row], dtype=torch.int64, device=self._device))
+            seen_row, got_row = flags.tolist()
+        return [name for (name, _), saw, got in zip(self.params, seen_row, got_row) if got and not saw]
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-example squared norms (shares of ``p.grad``) gathered since the last reset, by parameter name.
