@@ -1,4 +1,4 @@
-"""The CPU workloads of ``overhead.py``: an MLP on sklearn's digits, a tiny causal transformer and a tiny Llama.
+"""The CPU workloads of ``overhead.py``: an MLP on sklearn's digits and three tiny causal transformers.
 
 Both are built from a seed, so every mode (and every memory-probe subprocess) starts from the same initial
 parameters and sees the same fixed batches.
@@ -227,8 +227,42 @@ def tiny_llama() -> Workload:
     )
 
 
+# -- (d) the same shape built from torch's own nn.TransformerEncoderLayer (nn.MultiheadAttention inside) ----------
+
+
+class TorchEncoderLM(nn.Module):
+    """``nn.TransformerEncoder`` of pre-LN layers under a causal mask: attention by ``nn.MultiheadAttention``."""
+
+    def __init__(self, vocab: int = 96, ctx: int = 64, d: int = 128, heads: int = 4, n_layer: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("causal", torch.ones(ctx, ctx, dtype=torch.bool).triu(1), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device).repeat(b, 1))  # (B, T): see TinyGPT
+        x = self.encoder(x, mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.ln_f(x))
+
+
+def torch_encoder() -> Workload:
+    return _random_tokens(
+        "torch_encoder",
+        "causal nn.TransformerEncoder, 2 pre-LN layers (nn.MultiheadAttention), d=128, 4 heads, MLP 4x, "
+        "context 64, vocab 96, random tokens, batch 32, next-token CE mean, SGD",
+        lambda: TorchEncoderLM(vocab=96, ctx=64),
+        SEED + 3,
+    )
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "mlp_digits": mlp_digits,
     "tiny_transformer": tiny_transformer,
     "tiny_llama": tiny_llama,
+    "torch_encoder": torch_encoder,
 }

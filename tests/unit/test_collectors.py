@@ -436,32 +436,6 @@ def test_sequence_first_inputs_are_explained_in_the_error() -> None:
     collector.close()
 
 
-def test_multihead_attention_out_proj_is_left_out_with_its_parent() -> None:
-    """``nn.MultiheadAttention`` passes ``out_proj.weight`` to a function: ``out_proj``'s own hooks never fire.
-
-    Measuring it would give it per-example norms of zero beside a non-zero ``|p.grad|^2``: it must be refused,
-    or left out (and out of the coverage) with the parent's own ``in_proj`` parameters.
-    """
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 2)).double()
-    with pytest.raises(UnsupportedLayerError, match=r"'0.self_attn.out_proj' \(used inside nn.MultiheadAttention"):
-        ExampleCollector(model)
-    collector = ExampleCollector(model, on_unsupported="ignore", keep_per_example=True)
-    names = [n for n, _ in collector.params]
-    assert not any(n.startswith("0.self_attn.") for n in names) and "0.linear1.weight" in names
-    measured = sum(p.numel() for _, p in collector.params)
-    assert collector.coverage == pytest.approx(measured / sum(p.numel() for p in model.parameters()))
-    x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    (model(x) - y).square().sum().backward()
-    ref = per_example_sq_norms(model, x, y, lambda out, t: (out - t).square().sum(1))
-    got = collector.per_example_sq_norms()
-    assert set(got) == set(names)
-    for name in names:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-14, msg=name)
-    collector.close()
-
-
 def test_scope_norm_measures_only_normalisation_layers() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 2)).double()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from noisescale.collectors.attention import AttentionProjections, attention_param_names, unsupported_attention
 from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
 from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
@@ -91,9 +92,11 @@ class ExampleCollector:
         shared: list[str] = []
         seen_modules: set[int] = set()
         never_called = _called_by_their_parent_functionally(model)
+        self._attention: dict[nn.Module, AttentionProjections] = {}
+        by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
         for mname, module in model.named_modules(remove_duplicate=False):
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if not own:
+            if not own or id(module) in by_parent:
                 continue
             if scope == "norm" and not is_norm_layer(module):
                 continue  # out of scope: not measured on purpose, so neither "unsupported" nor "shared"
@@ -101,6 +104,14 @@ class ExampleCollector:
                 shared.append(f"module '{mname}' is registered twice in the model")
                 continue
             seen_modules.add(id(module))
+            if isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None:
+                why = unsupported_attention(module)
+                if why is not None:
+                    problems.append(f"'{mname}' (MultiheadAttention with {why}, params {[n for n, _ in own]})")
+                    continue
+                by_parent.add(id(module.out_proj))
+                self._measure_attention(mname, module, covered)
+                continue
             if id(module) in never_called:
                 # Its hooks would never fire while its parameters get gradients: measured as zero, silently wrong.
                 problems.append(f"'{mname}' ({never_called[id(module)]}, params {[n for n, _ in own]})")
@@ -169,6 +180,24 @@ class ExampleCollector:
         }
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
+        for attention in self._attention.values():
+            self._handles += attention.install()
+
+    def _measure_attention(
+        self, mname: str, module: nn.MultiheadAttention, covered: list[tuple[str, nn.Parameter]]
+    ) -> None:
+        """Measured from inside its functional forward (``collectors.attention``), ``out_proj`` included."""
+        index: dict[str, int] = {}
+        for pname in attention_param_names(module):
+            index[pname] = len(covered)
+            covered.append((_join(mname, pname), module.get_parameter(pname)))
+        self._attention[module] = AttentionProjections(
+            module,
+            list(index),
+            emit=functools.partial(self._on_attention_norms, module, index),
+            examples=functools.partial(self._count_examples, module),
+        )
+        self._names[module] = mname
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
 
@@ -261,7 +290,19 @@ class ExampleCollector:
                 if self.keep_per_example:
                     total = self._tied_parts.pop(slot) + cross
                     self._per_example.setdefault(slot, []).append(total.detach())
-        self._examples[module] = self._examples.get(module, 0) + grad_output.shape[0]
+        self._count_examples(module, grad_output.shape[0])
+
+    def _count_examples(self, module: nn.Module, n: int) -> None:
+        self._examples[module] = self._examples.get(module, 0) + n
+
+    def _on_attention_norms(self, module: nn.Module, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        slot = index[name]
+        self._idx.append(slot)
+        self._vals.append(sq)
+        if self.keep_per_example:
+            self._per_example.setdefault(slot, []).append(sq.detach())
 
     # -- step interface ----------------------------------------------------------------------------------------
 
@@ -384,11 +425,16 @@ def _called_by_their_parent_functionally(model: nn.Module) -> dict[int, str]:
     """Submodules whose parameters their parent passes to a function instead of calling the submodule: ``id -> why``.
 
     ``nn.MultiheadAttention`` hands ``out_proj.weight`` and ``out_proj.bias`` to
-    ``F.multi_head_attention_forward``, so ``out_proj``'s forward (and the collector's hook on it) never runs.
+    ``F.multi_head_attention_forward``, so ``out_proj``'s forward (and a hook on it) never runs.  Measured with
+    their parent (``collectors.attention``), except where the parent cannot be measured.
     """
     out: dict[int, str] = {}
     for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None:
+        if (
+            isinstance(module, nn.MultiheadAttention)
+            and find_norm_rule(module) is None
+            and unsupported_attention(module) is not None
+        ):
             out[id(module.out_proj)] = "used inside nn.MultiheadAttention's functional forward, never called itself"
     return out
 

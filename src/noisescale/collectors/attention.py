@@ -1,0 +1,311 @@
+"""Per-example squared gradient norms of ``nn.MultiheadAttention``'s projections.
+
+``nn.MultiheadAttention`` hands its weights to ``F.multi_head_attention_forward``: no submodule runs (not even
+``out_proj``), so no module hook sees a projection's input or output gradient.  While the layer runs, a dispatch
+mode watches the matrix products (``aten.mm`` / ``aten.addmm``) whose second operand is a view of one of its
+projection weights, and keeps the first operand (the projection's input) and the product (whose gradient is the
+projection's output gradient).  Below autograd, it changes nothing that is computed.
+
+The function lays its inputs out as ``(L, N, E)`` (positions, batch, features) and multiplies them flattened to
+``(L N, E)``, so row ``l N + n`` belongs to example ``n``.  Reshaped to ``(N, L, E)``, each product goes through
+the same ghost or materialised form as ``nn.Linear`` on sequences (``rules.linear.sequence_linear_sq_norms``;
+Goodfellow 2015, Li et al. 2022).  A packed ``in_proj_weight`` is multiplied whole (self-attention) or in row
+blocks for query, key and value; the blocks are disjoint, so a weight's squared norm is the sum over its blocks.
+A bias block is added to its weight block's product (inside ``addmm`` or right after ``mm``), so its gradient is
+the sum over positions of that product's gradient.
+
+The first call checks the layout: the products found must cover every row of every projection weight (and
+bias) exactly once, each input block must equal the query, key or value it projects, and the output
+projection's product must be the layer's output.  Another implementation (a later torch) is refused with an
+error, not measured wrongly.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from noisescale.collectors.rules.linear import sequence_linear_sq_norms
+from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
+from noisescale.errors import UnsupportedLayerError
+
+__all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
+
+_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+_ADD = torch.ops.aten.add.Tensor
+
+Emit = Callable[[str, torch.Tensor], None]
+"""``(parameter name relative to the layer, per-example squared norms (N,))``."""
+
+
+def unsupported_attention(module: nn.MultiheadAttention) -> str | None:
+    """Why this ``nn.MultiheadAttention`` cannot be measured per example, or ``None`` when it can."""
+    if module.bias_k is not None or module.bias_v is not None:
+        return "add_bias_kv=True: its bias_k and bias_v have no per-example rule"
+    return None
+
+
+def attention_param_names(module: nn.MultiheadAttention) -> list[str]:
+    """The layer's trainable projection parameters, as named from the layer (``out_proj.weight`` included)."""
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class _Product:
+    """One matrix product by a block of a projection weight, as seen in the forward pass."""
+
+    weight: str  # parameter name, relative to the layer
+    start: int  # first weight row of the block
+    rows: int
+    x: torch.Tensor  # (L N, E_in) input rows
+    out: torch.Tensor  # (L N, rows) product
+    bias_start: int  # where the block's bias would start: separate q/k/v weights share in_proj_bias
+    bias: str | None = None  # the bias whose block [bias_start, bias_start + rows) is added to this product
+
+
+class _Spy(TorchDispatchMode):
+    """Records the products by (views of) the layer's projection weights, and the bias additions.
+
+    Args:
+        weights: storage address -> weight name.
+        biases: storage address -> bias name.
+        bias_offsets: weight name -> the row of the bias its first row adds to.
+    """
+
+    def __init__(self, weights: dict[int, str], biases: dict[int, str], bias_offsets: dict[str, int]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.biases = biases
+        self.bias_offsets = bias_offsets
+        self.products: list[_Product] = []
+        self.bias_adds = 0
+        self.strange: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _PRODUCTS:
+            w = args[-1]
+            name = self.weights.get(_address(w))
+            if name is not None:
+                in_features = w.shape[0]
+                if w.stride() != (1, in_features) or w.storage_offset() % in_features:
+                    self.strange.append(f"{name} used with strides {w.stride()}")
+                    return out
+                start = w.storage_offset() // in_features
+                product = _Product(name, start, w.shape[1], args[-2], out, start + self.bias_offsets.get(name, 0))
+                if func is torch.ops.aten.addmm.default:
+                    self._bias_use(args[0], product)
+                self.products.append(product)
+        elif func is _ADD and len(args) == 2 and isinstance(args[1], torch.Tensor) and self.products:
+            # mm then add: the bias goes to the product just made (a view of it, reshaped to (L, N, rows))
+            last = self.products[-1]
+            if isinstance(args[0], torch.Tensor) and _address(args[0]) == _address(last.out):
+                self._bias_use(args[1], last)
+        return out
+
+    def _bias_use(self, b: Any, product: _Product) -> None:
+        name = self.biases.get(_address(b)) if isinstance(b, torch.Tensor) else None
+        if name is None:
+            return
+        self.bias_adds += 1
+        if b.storage_offset() == product.bias_start and b.numel() == product.rows and b.stride() == (1,):
+            product.bias = name
+
+
+def _address(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@dataclass
+class _Call:
+    """One forward call's products, waiting for their gradients in the backward pass."""
+
+    n: int  # examples
+    pending: dict[str, int]  # parameter -> products still to come
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AttentionProjections:
+    """The hooks of one ``nn.MultiheadAttention``: per-example squared norms of its projection parameters.
+
+    Args:
+        module: the layer.
+        names: the parameters to measure, named from the layer (``in_proj_weight``, ``out_proj.bias``, ...).
+        emit: receives, once per forward call and parameter, ``(name, (N,) squared norms)`` during backward.
+        examples: receives the call's number of examples once per call, with its first gradient.
+
+    Raises:
+        UnsupportedLayerError: from the first forward call, when the products found do not match the layout.
+    """
+
+    def __init__(
+        self, module: nn.MultiheadAttention, names: list[str], emit: Emit, examples: Callable[[int], None]
+    ) -> None:
+        self.module = module
+        self.names = names
+        self._emit = emit
+        self._examples = examples
+        self._checked = False
+        self._spy: _Spy | None = None
+
+    def install(self) -> list[Any]:
+        """Register the forward hooks; returns their handles."""
+        m = self.module
+        return [
+            m.register_forward_pre_hook(self._before, with_kwargs=True),
+            m.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+        ]
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        params = dict(module.named_parameters())
+        weights = {_address(params[n]): n for n in self.names if n.endswith("weight")}
+        biases = {_address(params[n]): n for n in self.names if n.endswith("bias")}
+        embed = self.module.embed_dim
+        self._spy = _Spy(weights, biases, {"k_proj_weight": embed, "v_proj_weight": 2 * embed})
+        self._spy.__enter__()
+
+    def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        spy, self._spy = self._spy, None
+        if spy is None:
+            return
+        spy.__exit__(None, None, None)
+        out = output[0] if isinstance(output, tuple) else output
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return
+        query, key, value = _qkv(args, kwargs)
+        batch_first = self.module.batch_first and query.dim() == 3
+        n = 1 if query.dim() == 2 else query.shape[0 if batch_first else 1]
+        if not self._checked:
+            self._check(spy, query, key, value, out, n, batch_first)
+            self._checked = True
+        call = _Call(n=n, pending={})
+        first = True
+        for p in spy.products:
+            for name in (p.weight, p.bias):
+                if name is not None and name in self.names:
+                    call.pending[name] = call.pending.get(name, 0) + 1
+            node = p.out.grad_fn
+            if node is None:
+                continue
+            # Each hook holds its own product's input only: the output projection's input comes from the input
+            # projection's node, so one holder of both would close a cycle through autograd's nodes.
+            kept = keep_inputs((p.x,))
+            node.register_prehook(
+                functools.partial(self._on_grad, call, p.weight, p.bias, kept, first, p.out.output_nr)
+            )
+            first = False
+
+    def _on_grad(
+        self,
+        call: _Call,
+        weight: str,
+        bias: str | None,
+        kept: tuple[object, ...] | SavedInputs,
+        count_examples: bool,
+        nr: int,
+        grad_outputs: tuple[torch.Tensor | None, ...],
+    ) -> None:
+        grad = grad_outputs[nr]
+        if grad is None:
+            return
+        (x,) = kept.unpack() if isinstance(kept, SavedInputs) else kept
+        assert isinstance(x, torch.Tensor)
+        n = call.n
+        with torch.no_grad():  # backward(create_graph=True) keeps building a graph otherwise
+            # rows l N + n -> (N, L, features)
+            x3 = x.reshape(-1, n, x.shape[-1]).transpose(0, 1)
+            g3 = grad.reshape(-1, n, grad.shape[-1]).transpose(0, 1)
+            want_w, want_b = weight in self.names, bias is not None and bias in self.names
+            w_sq, b_sq = sequence_linear_sq_norms(x3, g3, with_bias=want_b)
+        if want_w:
+            self._add(call, weight, w_sq)
+        if want_b and b_sq is not None:
+            assert bias is not None
+            self._add(call, bias, b_sq)
+        if count_examples:
+            self._examples(n)
+
+    def _add(self, call: _Call, name: str, sq: torch.Tensor) -> None:
+        # A packed weight's blocks arrive one by one: emit their sum with the last one.
+        total = call.sums.pop(name, None)
+        total = sq if total is None else total + sq
+        call.pending[name] -= 1
+        if call.pending[name]:
+            call.sums[name] = total
+        else:
+            self._emit(name, total)
+
+    def _check(
+        self,
+        spy: _Spy,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        out: torch.Tensor,
+        n: int,
+        batch_first: bool,
+    ) -> None:
+        """First call: every weight and bias row used once, inputs and output laid out as assumed."""
+        problems = list(spy.strange)
+        params = dict(self.module.named_parameters())
+        covered: dict[str, list[tuple[int, int]]] = {}
+        for p in spy.products:
+            covered.setdefault(p.weight, []).append((p.start, p.rows))
+            if p.bias is not None:
+                covered.setdefault(p.bias, []).append((p.bias_start, p.rows))
+        for name in self.names:
+            size = params[name].shape[0]
+            blocks = sorted(covered.get(name, []))
+            if [s for s, _ in blocks] != [sum(r for _, r in blocks[:k]) for k in range(len(blocks))] or sum(
+                r for _, r in blocks
+            ) != size:
+                problems.append(f"{name}: rows {blocks} of {size} seen in the products")
+        if spy.bias_adds != sum(p.bias is not None for p in spy.products):
+            problems.append("a bias was added to something other than its weight block's product")
+
+        def lne(t: torch.Tensor) -> torch.Tensor:  # the layout the function works in: (L, N, E)
+            if t.dim() == 2:
+                return t.unsqueeze(1)
+            return t.transpose(0, 1) if batch_first else t
+
+        embed = self.module.embed_dim
+        sources = {0: query, embed: key, 2 * embed: value}
+        for p in spy.products:
+            if p.weight == "out_proj.weight":
+                # addmm adds out_proj.bias inside the product: the layer returns the product itself
+                if not _same(p.out.reshape(-1, n, p.out.shape[-1]), lne(out)):
+                    problems.append("the output projection's product is not the layer's output")
+                continue
+            src = (
+                sources.get(p.start) if p.weight == "in_proj_weight" else _separate_source(p.weight, query, key, value)
+            )
+            if src is None or not _same(p.x.reshape(-1, n, p.x.shape[-1]), lne(src)):
+                problems.append(f"the input of the {p.weight} block at row {p.start} is not the query, key or value")
+        if problems:
+            raise UnsupportedLayerError(
+                f"nn.MultiheadAttention computes its projections in a way noisescale does not recognise in this "
+                f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
+                "(coverage is reported), or use source='microbatch'"
+            )
+
+
+def _separate_source(weight: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+    return {"q_proj_weight": query, "k_proj_weight": key, "v_proj_weight": value}.get(weight)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+
+
+def _qkv(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("query", "key", "value")
+    got = list(args[:3]) + [kwargs[k] for k in names[len(args[:3]) :]]
+    return got[0], got[1], got[2]
