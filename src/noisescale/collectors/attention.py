@@ -31,8 +31,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from noisescale.collectors.attention_graph import GraphProduct, walk_products
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
-from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
+from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs, saved_tensor_hooks_active
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
@@ -151,7 +152,8 @@ class AttentionProjections:
         self.names = names
         self._emit = emit
         self._examples = examples
-        self._checked = False
+        self._layout_checked = False  # the products' layout, by the dispatch mode on the first call
+        self._walk_checked = False  # the graph walk against the dispatch mode, on the first call without hooks
         self._spy: _Spy | None = None
 
     def install(self) -> list[Any]:
@@ -165,6 +167,10 @@ class AttentionProjections:
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
+        # The dispatch mode slows the layer's forward (about a third on a CPU): only on the first call, which
+        # checks the graph walk against it, and under saved-tensor hooks, where the walk may not read the inputs.
+        if self._walk_checked and not saved_tensor_hooks_active():
+            return
         params = dict(module.named_parameters())
         weights = {_address(params[n]): n for n in self.names if n.endswith("weight")}
         biases = {_address(params[n]): n for n in self.names if n.endswith("bias")}
@@ -174,33 +180,46 @@ class AttentionProjections:
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         spy, self._spy = self._spy, None
-        if spy is None:
+        if spy is not None:
+            spy.__exit__(None, None, None)
+        elif not self._walk_checked or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
-        spy.__exit__(None, None, None)
         out = output[0] if isinstance(output, tuple) else output
-        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        if not (isinstance(out, torch.Tensor) and out.requires_grad and out.grad_fn is not None):
             return
         query, key, value = _qkv(args, kwargs)
         batch_first = self.module.batch_first and query.dim() == 3
         n = 1 if query.dim() == 2 else query.shape[0 if batch_first else 1]
-        if not self._checked:
+        if spy is not None and not self._layout_checked:
             self._check(spy, query, key, value, out, n, batch_first)
-            self._checked = True
+            self._layout_checked = True
+        products: list[tuple[str, str | None, torch.Tensor, Any]]  # (weight, bias, input rows, node)
+        if spy is not None and saved_tensor_hooks_active():
+            products = [(p.weight, p.bias, p.x, p.out.grad_fn) for p in spy.products]
+        else:
+            walked = walk_products(out, (query, key, value), dict(module.named_parameters()))
+            if spy is not None:
+                _check_walk(spy, walked)
+                self._walk_checked = True
+            if walked is None or _uncovered(walked, self.names, dict(module.named_parameters())):
+                raise UnsupportedLayerError(
+                    "nn.MultiheadAttention recorded an autograd graph noisescale does not recognise in this call "
+                    "(its first call was recognised); pass on_unsupported='warn' to leave the layer out, or use "
+                    "source='microbatch'"
+                )
+            products = [(p.weight, p.bias, p.x, p.node) for p in walked]
         call = _Call(n=n, pending={})
         first = True
-        for p in spy.products:
-            for name in (p.weight, p.bias):
-                if name is not None and name in self.names:
-                    call.pending[name] = call.pending.get(name, 0) + 1
-            node = p.out.grad_fn
+        for weight, bias, x, node in products:
             if node is None:
                 continue
+            for name in (weight, bias):
+                if name is not None and name in self.names:
+                    call.pending[name] = call.pending.get(name, 0) + 1
             # Each hook holds its own product's input only: the output projection's input comes from the input
             # projection's node, so one holder of both would close a cycle through autograd's nodes.
-            kept = keep_inputs((p.x,))
-            node.register_prehook(
-                functools.partial(self._on_grad, call, p.weight, p.bias, kept, first, p.out.output_nr)
-            )
+            kept = keep_inputs((x,))
+            node.register_prehook(functools.partial(self._on_grad, call, weight, bias, kept, first, 0))
             first = False
 
     def _on_grad(
@@ -295,6 +314,39 @@ class AttentionProjections:
                 f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
                 "(coverage is reported), or use source='microbatch'"
             )
+
+
+def _blocks(products: list[_Product] | list[GraphProduct]) -> set[tuple[str, int, int, str | None, int, int]]:
+    return {(p.weight, p.start, p.rows, p.bias, p.bias_start if p.bias else 0, _address(p.x)) for p in products}
+
+
+def _check_walk(spy: _Spy, walked: list[GraphProduct] | None) -> None:
+    """First call: the graph walk must find the very products (blocks, biases, input rows) the dispatch mode saw."""
+    if walked is None or _blocks(walked) != _blocks(spy.products):
+        raise UnsupportedLayerError(
+            "nn.MultiheadAttention's autograd graph does not show the projection products its forward computed "
+            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use source='microbatch'"
+        )
+
+
+def _uncovered(products: list[GraphProduct], names: list[str], params: dict[str, nn.Parameter]) -> bool:
+    """Whether some measured weight or bias row is not in exactly one product's block."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for p in products:
+        rows.setdefault(p.weight, []).append((p.start, p.rows))
+        if p.bias is not None:
+            rows.setdefault(p.bias, []).append((p.bias_start, p.rows))
+    return any(not _tiles(sorted(rows.get(name, [])), params[name].shape[0]) for name in names)
+
+
+def _tiles(blocks: list[tuple[int, int]], size: int) -> bool:
+    """Whether sorted ``(start, rows)`` blocks cover ``range(size)`` exactly once."""
+    end = 0
+    for start, rows in blocks:
+        if start != end:
+            return False
+        end += rows
+    return end == size
 
 
 def _separate_source(weight: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SavedInputs", "keep_inputs"]
+__all__ = ["SavedInputs", "keep_inputs", "saved_tensor_hooks_active"]
 
 
 _ANCHOR: list[torch.Tensor] = []  # one empty leaf that requires grad: what makes autograd record the node
@@ -71,8 +71,12 @@ class SavedInputs:
 _ACTIVE_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (checkpointing, offloading) are active; ``False`` while compiling."""
+    # (dynamo cannot trace the query; a compiled forward holds the inputs as before)
+    return _ACTIVE_HOOKS is not None and not torch.compiler.is_compiling() and _ACTIVE_HOOKS(False) is not None
+
+
 def keep_inputs(inputs: tuple[object, ...]) -> tuple[object, ...] | SavedInputs:
     """``inputs`` themselves, or a ``SavedInputs`` while saved-tensor hooks (checkpointing, offloading) are active."""
-    if _ACTIVE_HOOKS is None or torch.compiler.is_compiling() or _ACTIVE_HOOKS(False) is None:
-        return inputs  # (dynamo cannot trace the query; a compiled forward holds the inputs as before)
-    return SavedInputs(inputs)
+    return SavedInputs(inputs) if saved_tensor_hooks_active() else inputs
