@@ -186,3 +186,24 @@ def test_no_grad_forward_a_failing_forward_and_close_leave_the_layer_alone() -> 
     assert collector.examples_seen() == B
     collector.close()
     assert not attn._forward_hooks and not attn._forward_pre_hooks
+
+
+def test_bf16_autocast_is_recognised_and_agrees_with_float32() -> None:
+    """Autocast casts the weights (or their row blocks) before the products: the casts are followed."""
+    torch.manual_seed(0)
+    model = Attend(batch_first=True, cross=True, kdim=None, bias=True)  # split blocks, each cast on its own
+    x, y = torch.randn(B, T, E), torch.randint(0, 3, (B,))
+    collector = ExampleCollector(model, keep_per_example=True)
+    results = []
+    for dtype in (torch.bfloat16, torch.bfloat16, None):  # the second call goes by the graph walk
+        model.zero_grad()
+        collector.reset()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x)
+        _loss(out.float(), y).sum().backward()
+        results.append(collector.per_example_sq_norms())
+    collector.close()
+    for low in results[:2]:
+        assert set(low) == {n for n, _ in model.named_parameters()}
+        for name, want in results[2].items():
+            torch.testing.assert_close(low[name], want, rtol=5e-2, atol=1e-3 * float(want.max()), msg=name)

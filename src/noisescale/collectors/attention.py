@@ -40,6 +40,7 @@ __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attenti
 
 _PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _ADD = torch.ops.aten.add.Tensor
+_COPY = torch.ops.aten._to_copy.default
 
 Emit = Callable[[str, torch.Tensor], None]
 """``(parameter name relative to the layer, per-example squared norms (N,))``."""
@@ -81,8 +82,10 @@ class _Spy(TorchDispatchMode):
 
     def __init__(self, weights: dict[int, str], biases: dict[int, str], bias_offsets: dict[str, int]) -> None:
         super().__init__()
-        self.weights = weights
-        self.biases = biases
+        # storage address -> (name, first row of the parameter it holds): the parameters, and the copies autocast
+        # makes of them (or of their row blocks) in another dtype
+        self.weights = {a: (n, 0) for a, n in weights.items()}
+        self.biases = {a: (n, 0) for a, n in biases.items()}
         self.bias_offsets = bias_offsets
         self.products: list[_Product] = []
         self.bias_adds = 0
@@ -90,15 +93,18 @@ class _Spy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func in _PRODUCTS:
+        if func is _COPY and isinstance(args[0], torch.Tensor):
+            self._follow_copy(args[0], out)
+        elif func in _PRODUCTS:
             w = args[-1]
-            name = self.weights.get(_address(w))
-            if name is not None:
+            found = self.weights.get(_address(w))
+            if found is not None:
+                name, base = found
                 in_features = w.shape[0]
                 if w.stride() != (1, in_features) or w.storage_offset() % in_features:
                     self.strange.append(f"{name} used with strides {w.stride()}")
                     return out
-                start = w.storage_offset() // in_features
+                start = base + w.storage_offset() // in_features
                 product = _Product(name, start, w.shape[1], args[-2], out, start + self.bias_offsets.get(name, 0))
                 if func is torch.ops.aten.addmm.default:
                     self._bias_use(args[0], product)
@@ -110,12 +116,24 @@ class _Spy(TorchDispatchMode):
                 self._bias_use(args[1], last)
         return out
 
-    def _bias_use(self, b: Any, product: _Product) -> None:
-        name = self.biases.get(_address(b)) if isinstance(b, torch.Tensor) else None
-        if name is None:
+    def _follow_copy(self, src: torch.Tensor, copy: Any) -> None:
+        """Autocast casts a parameter (or a row block of it) before using it: the copy stands for those rows."""
+        if not isinstance(copy, torch.Tensor) or not copy.is_contiguous():
             return
+        for table in (self.weights, self.biases):
+            found = table.get(_address(src))
+            if found is not None and src.dim() >= 1 and src.stride()[-1] == 1:
+                row = src.stride(0) if src.dim() == 2 else 1
+                if src.storage_offset() % row == 0:
+                    table[_address(copy)] = (found[0], found[1] + src.storage_offset() // row)
+
+    def _bias_use(self, b: Any, product: _Product) -> None:
+        found = self.biases.get(_address(b)) if isinstance(b, torch.Tensor) else None
+        if found is None:
+            return
+        name, base = found
         self.bias_adds += 1
-        if b.storage_offset() == product.bias_start and b.numel() == product.rows and b.stride() == (1,):
+        if base + b.storage_offset() == product.bias_start and b.numel() == product.rows and b.stride() == (1,):
             product.bias = name
 
 
@@ -354,7 +372,8 @@ def _separate_source(weight: str, query: torch.Tensor, key: torch.Tensor, value:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach()))
+    """Equal, after casting ``b`` to ``a``'s dtype as autocast casts the inputs of a product."""
+    return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach().to(a.dtype)))
 
 
 def _qkv(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

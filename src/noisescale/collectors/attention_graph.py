@@ -2,7 +2,8 @@
 
 ``F.multi_head_attention_forward`` multiplies its flattened inputs by (row blocks of) the projection weights with
 ``mm`` or ``addmm``; autograd records each product as an ``MmBackward0`` or ``AddmmBackward0`` node whose second
-operand leads, through a transpose and possibly a split along rows, to the weight's ``AccumulateGrad`` node, and
+operand leads, through a transpose, possibly a split along rows and autocast's dtype casts, to the weight's
+``AccumulateGrad`` node, and
 which saves its first operand (the input rows).  Walking the call's part of the graph, from the layer's output
 back to its inputs, finds every product, its weight block, the bias block added to it (inside ``addmm``, or by
 the ``AddBackward0`` right after an ``mm``) and its saved input: all that ``collectors.attention`` needs, at no
@@ -102,6 +103,13 @@ def _through_reshapes(node: Any) -> Any:
     return node
 
 
+def _through_casts(node: Any, nr: int) -> tuple[Any, int]:
+    """Past the dtype casts of autocast (a cast copies a tensor whole, so rows keep their place)."""
+    while node is not None and type(node).__name__ == "ToCopyBackward0":
+        node, nr = node.next_functions[0]
+    return node, nr
+
+
 def _param_block(edge: tuple[Any, int], by_id: dict[int, str], *, transposed: bool) -> tuple[str, int, int] | None:
     """``(parameter name, first row, rows)`` when ``edge`` leads to (a row block of) a parameter, else ``None``."""
     node, nr = edge
@@ -109,6 +117,7 @@ def _param_block(edge: tuple[Any, int], by_id: dict[int, str], *, transposed: bo
         if node is None or type(node).__name__ != "TBackward0":
             return None
         node, nr = node.next_functions[0]
+    node, nr = _through_casts(node, nr)
     if node is None:
         return None
     start, rows = 0, None
@@ -122,7 +131,7 @@ def _param_block(edge: tuple[Any, int], by_id: dict[int, str], *, transposed: bo
         else:
             size = node._saved_split_size
             start, rows = nr * size, size
-        node = node.next_functions[0][0]
+        node, _ = _through_casts(*node.next_functions[0])
     if node is None or type(node).__name__ != "AccumulateGrad":
         return None
     name = by_id.get(id(node.variable))
