@@ -173,6 +173,7 @@ class AttentionProjections:
         self._layout_checked = False  # the products' layout, by the dispatch mode on the first call
         self._walk_checked = False  # the graph walk against the dispatch mode, on the first call without hooks
         self._spy: _Spy | None = None
+        self._params: dict[str, nn.Parameter] = {}
 
     def install(self) -> list[Any]:
         """Register the forward hooks; returns their handles."""
@@ -185,11 +186,13 @@ class AttentionProjections:
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
+        # As the forward sees them: FSDP2 swaps in unsharded parameters before it and reshards after it.
+        self._params = dict(module.named_parameters())
         # The dispatch mode slows the layer's forward (about a third on a CPU): only on the first call, which
         # checks the graph walk against it, and under saved-tensor hooks, where the walk may not read the inputs.
         if self._walk_checked and not saved_tensor_hooks_active():
             return
-        params = dict(module.named_parameters())
+        params = self._params
         weights = {_address(params[n]): n for n in self.names if n.endswith("weight")}
         biases = {_address(params[n]): n for n in self.names if n.endswith("bias")}
         embed = self.module.embed_dim
@@ -215,11 +218,11 @@ class AttentionProjections:
         if spy is not None and saved_tensor_hooks_active():
             products = [(p.weight, p.bias, p.x, p.out.grad_fn) for p in spy.products]
         else:
-            walked = walk_products(out, (query, key, value), dict(module.named_parameters()))
+            walked = walk_products(out, (query, key, value), self._params)
             if spy is not None:
                 _check_walk(spy, walked)
                 self._walk_checked = True
-            if walked is None or _uncovered(walked, self.names, dict(module.named_parameters())):
+            if walked is None or _uncovered(walked, self.names, self._params):
                 raise UnsupportedLayerError(
                     "nn.MultiheadAttention recorded an autograd graph noisescale does not recognise in this call "
                     "(its first call was recognised); pass on_unsupported='warn' to leave the layer out, or use "
@@ -292,7 +295,7 @@ class AttentionProjections:
     ) -> None:
         """First call: every weight and bias row used once, inputs and output laid out as assumed."""
         problems = list(spy.strange)
-        params = dict(self.module.named_parameters())
+        params = self._params
         covered: dict[str, list[tuple[int, int]]] = {}
         for p in spy.products:
             covered.setdefault(p.weight, []).append((p.start, p.rows))
