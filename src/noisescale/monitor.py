@@ -452,12 +452,17 @@ def _refuse_unmeasured(
     # on one rank only gets the averaged gradient on the others (conditional computation), which is no error.
     names = collector.unmeasured_with_gradients(any_rank)
     if names:
-        raise StepError(
-            f"these measured parameters got gradients, but no hook of their layer saw them: {names}. Some code uses "
-            "them without calling their module (a parent passing the weights to a function, as "
-            "nn.MultiheadAttention does with out_proj), so their per-example norms are unknown and the estimate "
-            "would be biased. Register a norm rule for the module that uses them, or use source='microbatch'."
+        attention = [n for n in names if n in collector.attention_params]
+        why = (
+            "Those of nn.MultiheadAttention are measured from the matrix products inside its forward, which a "
+            "torch.compile'd graph hides: keep its forward eager (attn.forward = torch.compiler.disable(attn.forward)"
+            "), or use source='microbatch'."
+            if attention
+            else "Some code uses them without calling their module (a parent passing the weights to a function), so "
+            "their per-example norms are unknown and the estimate would be biased. Register a norm rule for the "
+            "module that uses them, or use source='microbatch'."
         )
+        raise StepError(f"these measured parameters got gradients, but no hook of their layer saw them: {names}. {why}")
 
 
 def _already_unscaled(scaler: Any) -> bool:

@@ -207,3 +207,19 @@ def test_bf16_autocast_is_recognised_and_agrees_with_float32() -> None:
         assert set(low) == {n for n, _ in model.named_parameters()}
         for name, want in results[2].items():
             torch.testing.assert_close(low[name], want, rtol=5e-2, atol=1e-3 * float(want.max()), msg=name)
+
+
+def test_a_deep_copy_of_the_model_does_not_feed_the_original_collector() -> None:
+    """An EMA or evaluation copy made with copy.deepcopy runs its own copies of the hooks, not the monitor's."""
+    import copy
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    collector = ExampleCollector(attn)
+    twin = copy.deepcopy(attn)
+    x = torch.randn(B, T, E)
+    twin(x, x, x)[0].sum().backward()
+    assert collector.examples_seen() is None
+    attn(x, x, x)[0].sum().backward()
+    assert collector.examples_seen() == B
+    collector.close()

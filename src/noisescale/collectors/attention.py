@@ -178,9 +178,14 @@ class AttentionProjections:
     def install(self) -> list[Any]:
         """Register the forward hooks; returns their handles."""
         m = self.module
+        # Both hooks run eagerly even inside a torch.compile'd model (a graph break at each), and so does the
+        # forward between them; a compiled forward would leave no products to see.  Partials of the class's
+        # functions, not wrapped bound methods: copy.deepcopy of the model then copies this object with its hooks
+        # (as it does the other layers' bound-method hooks) instead of sharing it.
+        before, after = _eager_hooks()
         return [
-            m.register_forward_pre_hook(self._before, with_kwargs=True),
-            m.register_forward_hook(self._after, with_kwargs=True, always_call=True),
+            m.register_forward_pre_hook(functools.partial(before, self), with_kwargs=True),
+            m.register_forward_hook(functools.partial(after, self), with_kwargs=True, always_call=True),
         ]
 
     def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -335,6 +340,15 @@ class AttentionProjections:
                 f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
                 "(coverage is reported), or use source='microbatch'"
             )
+
+
+@functools.cache
+def _eager_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
+    # Built on first use: torch.compiler.disable imports torch._dynamo, too heavy for `import noisescale`.
+    return (
+        torch.compiler.disable(AttentionProjections._before),
+        torch.compiler.disable(AttentionProjections._after),
+    )
 
 
 def _blocks(products: list[_Product] | list[GraphProduct]) -> set[tuple[str, int, int, str | None, int, int]]:

@@ -93,6 +93,7 @@ class ExampleCollector:
         seen_modules: set[int] = set()
         never_called = _called_by_their_parent_functionally(model)
         self._attention: dict[nn.Module, AttentionProjections] = {}
+        self.attention_params: set[str] = set()  # measured from inside nn.MultiheadAttention's forward
         by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
         for mname, module in model.named_modules(remove_duplicate=False):
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -191,6 +192,7 @@ class ExampleCollector:
         for pname in attention_param_names(module):
             index[pname] = len(covered)
             covered.append((_join(mname, pname), module.get_parameter(pname)))
+            self.attention_params.add(_join(mname, pname))
         self._attention[module] = AttentionProjections(
             module,
             list(index),
