@@ -223,3 +223,14 @@ def test_a_deep_copy_of_the_model_does_not_feed_the_original_collector() -> None
     attn(x, x, x)[0].sum().backward()
     assert collector.examples_seen() == B
     collector.close()
+
+
+def test_frozen_input_projection_leaves_the_output_projection_measured() -> None:
+    torch.manual_seed(0)
+    model = Attend(batch_first=True, cross=False, kdim=None, bias=True).double()
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    x, y = torch.randn(B, T, E, dtype=torch.float64), torch.randint(0, 3, (B,))
+    collector = _check_against_reference(model, x, y, rtol=1e-9)
+    assert "attn.out_proj.weight" in dict(collector.params) and "attn.in_proj_weight" not in dict(collector.params)
+    collector.close()

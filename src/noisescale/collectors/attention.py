@@ -1,10 +1,10 @@
 """Per-example squared gradient norms of ``nn.MultiheadAttention``'s projections.
 
 ``nn.MultiheadAttention`` hands its weights to ``F.multi_head_attention_forward``: no submodule runs (not even
-``out_proj``), so no module hook sees a projection's input or output gradient.  While the layer runs, a dispatch
-mode watches the matrix products (``aten.mm`` / ``aten.addmm``) whose second operand is a view of one of its
-projection weights, and keeps the first operand (the projection's input) and the product (whose gradient is the
-projection's output gradient).  Below autograd, it changes nothing that is computed.
+``out_proj``), so no module hook sees a projection's input or output gradient.  The products by the projection
+weights (``mm`` / ``addmm``) are found instead in the autograd graph the call records
+(``collectors.attention_graph``): each product's node saves its first operand (the projection's input), and a
+pre-hook on it receives the product's gradient (the projection's output gradient).
 
 The function lays its inputs out as ``(L, N, E)`` (positions, batch, features) and multiplies them flattened to
 ``(L N, E)``, so row ``l N + n`` belongs to example ``n``.  Reshaped to ``(N, L, E)``, each product goes through
@@ -14,10 +14,13 @@ blocks for query, key and value; the blocks are disjoint, so a weight's squared 
 A bias block is added to its weight block's product (inside ``addmm`` or right after ``mm``), so its gradient is
 the sum over positions of that product's gradient.
 
-The first call checks the layout: the products found must cover every row of every projection weight (and
-bias) exactly once, each input block must equal the query, key or value it projects, and the output
-projection's product must be the layer's output.  Another implementation (a later torch) is refused with an
-error, not measured wrongly.
+The first call is also watched by a dispatch mode, below autograd, which sees the products being computed
+(through autocast's casts of the weights) and changes nothing computed; it checks the layout: the products must
+cover every row of every projection weight and bias exactly once, each input block must equal the query, key or
+value it projects, the output projection's product must be the layer's output, and the graph walk must find the
+same products.  Another implementation (a later torch) is refused with an error, not measured wrongly.  Under
+saved-tensor hooks (activation checkpointing, offloading) the walk may not read the saved inputs, which would
+unpack them early, so every call goes through the dispatch mode there, at about a third more forward time.
 """
 
 from __future__ import annotations

@@ -97,6 +97,9 @@ class ExampleCollector:
         by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
         for mname, module in model.named_modules(remove_duplicate=False):
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            attention = isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None
+            if attention:  # its out_proj's parameters are its own too (used by its forward, not out_proj's)
+                own = [(n, module.get_parameter(n)) for n in attention_param_names(module)]
             if not own or id(module) in by_parent:
                 continue
             if scope == "norm" and not is_norm_layer(module):
@@ -105,7 +108,8 @@ class ExampleCollector:
                 shared.append(f"module '{mname}' is registered twice in the model")
                 continue
             seen_modules.add(id(module))
-            if isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None:
+            if attention:
+                assert isinstance(module, nn.MultiheadAttention)
                 why = unsupported_attention(module)
                 if why is not None:
                     problems.append(f"'{mname}' (MultiheadAttention with {why}, params {[n for n, _ in own]})")
@@ -181,8 +185,8 @@ class ExampleCollector:
         }
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
-        for attention in self._attention.values():
-            self._handles += attention.install()
+        for projections in self._attention.values():
+            self._handles += projections.install()
 
     def _measure_attention(
         self, mname: str, module: nn.MultiheadAttention, covered: list[tuple[str, nn.Parameter]]
