@@ -32,18 +32,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from noisescale.collectors.attention_graph import GraphProduct, walk_products
+from noisescale.collectors.attention_checks import check_first_call, check_walk, uncovered
+from noisescale.collectors.attention_dispatch import ProductSpy, storage_address
+from noisescale.collectors.attention_graph import walk_products
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs, saved_tensor_hooks_active
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
-
-_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-_ADD = torch.ops.aten.add.Tensor
-_COPY = torch.ops.aten._to_copy.default
 
 Emit = Callable[[str, torch.Tensor], None]
 """``(parameter name relative to the layer, per-example squared norms (N,))``."""
@@ -59,89 +56,6 @@ def unsupported_attention(module: nn.MultiheadAttention) -> str | None:
 def attention_param_names(module: nn.MultiheadAttention) -> list[str]:
     """The layer's trainable projection parameters, as named from the layer (``out_proj.weight`` included)."""
     return [n for n, p in module.named_parameters() if p.requires_grad]
-
-
-@dataclass
-class _Product:
-    """One matrix product by a block of a projection weight, as seen in the forward pass."""
-
-    weight: str  # parameter name, relative to the layer
-    start: int  # first weight row of the block
-    rows: int
-    x: torch.Tensor  # (L N, E_in) input rows
-    out: torch.Tensor  # (L N, rows) product
-    bias_start: int  # where the block's bias would start: separate q/k/v weights share in_proj_bias
-    bias: str | None = None  # the bias whose block [bias_start, bias_start + rows) is added to this product
-
-
-class _Spy(TorchDispatchMode):
-    """Records the products by (views of) the layer's projection weights, and the bias additions.
-
-    Args:
-        weights: storage address -> weight name.
-        biases: storage address -> bias name.
-        bias_offsets: weight name -> the row of the bias its first row adds to.
-    """
-
-    def __init__(self, weights: dict[int, str], biases: dict[int, str], bias_offsets: dict[str, int]) -> None:
-        super().__init__()
-        # storage address -> (name, first row of the parameter it holds): the parameters, and the copies autocast
-        # makes of them (or of their row blocks) in another dtype
-        self.weights = {a: (n, 0) for a, n in weights.items()}
-        self.biases = {a: (n, 0) for a, n in biases.items()}
-        self.bias_offsets = bias_offsets
-        self.products: list[_Product] = []
-        self.bias_adds = 0
-        self.strange: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func is _COPY and isinstance(args[0], torch.Tensor):
-            self._follow_copy(args[0], out)
-        elif func in _PRODUCTS:
-            w = args[-1]
-            found = self.weights.get(_address(w))
-            if found is not None:
-                name, base = found
-                in_features = w.shape[0]
-                if w.stride() != (1, in_features) or w.storage_offset() % in_features:
-                    self.strange.append(f"{name} used with strides {w.stride()}")
-                    return out
-                start = base + w.storage_offset() // in_features
-                product = _Product(name, start, w.shape[1], args[-2], out, start + self.bias_offsets.get(name, 0))
-                if func is torch.ops.aten.addmm.default:
-                    self._bias_use(args[0], product)
-                self.products.append(product)
-        elif func is _ADD and len(args) == 2 and isinstance(args[1], torch.Tensor) and self.products:
-            # mm then add: the bias goes to the product just made (a view of it, reshaped to (L, N, rows))
-            last = self.products[-1]
-            if isinstance(args[0], torch.Tensor) and _address(args[0]) == _address(last.out):
-                self._bias_use(args[1], last)
-        return out
-
-    def _follow_copy(self, src: torch.Tensor, copy: Any) -> None:
-        """Autocast casts a parameter (or a row block of it) before using it: the copy stands for those rows."""
-        if not isinstance(copy, torch.Tensor) or not copy.is_contiguous():
-            return
-        for table in (self.weights, self.biases):
-            found = table.get(_address(src))
-            if found is not None and src.dim() >= 1 and src.stride()[-1] == 1:
-                row = src.stride(0) if src.dim() == 2 else 1
-                if src.storage_offset() % row == 0:
-                    table[_address(copy)] = (found[0], found[1] + src.storage_offset() // row)
-
-    def _bias_use(self, b: Any, product: _Product) -> None:
-        found = self.biases.get(_address(b)) if isinstance(b, torch.Tensor) else None
-        if found is None:
-            return
-        name, base = found
-        self.bias_adds += 1
-        if base + b.storage_offset() == product.bias_start and b.numel() == product.rows and b.stride() == (1,):
-            product.bias = name
-
-
-def _address(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 @dataclass
@@ -175,7 +89,7 @@ class AttentionProjections:
         self._examples = examples
         self._layout_checked = False  # the products' layout, by the dispatch mode on the first call
         self._walk_checked = False  # the graph walk against the dispatch mode, on the first call without hooks
-        self._spy: _Spy | None = None
+        self._spy: ProductSpy | None = None
         self._params: dict[str, nn.Parameter] = {}
 
     def install(self) -> list[Any]:
@@ -201,10 +115,10 @@ class AttentionProjections:
         if self._walk_checked and not saved_tensor_hooks_active():
             return
         params = self._params
-        weights = {_address(params[n]): n for n in self.names if n.endswith("weight")}
-        biases = {_address(params[n]): n for n in self.names if n.endswith("bias")}
+        weights = {storage_address(params[n]): n for n in self.names if n.endswith("weight")}
+        biases = {storage_address(params[n]): n for n in self.names if n.endswith("bias")}
         embed = self.module.embed_dim
-        self._spy = _Spy(weights, biases, {"k_proj_weight": embed, "v_proj_weight": 2 * embed})
+        self._spy = ProductSpy(weights, biases, {"k_proj_weight": embed, "v_proj_weight": 2 * embed})
         self._spy.__enter__()
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -220,7 +134,7 @@ class AttentionProjections:
         batch_first = self.module.batch_first and query.dim() == 3
         n = 1 if query.dim() == 2 else query.shape[0 if batch_first else 1]
         if spy is not None and not self._layout_checked:
-            self._check(spy, query, key, value, out, n, batch_first)
+            check_first_call(spy, self.module, self._params, self.names, (query, key, value), out, n)
             self._layout_checked = True
         products: list[tuple[str, str | None, torch.Tensor, Any]]  # (weight, bias, input rows, node)
         if spy is not None and saved_tensor_hooks_active():
@@ -228,9 +142,9 @@ class AttentionProjections:
         else:
             walked = walk_products(out, (query, key, value), self._params)
             if spy is not None:
-                _check_walk(spy, walked)
+                check_walk(spy, walked)
                 self._walk_checked = True
-            if walked is None or _uncovered(walked, self.names, self._params):
+            if walked is None or uncovered(walked, self.names, self._params):
                 raise UnsupportedLayerError(
                     "nn.MultiheadAttention recorded an autograd graph noisescale does not recognise in this call "
                     "(its first call was recognised); pass on_unsupported='warn' to leave the layer out, or use "
@@ -291,59 +205,6 @@ class AttentionProjections:
         else:
             self._emit(name, total)
 
-    def _check(
-        self,
-        spy: _Spy,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        out: torch.Tensor,
-        n: int,
-        batch_first: bool,
-    ) -> None:
-        """First call: every weight and bias row used once, inputs and output laid out as assumed."""
-        problems = list(spy.strange)
-        params = self._params
-        covered: dict[str, list[tuple[int, int]]] = {}
-        for p in spy.products:
-            covered.setdefault(p.weight, []).append((p.start, p.rows))
-            if p.bias is not None:
-                covered.setdefault(p.bias, []).append((p.bias_start, p.rows))
-        for name in self.names:
-            size = params[name].shape[0]
-            blocks = sorted(covered.get(name, []))
-            if [s for s, _ in blocks] != [sum(r for _, r in blocks[:k]) for k in range(len(blocks))] or sum(
-                r for _, r in blocks
-            ) != size:
-                problems.append(f"{name}: rows {blocks} of {size} seen in the products")
-        if spy.bias_adds != sum(p.bias is not None for p in spy.products):
-            problems.append("a bias was added to something other than its weight block's product")
-
-        def lne(t: torch.Tensor) -> torch.Tensor:  # the layout the function works in: (L, N, E)
-            if t.dim() == 2:
-                return t.unsqueeze(1)
-            return t.transpose(0, 1) if batch_first else t
-
-        embed = self.module.embed_dim
-        sources = {0: query, embed: key, 2 * embed: value}
-        for p in spy.products:
-            if p.weight == "out_proj.weight":
-                # addmm adds out_proj.bias inside the product: the layer returns the product itself
-                if not _same(p.out.reshape(-1, n, p.out.shape[-1]), lne(out)):
-                    problems.append("the output projection's product is not the layer's output")
-                continue
-            src = (
-                sources.get(p.start) if p.weight == "in_proj_weight" else _separate_source(p.weight, query, key, value)
-            )
-            if src is None or not _same(p.x.reshape(-1, n, p.x.shape[-1]), lne(src)):
-                problems.append(f"the input of the {p.weight} block at row {p.start} is not the query, key or value")
-        if problems:
-            raise UnsupportedLayerError(
-                f"nn.MultiheadAttention computes its projections in a way noisescale does not recognise in this "
-                f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
-                "(coverage is reported), or use source='microbatch'"
-            )
-
 
 @functools.cache
 def _eager_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
@@ -352,48 +213,6 @@ def _eager_hooks() -> tuple[Callable[..., None], Callable[..., None]]:
         torch.compiler.disable(AttentionProjections._before),
         torch.compiler.disable(AttentionProjections._after),
     )
-
-
-def _blocks(products: list[_Product] | list[GraphProduct]) -> set[tuple[str, int, int, str | None, int, int]]:
-    return {(p.weight, p.start, p.rows, p.bias, p.bias_start if p.bias else 0, _address(p.x)) for p in products}
-
-
-def _check_walk(spy: _Spy, walked: list[GraphProduct] | None) -> None:
-    """First call: the graph walk must find the very products (blocks, biases, input rows) the dispatch mode saw."""
-    if walked is None or _blocks(walked) != _blocks(spy.products):
-        raise UnsupportedLayerError(
-            "nn.MultiheadAttention's autograd graph does not show the projection products its forward computed "
-            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use source='microbatch'"
-        )
-
-
-def _uncovered(products: list[GraphProduct], names: list[str], params: dict[str, nn.Parameter]) -> bool:
-    """Whether some measured weight or bias row is not in exactly one product's block."""
-    rows: dict[str, list[tuple[int, int]]] = {}
-    for p in products:
-        rows.setdefault(p.weight, []).append((p.start, p.rows))
-        if p.bias is not None:
-            rows.setdefault(p.bias, []).append((p.bias_start, p.rows))
-    return any(not _tiles(sorted(rows.get(name, [])), params[name].shape[0]) for name in names)
-
-
-def _tiles(blocks: list[tuple[int, int]], size: int) -> bool:
-    """Whether sorted ``(start, rows)`` blocks cover ``range(size)`` exactly once."""
-    end = 0
-    for start, rows in blocks:
-        if start != end:
-            return False
-        end += rows
-    return end == size
-
-
-def _separate_source(weight: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
-    return {"q_proj_weight": query, "k_proj_weight": key, "v_proj_weight": value}.get(weight)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal, after casting ``b`` to ``a``'s dtype as autocast casts the inputs of a product."""
-    return a.shape == b.shape and bool(torch.equal(a.detach(), b.detach().to(a.dtype)))
 
 
 def _qkv(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
