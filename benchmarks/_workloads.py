@@ -118,6 +118,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def embed_tokens(tok: nn.Embedding, pos: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Token plus learned position embeddings of ``idx`` ``(B, T)``.
+
+    Position ids as a contiguous ``(B, T)`` tensor, so every per-example method sees a batch dimension (Opacus'
+    ghost Embedding sampler fails on an ``expand()``ed, non-contiguous one).
+    """
+    b, t = idx.shape
+    return tok(idx) + pos(torch.arange(t, device=idx.device).repeat(b, 1))
+
+
 class TinyGPT(nn.Module):
     """Pre-LayerNorm GPT: token + position embeddings, ``n_layer`` blocks, final LayerNorm, untied head."""
 
@@ -130,11 +140,7 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(d, vocab)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        b, t = idx.shape
-        # Position ids as a contiguous (B, T) tensor, so every per-example method sees a batch dimension
-        # (Opacus' ghost Embedding sampler fails on an expand()ed, non-contiguous one).
-        pos = torch.arange(t, device=idx.device).repeat(b, 1)
-        x = self.tok(idx) + self.pos(pos)
+        x = embed_tokens(self.tok, self.pos, idx)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
@@ -210,8 +216,7 @@ class TinyLlama(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        b, t = idx.shape
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device).repeat(b, 1))  # (B, T): see TinyGPT
+        x = embed_tokens(self.tok, self.pos, idx)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
@@ -244,9 +249,8 @@ class TorchEncoderLM(nn.Module):
         self.register_buffer("causal", torch.ones(ctx, ctx, dtype=torch.bool).triu(1), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        b, t = idx.shape
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device).repeat(b, 1))  # (B, T): see TinyGPT
-        x = self.encoder(x, mask=self.causal[:t, :t], is_causal=True)
+        t = idx.shape[1]
+        x = self.encoder(embed_tokens(self.tok, self.pos, idx), mask=self.causal[:t, :t], is_causal=True)
         return self.head(self.ln_f(x))
 
 
