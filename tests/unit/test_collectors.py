@@ -411,6 +411,38 @@ def test_position_embedding_broadcast_over_the_batch_is_named_in_the_error() -> 
     collector.close()
 
 
+class NanoGPTPositions(nn.Module):
+    """nanoGPT's positions: one ``(T,)`` index for the whole batch, its ``(T, D)`` embedding broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(6, 4), nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.tok(ids) + self.pos(torch.arange(ids.shape[1]))))
+
+
+@pytest.mark.parametrize("batch", [6, 4], ids=["T==B", "T!=B"])
+def test_positions_shared_by_the_batch_are_refused_even_when_T_equals_B(batch: int) -> None:
+    """With T == B the example counts agree, so only the first-call check keeps this from being silently wrong."""
+    model = NanoGPTPositions()
+    collector = ExampleCollector(model)
+    with pytest.raises(UnsupportedLayerError, match=r"positions 0\.\.5 as one \(T,\) index shared by the whole"):
+        model(torch.randint(0, 7, (batch, 6)))
+    collector.close()
+    model(torch.randint(0, 7, (batch, 6))).sum().backward()  # the model itself is left as it was
+
+
+def test_a_batch_of_single_token_ids_is_not_taken_for_positions() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 1))
+    collector = ExampleCollector(model, keep_per_example=True)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    model(ids).square().sum().backward()
+    assert collector.collect(5).examples == 5
+    collector.close()
+
+
 def test_position_embedding_with_a_row_per_example_is_exact() -> None:
     torch.manual_seed(0)
     model = PositionEmbedded(expand_positions=True).double()

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from noisescale.collectors.attention import AttentionProjections, attention_param_names, unsupported_attention
 from noisescale.collectors.base import DeviceIndex, SmallBatchStats
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
+from noisescale.collectors.rules.embedding import refuse_positions_shared_by_the_batch
 from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.collectors.tied import TiedEmbeddingHead
@@ -183,6 +184,10 @@ class ExampleCollector:
         self._first_checks: dict[nn.Module, ForwardCheck] = {
             m: check for m in self._slots if (check := forward_check(m)) is not None
         }
+        # Embeddings check their first index for positions shared by the batch (silently wrong when T == B).
+        for m in self._slots:
+            if isinstance(m, nn.Embedding):
+                self._first_checks.setdefault(m, refuse_positions_shared_by_the_batch)
         for module in self._slots:
             self._handles.append(module.register_forward_hook(self._on_forward))
         for projections in self._attention.values():

@@ -31,7 +31,13 @@ from noisescale.collectors.rules.common import as_float
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
-__all__ = ["EmbeddingForm", "embedding_form", "embedding_rule", "embedding_sq_norms"]
+__all__ = [
+    "EmbeddingForm",
+    "embedding_form",
+    "embedding_rule",
+    "embedding_sq_norms",
+    "refuse_positions_shared_by_the_batch",
+]
 
 
 EmbeddingForm = Literal["ghost", "dense", "segments"]
@@ -142,3 +148,29 @@ def embedding_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: t
             idx, as_float(grad_output), padding_idx=module.padding_idx, num_embeddings=module.num_embeddings
         )
     }
+
+
+def refuse_positions_shared_by_the_batch(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> None:
+    """First-call check of an ``nn.Embedding``: refuse positions ``0, 1, ..., T-1`` looked up once for the batch.
+
+    nanoGPT-style models embed ``torch.arange(T)``, shape ``(T,)``, and add the ``(T, D)`` result to every
+    example: autograd sums its gradient over the batch, and the hooks would take the ``T`` positions for ``T``
+    examples.  When ``T`` differs from the batch size, ``collect`` notices the disagreement; when they are equal
+    nothing else would, and the layer's "per-example" norms would be per-position norms.  A 1-D index that is
+    exactly ``0..T-1`` is taken for such positions (a batch of token ids rarely is).  Reads one number from the
+    device, once per layer with a 1-D input.
+
+    Raises:
+        UnsupportedLayerError: for such an index.
+    """
+    idx = inputs[0] if inputs else None
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() > 1):
+        return
+    if bool(torch.equal(idx, torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype))):
+        raise UnsupportedLayerError(
+            f"an nn.Embedding({module.num_embeddings}, {module.embedding_dim}) was called with the positions "
+            f"0..{idx.numel() - 1} as one (T,) index shared by the whole batch: its output is broadcast over the "
+            "examples, so it has no per-example gradient (and its T rows would be counted as examples). Look the "
+            "positions up once per example, shape (B, T), e.g. torch.arange(T).expand(B, T), or use "
+            "source='microbatch'"
+        )
