@@ -234,3 +234,19 @@ def test_frozen_input_projection_leaves_the_output_projection_measured() -> None
     collector = _check_against_reference(model, x, y, rtol=1e-9)
     assert "attn.out_proj.weight" in dict(collector.params) and "attn.in_proj_weight" not in dict(collector.params)
     collector.close()
+
+
+def test_micro_batches_accumulate_like_one_batch() -> None:
+    """Two backward passes before one step (gradient accumulation): the sums cover every example once."""
+    torch.manual_seed(0)
+    model = Attend(batch_first=False, cross=True, kdim=None, bias=True).double()
+    x, y = torch.randn(2 * B, T, E, dtype=torch.float64), torch.randint(0, 3, (2 * B,))
+    collector = ExampleCollector(model, keep_per_example=True)
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):
+        _loss(model(xs), ys).sum().backward()
+    got = collector.per_example_sq_norms()
+    for name, want in per_example_sq_norms(model, x, y, _loss).items():
+        if want.any():
+            torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-12 * float(want.max()), msg=name)
+    assert collector.examples_seen() == 2 * B
+    collector.close()
