@@ -76,3 +76,26 @@ def test_other_ties_are_still_refused() -> None:
     model[1].weight = model[0].weight
     with pytest.raises(SharedParameterError, match=r"only an nn\.Embedding tied to an nn\.Linear"):
         ExampleCollector(model)
+
+
+class AliasedBiasHead(nn.Module):
+    """BERT's LM head: the decoder's bias is also registered on the head itself (one Parameter, two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(4, 6, bias=False)
+        self.bias = nn.Parameter(torch.zeros(6))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x)
+
+
+def test_a_bias_registered_twice_is_reported_as_shared_not_as_a_layer_without_rule() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), AliasedBiasHead())
+    with pytest.raises(SharedParameterError, match=r"parameter shared by \['1.bias', '1.decoder.bias'\]") as e:
+        ExampleCollector(model)
+    assert "no per-example norm rule" not in str(e.value)
+    collector = ExampleCollector(model, on_unsupported="ignore")
+    assert [n for n, _ in collector.params] == ["0.weight", "0.bias", "1.decoder.weight"]
+    collector.close()

@@ -123,6 +123,10 @@ class ExampleCollector:
                 problems.append(f"'{mname}' ({never_called[id(module)]}, params {[n for n, _ in own]})")
                 continue
             rule = find_norm_rule(module)
+            if rule is None and all(_also_in_a_submodule(mname, owners[id(p)]) for _, p in own):
+                # Every parameter is also registered in a submodule that uses it (BERT's LM head registers its
+                # decoder's bias as its own): reported there, as a shared parameter, not here as a missing rule.
+                continue
             if rule is None:
                 why = _BATCH_COUPLED if isinstance(module, nn.modules.batchnorm._BatchNorm) else ""
                 problems.append(f"'{mname}' ({type(module).__name__}{why}, params {[n for n, _ in own]})")
@@ -448,6 +452,12 @@ def _called_by_their_parent_functionally(model: nn.Module) -> dict[int, str]:
         ):
             out[id(module.out_proj)] = "used inside nn.MultiheadAttention's functional forward, never called itself"
     return out
+
+
+def _also_in_a_submodule(mname: str, names: list[str]) -> bool:
+    """Whether one of a parameter's registered ``names`` lies in a submodule of the module ``mname``."""
+    prefix = f"{mname}." if mname else ""
+    return any(n.startswith(prefix) and n.rpartition(".")[0] != mname for n in names)
 
 
 def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | None:
