@@ -125,3 +125,36 @@ def test_gradient_checkpointing_gives_the_same_measurement(use_reentrant: bool) 
     plain = measure(False)
     assert all(v is not None for v in plain)
     assert measure(True) == pytest.approx(plain, rel=1e-9)
+
+
+def test_bert_masked_lm_is_covered_but_for_its_twice_registered_bias() -> None:
+    """BERT's LM head registers its decoder bias twice: refused as shared, left out with ``on_unsupported``."""
+    torch.manual_seed(0)
+    config = T.BertConfig(
+        **SMALL, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model = T.BertForMaskedLM(config).double().train()
+    with pytest.raises(ns.SharedParameterError, match=r"parameter shared by \['cls.predictions.bias'"):
+        ExampleCollector(model)
+    collector = ExampleCollector(model, on_unsupported="ignore", keep_per_example=True)
+    left_out = {n for n, _ in model.named_parameters()} - {n for n, _ in collector.params}
+    assert left_out == {"cls.predictions.bias"} and collector.coverage > 0.99
+    batch = _inputs(2)
+    model(**batch).loss.backward()
+    got = collector.per_example_sq_norms()
+    collector.close()
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
+        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
+    expected = {n: g.reshape(B, -1).square().sum(1) / B**2 for n, g in per_example.items()}
+    # The key biases' gradients are zero but for rounding (softmax ignores a shift shared by every key): an
+    # absolute tolerance on the scale of the whole model's norms.
+    scale = max(float(v.max()) for v in expected.values())
+    for pname, g in got.items():
+        torch.testing.assert_close(g, expected[pname], rtol=1e-6, atol=1e-12 * scale, msg=pname)
