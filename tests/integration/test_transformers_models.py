@@ -131,7 +131,11 @@ def test_bert_masked_lm_is_covered_but_for_its_twice_registered_bias() -> None:
     """BERT's LM head registers its decoder bias twice: refused as shared, left out with ``on_unsupported``."""
     torch.manual_seed(0)
     config = T.BertConfig(
-        **SMALL, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        **SMALL,
+        max_position_embeddings=LENGTH,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
     )
     model = T.BertForMaskedLM(config).double().train()
     with pytest.raises(ns.SharedParameterError, match=r"parameter shared by \['cls.predictions.bias'"):
