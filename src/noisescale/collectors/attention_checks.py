@@ -40,16 +40,10 @@ def check_first_call(
     query, key, value = qkv
     batch_first = module.batch_first and query.dim() == 3
     problems = list(spy.strange)
-    covered: dict[str, list[tuple[int, int]]] = {}
-    for p in spy.products:
-        covered.setdefault(p.weight, []).append((p.start, p.rows))
-        if p.bias is not None:
-            covered.setdefault(p.bias, []).append((p.bias_start, p.rows))
-    for name in names:
-        size = params[name].shape[0]
-        blocks = sorted(covered.get(name, []))
-        if not _tiles(blocks, size):
-            problems.append(f"{name}: rows {blocks} of {size} seen in the products")
+    problems += [
+        f"{name}: rows {blocks} of {size} seen in the products"
+        for name, blocks, size in _untiled(spy.products, names, params)
+    ]
     if spy.bias_adds != sum(p.bias is not None for p in spy.products):
         problems.append("a bias was added to something other than its weight block's product")
 
@@ -92,12 +86,24 @@ def check_walk(spy: ProductSpy, walked: list[GraphProduct] | None) -> None:
 
 def uncovered(products: list[GraphProduct], names: list[str], params: dict[str, nn.Parameter]) -> bool:
     """Whether some measured weight or bias row is not in exactly one product's block."""
-    rows: dict[str, list[tuple[int, int]]] = {}
+    return bool(_untiled(products, names, params))
+
+
+def _untiled(
+    products: list[DispatchedProduct] | list[GraphProduct], names: list[str], params: dict[str, nn.Parameter]
+) -> list[tuple[str, list[tuple[int, int]], int]]:
+    """``(name, its sorted (start, rows) blocks, its rows)`` of each measured parameter the blocks do not tile."""
+    blocks: dict[str, list[tuple[int, int]]] = {}
     for p in products:
-        rows.setdefault(p.weight, []).append((p.start, p.rows))
+        blocks.setdefault(p.weight, []).append((p.start, p.rows))
         if p.bias is not None:
-            rows.setdefault(p.bias, []).append((p.bias_start, p.rows))
-    return any(not _tiles(sorted(rows.get(name, [])), params[name].shape[0]) for name in names)
+            blocks.setdefault(p.bias, []).append((p.bias_start, p.rows))
+    out = []
+    for name in names:
+        found, size = sorted(blocks.get(name, [])), params[name].shape[0]
+        if not _tiles(found, size):
+            out.append((name, found, size))
+    return out
 
 
 def _tiles(blocks: list[tuple[int, int]], size: int) -> bool:
