@@ -92,7 +92,7 @@ class ExampleCollector:
         problems: list[str] = []
         shared: list[str] = []
         seen_modules: set[int] = set()
-        never_called = _called_by_their_parent_functionally(model)
+        never_called: dict[int, str] = {}  # submodules whose parent uses their parameters instead: id -> why
         self._attention: dict[nn.Module, AttentionProjections] = {}
         self.attention_params: set[str] = set()  # measured from inside nn.MultiheadAttention's forward
         by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
@@ -114,6 +114,10 @@ class ExampleCollector:
                 why = unsupported_attention(module)
                 if why is not None:
                     problems.append(f"'{mname}' (MultiheadAttention with {why}, params {[n for n, _ in own]})")
+                    # Its forward hands out_proj's parameters to a function: out_proj's own hooks would never fire.
+                    never_called[id(module.out_proj)] = (
+                        "used inside nn.MultiheadAttention's functional forward, never called itself"
+                    )
                     continue
                 by_parent.add(id(module.out_proj))
                 self._measure_attention(mname, module, covered)
@@ -209,7 +213,7 @@ class ExampleCollector:
         self._attention[module] = AttentionProjections(
             module,
             list(index),
-            emit=functools.partial(self._on_attention_norms, module, index),
+            emit=functools.partial(self._on_attention_norms, index),
             examples=functools.partial(self._count_examples, module),
         )
         self._names[module] = mname
@@ -283,15 +287,12 @@ class ExampleCollector:
             slot = index.get(pname)
             if slot is None:
                 continue
-            # Kept per example, (B,); summed for all layers at once in collect().
-            self._idx.append(slot)
-            self._vals.append(sq)
-            if not self.keep_per_example:
-                continue
             if tie is not None and pname == "weight":  # one part of three: wait for the others
-                self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
+                self._record(slot, sq, keep=False)
+                if self.keep_per_example:
+                    self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
             else:
-                self._per_example.setdefault(slot, []).append(sq.detach())
+                self._record(slot, sq)
         if tie is not None:
             cross = (
                 tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
@@ -300,8 +301,7 @@ class ExampleCollector:
             )
             if cross is not None:
                 slot = index["weight"]
-                self._idx.append(slot)
-                self._vals.append(cross)
+                self._record(slot, cross, keep=False)
                 if self.keep_per_example:
                     total = self._tied_parts.pop(slot) + cross
                     self._per_example.setdefault(slot, []).append(total.detach())
@@ -310,13 +310,15 @@ class ExampleCollector:
     def _count_examples(self, module: nn.Module, n: int) -> None:
         self._examples[module] = self._examples.get(module, 0) + n
 
-    def _on_attention_norms(self, module: nn.Module, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        slot = index[name]
+    def _on_attention_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
+        if self.enabled:
+            self._record(index[name], sq)
+
+    def _record(self, slot: int, sq: torch.Tensor, *, keep: bool = True) -> None:
+        """Keep a layer's per-example norms ``(B,)`` of one parameter; summed over all layers in ``collect()``."""
         self._idx.append(slot)
         self._vals.append(sq)
-        if self.keep_per_example:
+        if keep and self.keep_per_example:
             self._per_example.setdefault(slot, []).append(sq.detach())
 
     # -- step interface ----------------------------------------------------------------------------------------
@@ -434,24 +436,6 @@ class ExampleCollector:
             h.remove()
         self._handles.clear()
         self.reset()
-
-
-def _called_by_their_parent_functionally(model: nn.Module) -> dict[int, str]:
-    """Submodules whose parameters their parent passes to a function instead of calling the submodule: ``id -> why``.
-
-    ``nn.MultiheadAttention`` hands ``out_proj.weight`` and ``out_proj.bias`` to
-    ``F.multi_head_attention_forward``, so ``out_proj``'s forward (and a hook on it) never runs.  Measured with
-    their parent (``collectors.attention``), except where the parent cannot be measured.
-    """
-    out: dict[int, str] = {}
-    for module in model.modules():
-        if (
-            isinstance(module, nn.MultiheadAttention)
-            and find_norm_rule(module) is None
-            and unsupported_attention(module) is not None
-        ):
-            out[id(module.out_proj)] = "used inside nn.MultiheadAttention's functional forward, never called itself"
-    return out
 
 
 def _also_in_a_submodule(mname: str, names: list[str]) -> bool:
