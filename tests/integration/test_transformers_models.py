@@ -57,6 +57,20 @@ def _build(name: str) -> nn.Module:
         return _models()[name]().double().train()
 
 
+def _torch_func_sq_norms(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each example's share of the batch loss's squared gradient norm, ``|grad of its mean loss / B|^2``, per
+    parameter (``model.named_parameters()`` names), from ``torch.func`` per-example gradients."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
+        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
+    return {n: g.reshape(B, -1).square().sum(1) / B**2 for n, g in per_example.items()}
+
+
 def _inputs(seed: int) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, VOCAB, (B, LENGTH), generator=torch.Generator().manual_seed(seed))
     # One row of positions per example: GPT-2's own (1, T) positions are broadcast over the batch.
@@ -73,19 +87,11 @@ def test_per_example_norms_match_torch_func(name: str) -> None:
     got = collector.per_example_sq_norms()
     collector.close()
 
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
-        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
-
-    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
-    assert set(got) == set(params)
-    for pname, g in per_example.items():
-        expected = g.reshape(B, -1).square().sum(1) / B**2
+    expected = _torch_func_sq_norms(model, batch)
+    assert set(got) == set(expected)
+    for pname, want in expected.items():
         # Llama's and Qwen2's RMSNorms normalise in float32 even in a float64 model.
-        torch.testing.assert_close(got[pname], expected, rtol=1e-6, atol=1e-12 * float(expected.max()), msg=pname)
+        torch.testing.assert_close(got[pname], want, rtol=1e-6, atol=1e-12 * float(want.max()), msg=pname)
 
 
 @pytest.mark.parametrize("name", list(_models()))
@@ -148,15 +154,7 @@ def test_bert_masked_lm_is_covered_but_for_its_twice_registered_bias() -> None:
     got = collector.per_example_sq_norms()
     collector.close()
 
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
-        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
-
-    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
-    expected = {n: g.reshape(B, -1).square().sum(1) / B**2 for n, g in per_example.items()}
+    expected = _torch_func_sq_norms(model, batch)
     # The key biases' gradients are zero but for rounding (softmax ignores a shift shared by every key): an
     # absolute tolerance on the scale of the whole model's norms.
     scale = max(float(v.max()) for v in expected.values())

@@ -162,7 +162,7 @@ class AttentionProjections:
             # Each hook holds its own product's input only: the output projection's input comes from the input
             # projection's node, so one holder of both would close a cycle through autograd's nodes.
             kept = keep_inputs((x,))
-            node.register_prehook(functools.partial(self._on_grad, call, weight, bias, kept, first, 0))
+            node.register_prehook(functools.partial(self._on_grad, call, weight, bias, kept, first))
             first = False
 
     def _on_grad(
@@ -172,10 +172,9 @@ class AttentionProjections:
         bias: str | None,
         kept: tuple[object, ...] | SavedInputs,
         count_examples: bool,
-        nr: int,
         grad_outputs: tuple[torch.Tensor | None, ...],
     ) -> None:
-        grad = grad_outputs[nr]
+        grad = grad_outputs[0]  # a product node has one output
         if grad is None:
             return
         (x,) = kept.unpack() if isinstance(kept, SavedInputs) else kept
