@@ -1,4 +1,4 @@
-"""``GNSMonitor``: the one stateful facade, collector -> estimator -> measurement (and run / callbacks).
+"""``GNSMonitor``: the one stateful facade, collector -> estimator -> measurement -> sinks.
 
 Usage, in any training loop (after the backward pass(es), before clipping and ``optimizer.step()``)::
 
@@ -12,9 +12,10 @@ Usage, in any training loop (after the backward pass(es), before clipping and ``
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -29,8 +30,14 @@ from noisescale.estimators.band import z_for
 from noisescale.estimators.scalar import RowState
 from noisescale.estimators.smoothing import EMAState, decay_for, ema_init
 from noisescale.estimators.step import StepConstants, device_step, host_step, rows_to_state, state_to_rows
+from noisescale.events import Event, Metrics
 from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
+from noisescale.sink import CallbackSink, Sink, is_sink
+from noisescale.sink_queue import SinkQueue
 from noisescale.types import Measurement
+
+if TYPE_CHECKING:
+    from torch.amp import GradScaler
 
 __all__ = ["GNSMonitor", "Source"]
 
@@ -74,8 +81,13 @@ class GNSMonitor:
             layers without a norm rule and tied weights (see ``ExampleCollector``); ``m.coverage`` says what was
             measured.
         scope: ``"all"`` layers, or ``"norm"``: only normalisation layers (Gray et al. 2024), source ``example``.
-        callbacks: functions called with every ``Measurement``.
-        run: an object with ``log_measurement(measurement)`` (the run store) receiving every measurement.
+        sinks: where every measurement, logged metric and event goes (``noisescale.sink.Sink``: the run store
+            ``ns.Run``, ``ns.sinks.TensorBoard``, an alert engine, ...).  They are fed from one background thread,
+            so a sink never makes the training step wait or synchronise the device; ``close()`` closes them.
+        callbacks: functions called with every ``Measurement``, on the sinks' thread, once its numbers have been
+            read (``CallbackSink``).
+        run: a run store (``ns.Run``) receiving every measurement, like a sink that ``close()`` leaves open for
+            its owner; any object with ``log_measurement(measurement)`` also works.
         comm_hook: for ``source="rank"``: ``(state, hook)``, a DDP communication hook to register on the model
             (registering it yourself works as well: the monitor does not use DDP's communication).
 
@@ -91,10 +103,11 @@ class GNSMonitor:
         per_layer: bool = True,
         halflife: float | None = None,
         confidence: float = 0.9,
-        scaler: Any = None,
+        scaler: GradScaler | None = None,
         on_unsupported: Policy = "error",
         scope: Scope = "all",
-        callbacks: Sequence[Callable[[Measurement], None]] = (),
+        sinks: Sequence[Sink] = (),
+        callbacks: Sequence[Callable[[Measurement], object]] = (),
         run: Any = None,
         comm_hook: CommHook | None = None,
     ) -> None:
@@ -115,8 +128,7 @@ class GNSMonitor:
             raise ConfigError(f"confidence must be a float in (0, 1), e.g. 0.9, got {confidence!r}")
         if scaler is not None and not hasattr(scaler, "_scale"):
             raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if run is not None and not callable(getattr(run, "log_measurement", None)):
-            raise ConfigError(f"run must have a log_measurement(measurement) method, got {type(run).__name__}")
+        sink_queue = _sink_queue(sinks, callbacks, run)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no parameter with requires_grad=True: there is no gradient to measure")
 
@@ -125,8 +137,8 @@ class GNSMonitor:
         self.confidence = confidence
         self._z = z_for(confidence)
         self.scaler = scaler
-        self.callbacks = list(callbacks)
         self.run = run
+        self._sinks = sink_queue
         self.requested_source: Source = source
         self._closed = False
         self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
@@ -202,17 +214,59 @@ class GNSMonitor:
         if self.halflife is None:
             self.halflife = float(DEFAULT_HALFLIFE_STEPS * batch_size)
         measurement = self._measure(collector, stats, batch_size)  # counts only once this step is measured
-        if self.run is not None:
-            self.run.log_measurement(measurement)
-        for cb in self.callbacks:
-            cb(measurement)
+        self._sinks.put(measurement)
         return measurement
 
+    @property
+    def sinks(self) -> list[Sink]:
+        """Every sink fed by this monitor (``sinks=``, then ``callbacks=``, then ``run=``)."""
+        return list(self._sinks.sinks)
+
+    def log(self, metrics: Mapping[str, object], *, step: int | None = None) -> None:
+        """Send your own numbers to every sink, e.g. ``monitor.log({"loss": loss})``; never waits.
+
+        Args:
+            metrics: name -> a Python number or a one-element tensor (copied now, read on the sinks' thread, so a
+                device tensor costs the training loop no synchronisation).
+            step: the step they belong to; by default the last measured step (``monitor.step_count``), so they
+                line up with its measurement.
+
+        Raises:
+            ConfigError: a name is not a non-empty string, or a value is not a number or one-element tensor.
+        """
+        values = _checked_metrics(metrics)
+        at = self.step_count if step is None else _checked_step(step)
+        examples = self.examples if at == self.step_count else None
+        # Values may still be tensors here: the sinks' thread reads them (SinkQueue), so no sync happens now.
+        self._sinks.put(Metrics(step=at, examples=examples, wall_time=time.time(), values=values))  # type: ignore[arg-type]
+
+    def event(
+        self, kind: str, message: str = "", *, step: int | None = None, data: Mapping[str, Any] | None = None
+    ) -> None:
+        """Send an event (a note, a decision) to every sink; same arguments as ``Run.event``.
+
+        Raises:
+            ConfigError: ``kind`` is not a non-empty string, or ``data`` is not a mapping.
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"event kind must be a non-empty string, got {kind!r}")
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"event data must be a mapping (a dict), got {type(data).__name__}")
+        at = self.step_count if step is None else _checked_step(step)
+        examples = self.examples if at == self.step_count else None
+        self._sinks.put(Event(kind=kind, message=str(message), step=at, examples=examples, data=data))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every sink has received and flushed what was sent so far; ``False`` on timeout."""
+        return self._sinks.flush(timeout)
+
     def close(self) -> None:
-        """Remove every hook; the model is left exactly as it was.  Idempotent."""
+        """Remove every hook (the model is left exactly as it was), deliver what the sinks have queued, flush them
+        and close those given in ``sinks=``.  Idempotent."""
         for c in self._collectors.values():
             c.close()
         self._closed = True
+        self._sinks.close()
 
     def __enter__(self) -> GNSMonitor:
         return self
@@ -463,6 +517,84 @@ def _refuse_unmeasured(
             "module that uses them, or use source='microbatch'."
         )
         raise StepError(f"these measured parameters got gradients, but no hook of their layer saw them: {names}. {why}")
+
+
+class _LogMeasurementSink:
+    """An object with only ``log_measurement(measurement)`` (``run=`` before the sink seam), as a sink."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def on_measurement(self, measurement: Measurement) -> None:
+        self.run.log_measurement(measurement)
+
+    def on_metrics(self, metrics: Metrics) -> None:
+        return None
+
+    def on_event(self, event: Event) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return repr(self.run)
+
+
+def _sink_queue(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measurement], object]], run: Any) -> SinkQueue:
+    """The monitor's sinks, checked: ``sinks=`` (closed with the monitor), ``callbacks=``, ``run=`` (left open)."""
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence):
+        raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(sinks).__name__}")
+    for s in sinks:
+        if not is_sink(s):
+            raise ConfigError(
+                f"{type(s).__name__} is not a sink: a sink needs on_measurement, on_metrics, on_event, flush and "
+                "close methods (subclass noisescale.sink.BaseSink and override what you need)"
+            )
+    for cb in callbacks:
+        if not callable(cb):
+            raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
+    all_sinks: list[Sink] = [*sinks, *(CallbackSink(cb) for cb in callbacks)]
+    owned = [True] * len(all_sinks)
+    if run is not None:
+        if is_sink(run):
+            all_sinks.append(run)
+        elif callable(getattr(run, "log_measurement", None)):
+            all_sinks.append(_LogMeasurementSink(run))
+        else:
+            raise ConfigError(
+                f"run must be a run store (ns.Run), a sink, or have a log_measurement(measurement) method, got "
+                f"{type(run).__name__}"
+            )
+        owned.append(False)
+    return SinkQueue(all_sinks, owned=owned)
+
+
+def _checked_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"step must be a non-negative int (the monitor numbers its steps from 1), got {step!r}")
+    return step
+
+
+def _checked_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"metrics must be a mapping like {{'loss': 0.3}}, got {type(metrics).__name__}")
+    out: dict[str, object] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got shape {value.shape}")
+            # Copy now (asynchronously, no sync) so a later in-place change by the caller cannot alter it.
+            value = value.detach().clone()
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
+        out[key] = value
+    return out
 
 
 def _already_unscaled(scaler: Any) -> bool:

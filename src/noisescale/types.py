@@ -7,6 +7,7 @@ is read, so a training loop that does not look at every step pays no host synchr
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -75,6 +76,7 @@ class Measurement:
         status: ``"ok"``; ``"skipped"`` when the step had a non-finite gradient or statistic and was left out of
             the averages; ``"undefined"`` when it carried no signal (zero gradient) or too few small batches.
         skipped_steps: steps skipped so far for non-finite values.
+        wall_time: Unix time the step was measured.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Measurement:
         source: str,
         coverage: float,
         undefined_reason: str | None = None,
+        wall_time: float | None = None,
     ) -> None:
         self._table = table
         self._flags = flags
@@ -104,6 +107,7 @@ class Measurement:
         self.source = source
         self.coverage = coverage
         self.undefined_reason = undefined_reason
+        self.wall_time = time.time() if wall_time is None else wall_time
         self._layers: dict[str, LayerMeasurement] | None = None
         self._modules: dict[str, LayerMeasurement] | None = None
 
