@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 __all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
 
 Status = Literal["ok", "skipped", "undefined"]
@@ -82,8 +80,8 @@ class Measurement:
     def __init__(
         self,
         *,
-        table: Callable[[], torch.Tensor | Sequence[list[float]]],
-        flags: Callable[[], torch.Tensor | list[int]],
+        table: Callable[[], Sequence[list[float]]],
+        flags: Callable[[], Sequence[int]],
         layer_names: Sequence[str],
         module_names: Sequence[str],
         step: int,
@@ -113,11 +111,9 @@ class Measurement:
 
     def _materialize(self) -> Sequence[list[float]]:
         if self._rows is None:
-            table = self._table()
-            # The single host sync of a measurement: one small copy, only when a number is read.
-            self._rows = table.detach().to("cpu", torch.float64).tolist() if isinstance(table, torch.Tensor) else table
-            flags = self._flags()
-            nonfinite, undefined, skipped = flags.to("cpu").tolist() if isinstance(flags, torch.Tensor) else flags
+            # The single host sync of a measurement (on an accelerator), only when a number is read.
+            self._rows = self._table()
+            nonfinite, undefined, skipped = self._flags()
             self._skipped = int(skipped)
             if nonfinite:
                 self._status = "skipped"

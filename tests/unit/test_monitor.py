@@ -27,8 +27,8 @@ def batch(seed, n=B, dtype=torch.float64):
 
 def use_device_path(monitor):
     """Make a monitor on a CPU take the path an accelerator takes: statistics kept as tensors, never read back."""
-    monitor._host_path = False
-    for collector in monitor._collectors.values():
+    monitor._engine.path = "device"
+    for collector in monitor._sources.collectors.values():
         for knob in ("_host_floats", "_host_sums"):  # the collectors' own choice of Python floats
             if hasattr(collector, knob):
                 setattr(collector, knob, False)
@@ -412,11 +412,11 @@ def test_create_graph_backward_measures_the_same_and_builds_no_graph(source, hos
             (nn.functional.cross_entropy(model(xs), ys) / k).backward(create_graph=create_graph)
         assert all(p.grad.requires_grad == create_graph for p in model.parameters())
         # What the hooks keep until step() must not hold on to the graph.
-        kept = [v for c in mon._collectors.values() for v in c._vals if isinstance(v, torch.Tensor)]
+        kept = [v for c in mon._sources.collectors.values() for v in c._vals if isinstance(v, torch.Tensor)]
         assert kept or host
         assert not any(v.requires_grad for v in kept)
         m = mon.step(batch_size=len(x))
-        sums = getattr(mon._ema, "sums", None)  # the device path's smoothing state is a tensor
+        sums = getattr(mon._engine._state, "sums", None)  # the device path's smoothing state is a tensor
         assert sums is None or (sums.grad_fn is None and not sums.requires_grad)
         rows = [m.grad_sq_raw, m.trace_cov_raw] + [
             x for v in m.layers.values() for x in (v.grad_sq_raw, v.trace_cov_raw)

@@ -350,7 +350,7 @@ def test_rule_matches_per_example_autograd(
     stats = collector.collect(B)
     assert stats.n_small == B and stats.examples == B and stats.inv_size_sum == B
     sums = torch.stack([got[n].double().sum() for n, _ in collector.params]) * B**2
-    torch.testing.assert_close(stats.small_sq_tensor().double(), sums, rtol=rtol, atol=0.0)
+    torch.testing.assert_close(stats.small_sq_sum.tensor().double(), sums, rtol=rtol, atol=0.0)
     collector.close()
 
 

@@ -38,7 +38,7 @@ from noisescale.collectors.attention_dispatch import ProductSpy, storage_address
 from noisescale.collectors.attention_graph import walk_products
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs, saved_tensor_hooks_active
-from noisescale.errors import UnsupportedLayerError
+from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
 
@@ -148,7 +148,7 @@ class AttentionProjections:
                 raise UnsupportedLayerError(
                     "nn.MultiheadAttention recorded an autograd graph noisescale does not recognise in this call "
                     "(its first call was recognised); pass on_unsupported='warn' to leave the layer out, or use "
-                    "source='microbatch'"
+                    + FALLBACK_HINT
                 )
             products = [(p.weight, p.bias, p.x, p.node) for p in walked]
         call = _Call(n=n, pending={})

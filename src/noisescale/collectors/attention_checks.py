@@ -13,7 +13,7 @@ from torch import nn
 
 from noisescale.collectors.attention_dispatch import DispatchedProduct, ProductSpy, storage_address
 from noisescale.collectors.attention_graph import GraphProduct
-from noisescale.errors import UnsupportedLayerError
+from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["check_first_call", "check_walk", "uncovered"]
 
@@ -67,7 +67,7 @@ def check_first_call(
         raise UnsupportedLayerError(
             f"nn.MultiheadAttention computes its projections in a way noisescale does not recognise in this "
             f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
-            "(coverage is reported), or use source='microbatch'"
+            f"(coverage is reported), or use {FALLBACK_HINT}"
         )
 
 
@@ -80,7 +80,7 @@ def check_walk(spy: ProductSpy, walked: list[GraphProduct] | None) -> None:
     if walked is None or _blocks(walked) != _blocks(spy.products):
         raise UnsupportedLayerError(
             "nn.MultiheadAttention's autograd graph does not show the projection products its forward computed "
-            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use source='microbatch'"
+            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use " + FALLBACK_HINT
         )
 
 

@@ -1,4 +1,4 @@
-"""The ``example`` source: per-example squared gradient norms from module hooks.
+"""Per-example statistics: squared gradient norms of each example, from module hooks.
 
 Each layer with a registered norm rule gets one forward hook.  When the layer runs with autograd on, the hook
 registers a pre-hook on the autograd node that produced the layer's output; in the backward pass that hook
@@ -15,22 +15,23 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors.attention import AttentionProjections, attention_param_names, unsupported_attention
-from noisescale.collectors.base import DeviceIndex, SmallBatchStats
+from noisescale.collectors.base import AnyRank, HookOwner
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer
 from noisescale.collectors.rules.embedding import refuse_positions_shared_by_the_batch
 from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.collectors.tied import TiedEmbeddingHead
-from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.device_index import DeviceIndex
+from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
+from noisescale.stats import ParamSums, SmallBatchStats
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
@@ -38,7 +39,7 @@ Policy = Literal["error", "warn", "ignore"]
 Scope = Literal["all", "norm"]
 
 
-class ExampleCollector:
+class ExampleCollector(HookOwner):
     """Per-example squared gradient norms through the rule registry.
 
     Args:
@@ -57,8 +58,6 @@ class ExampleCollector:
         SharedParameterError: with ``on_unsupported="error"``, for a parameter used by two layers.
     """
 
-    source = "example"
-
     def __init__(
         self,
         model: nn.Module,
@@ -67,9 +66,8 @@ class ExampleCollector:
         scope: Scope = "all",
         keep_per_example: bool = False,
     ) -> None:
+        super().__init__()
         self.keep_per_example = keep_per_example
-        self.enabled = True
-        self._handles: list[RemovableHandle] = []
         owners: dict[int, list[str]] = {}
         users: dict[int, list[nn.Module]] = {}
         for mname, module in model.named_modules(remove_duplicate=False):
@@ -155,7 +153,7 @@ class ExampleCollector:
         if problems and on_unsupported != "ignore":
             msg = (
                 "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
-                "Register one with @noisescale.register_norm_rule(LayerClass), use source='microbatch', or pass "
+                f"Register one with @noisescale.register_norm_rule(LayerClass), use {FALLBACK_HINT}, or pass "
                 "on_unsupported='warn' to measure the other layers (coverage is reported)."
             )
             if on_unsupported == "error":
@@ -166,7 +164,7 @@ class ExampleCollector:
                 "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear "
                 "head is): "
                 + "; ".join(sorted(set(shared)))
-                + ". Pass on_unsupported='warn' to leave them out (coverage is reported), or use source='microbatch'."
+                + f". Pass on_unsupported='warn' to leave them out (coverage is reported), or use {FALLBACK_HINT}."
             )
             if on_unsupported == "error":
                 raise SharedParameterError(msg)
@@ -338,7 +336,7 @@ class ExampleCollector:
                 "whose output is broadcast over the batch (a position embedding looked up with (1, T) or (T,) "
                 "positions) has no per-example gradient: give it one index row per example (Hugging Face models: "
                 "pass position_ids=torch.arange(T).expand(B, T)). A layer called several times per example "
-                "(shared weights, recurrence) cannot be measured per example either. Or use source='microbatch'."
+                f"(shared weights, recurrence) cannot be measured per example either. Or use {FALLBACK_HINT}."
             )
         return counts.pop()
 
@@ -356,13 +354,12 @@ class ExampleCollector:
                 "last step; pass the number of examples of the whole optimizer step (all micro-batches). The hooks "
                 "read the first dimension of each layer's input as the batch: sequence-first layers "
                 "(batch_first=False, inputs of shape (T, B, ...)) and packed sequences ((1, B*T, ...)) cannot be "
-                "measured per example; use batch-first inputs or source='microbatch'"
+                f"measured per example; use batch-first inputs or {FALLBACK_HINT}"
             )
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): times B^2.
         scale = float(batch_size) ** 2
         first = self._vals[0]
         host = first.device.type == "cpu" if self._host_sums is None else self._host_sums
-        sums: torch.Tensor | list[float]
         if host and all(v.shape == first.shape for v in self._vals):
             # Straight to floats in three operations: right after a backward pass each costs tens of microseconds
             # on a CPU (cold caches), more than the arithmetic.
@@ -370,20 +367,46 @@ class ExampleCollector:
             host_sums = [0.0] * len(self.params)
             for slot, value in zip(self._idx, per_entry):
                 host_sums[slot] += value
-            sums = [scale * v for v in host_sums]
+            sums = ParamSums([scale * v for v in host_sums])
         else:
             vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
-            sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+            summed = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
             segments = self._segments.get(self._idx, vals.device, repeats=[v.shape[0] for v in self._vals])
-            sums.index_add_(0, segments, vals, alpha=scale)
+            summed.index_add_(0, segments, vals, alpha=scale)
+            sums = ParamSums(summed)
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=batch_size,
             inv_size_sum=float(batch_size),
             examples=seen,
+            per_example=True,
         )
 
-    def unmeasured_with_gradients(self, any_rank: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
+    def check_first_step(self, any_rank: AnyRank | None) -> None:
+        """Refuse measured parameters whose gradients no hook of their layer saw (first step only).
+
+        Under DDP and FSDP2 the ranks pool what they saw (one small all-reduce): a layer that ran on one rank only
+        gets the averaged gradient on the others (conditional computation), which is no error.
+
+        Raises:
+            StepError: naming those parameters and why their layer's hooks could miss them.
+        """
+        names = self.unmeasured_with_gradients(any_rank)
+        if not names:
+            return
+        attention = [n for n in names if n in self.attention_params]
+        why = (
+            "Those of nn.MultiheadAttention are measured from the matrix products inside its forward, which a "
+            "torch.compile'd graph hides: keep its forward eager (attn.forward = torch.compiler.disable(attn.forward)"
+            f"), or use {FALLBACK_HINT}."
+            if attention
+            else "Some code uses them without calling their module (a parent passing the weights to a function), so "
+            "their per-example norms are unknown and the estimate would be biased. Register a norm rule for the "
+            f"module that uses them, or use {FALLBACK_HINT}."
+        )
+        raise StepError(f"these measured parameters got gradients, but no hook of their layer saw them: {names}. {why}")
+
+    def unmeasured_with_gradients(self, any_rank: AnyRank | None = None) -> list[str]:
         """Measured parameters with a non-zero gradient that no hook of their layer saw since the last reset.
 
         Such a parameter is used by code other than its layer's forward (a parent passing the weight to a
@@ -429,13 +452,6 @@ class ExampleCollector:
         self._examples = {}
         for tie in self._tied.values():
             tie.reset()
-
-    def close(self) -> None:
-        self.enabled = False
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()
 
 
 def _also_in_a_submodule(mname: str, names: list[str]) -> bool:

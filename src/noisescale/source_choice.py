@@ -1,0 +1,124 @@
+"""Which collector measures the small batches: the named sources, and ``"auto"``'s choice among them.
+
+* ``example``: per-example norms from layer hooks (``collectors.example``);
+* ``microbatch``: one norm per backward pass under gradient accumulation (``collectors.microbatch``);
+* ``rank``: each data-parallel rank's local gradient before DDP averages it (``collectors.rank``);
+* ``auto``: under DDP with two or more ranks, ``rank`` right away; otherwise both ``example`` and ``microbatch``
+  are installed for the first step, which keeps ``microbatch`` if it had two or more backward passes (almost
+  free) and ``example`` otherwise; the other is closed.
+
+The collectors themselves know no source names; this module is where names, the fallbacks of ``auto`` and their
+explanations live.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from noisescale.collectors.base import Collector
+from noisescale.collectors.example import ExampleCollector, Policy, Scope
+from noisescale.collectors.microbatch import MicrobatchCollector
+from noisescale.collectors.rank import RankCollector
+from noisescale.distributed import CommHook, DataParallelSync, is_ddp
+from noisescale.errors import ConfigError, NoiseScaleError
+
+__all__ = ["SOURCES", "Source", "SourceChoice"]
+
+Source = Literal["auto", "example", "microbatch", "rank"]
+SOURCES: tuple[Source, ...] = ("auto", "example", "microbatch", "rank")
+
+
+class SourceChoice:
+    """The collectors a monitor installs for ``source``, and the one it measures with.
+
+    Args:
+        model: the model to hook.
+        source: a name from ``SOURCES``.
+        on_unsupported, scope: for the example collector (see ``ExampleCollector``).
+        comm_hook: for ``rank``: a DDP communication hook to register.
+        sync: the monitor's data-parallel sync, if the model trains over several ranks.
+
+    Raises:
+        ConfigError: an option that does not fit the source; what the chosen collector raises at construction.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: Source,
+        *,
+        on_unsupported: Policy,
+        scope: Scope,
+        comm_hook: CommHook | None,
+        sync: DataParallelSync | None,
+    ) -> None:
+        if source not in SOURCES:
+            raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
+        if scope == "norm" and source in ("microbatch", "rank"):
+            raise ConfigError("scope='norm' needs per-example norms: use source='example' or 'auto'")
+        if comm_hook is not None and source != "rank":
+            raise ConfigError(f"comm_hook=(state, hook) is for the rank source: pass source='rank', not {source!r}")
+        self.requested: Source = source
+        self.collectors: dict[str, Collector] = {}
+        self.example_refusal: str | None = None  # why "auto" could not use the example source
+        self.active: Collector | None = None
+        self.name: str | None = None
+        if source in ("example", "auto"):
+            try:
+                self.collectors["example"] = ExampleCollector(model, on_unsupported=on_unsupported, scope=scope)
+            except NoiseScaleError as e:
+                if source == "example" or scope == "norm":
+                    raise
+                self.example_refusal = str(e)
+        if source in ("microbatch", "auto"):
+            self.collectors["microbatch"] = MicrobatchCollector(model)
+        if source == "rank":
+            self.collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=sync)
+            self.select("rank")
+        elif source != "auto":
+            self.select(source)
+        elif sync is not None and is_ddp(model) and scope == "all":
+            # Under DDP the ranks are small batches for free: the cheapest source.
+            self.collectors["rank"] = RankCollector(model, sync=sync)
+            self.select("rank")
+
+    def select(self, name: str) -> None:
+        """Measure with ``name`` from now on; the other collectors are closed."""
+        if name not in self.collectors:
+            raise ConfigError(f"the saved state used source {name!r}, this monitor has {sorted(self.collectors)}")
+        for other, c in list(self.collectors.items()):
+            if other != name:
+                c.close()
+                del self.collectors[other]
+        self.active, self.name = self.collectors[name], name
+
+    def choose(self) -> Collector:
+        """The active collector; under ``auto``, decided now from the first step's backward passes."""
+        if self.active is None:
+            micro = self.collectors.get("microbatch")
+            assert isinstance(micro, MicrobatchCollector)
+            self.select("microbatch" if micro.backward_passes() >= 2 or "example" not in self.collectors else "example")
+        assert self.active is not None
+        return self.active
+
+    def too_few_small_batches(self, n_small: int) -> str:
+        """Why a step of ``n_small`` small batches cannot be estimated, and what to do."""
+        name = self.name
+        if self.example_refusal is not None:
+            # "auto" fell back to this source; suggesting source='example' would only move the user to that error.
+            return (
+                f"source='auto' measures with the {name} source because the example source cannot measure this "
+                f"model ({self.example_refusal}), and the {name} source needs at least two small batches per step, "
+                f"this one had {n_small}: use gradient accumulation with >= 2 micro-batches, or pass "
+                "on_unsupported='warn' to measure the supported layers per example"
+            )
+        return (
+            f"only {n_small} small batch(es) in this step: the {name} source needs at least two (use gradient "
+            "accumulation with >= 2 micro-batches, or source='example')"
+        )
+
+    def close(self) -> None:
+        for c in self.collectors.values():
+            c.close()
