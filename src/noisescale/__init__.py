@@ -8,8 +8,7 @@ from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError
 from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
 from noisescale.monitor import GNSMonitor
 from noisescale.types import LayerMeasurement, Measurement
-
-__version__ = "0.1.0"
+from noisescale.version import __version__
 
 # The run store is exported lazily: importing it costs sqlite3 and threads that a bare monitor does not need.
 _LAZY = {

@@ -21,7 +21,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from noisescale import __version__
+    from noisescale.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="noisescale",

@@ -474,6 +474,6 @@ def _num(value: Any) -> float | None:
 
 
 def _version() -> str:
-    from noisescale import __version__
+    from noisescale.version import __version__
 
     return __version__
