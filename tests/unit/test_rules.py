@@ -23,7 +23,6 @@ from noisescale.collectors.base import equal_split
 from noisescale.collectors.example import ExampleCollector
 from noisescale.collectors.rules import find_norm_rule, is_norm_layer, rms_norm_rule
 from noisescale.collectors.rules.embedding import embedding_form
-from noisescale.collectors.rules.linear import SHARED_GRAM
 from noisescale.collectors.rules.registry import forward_check
 from noisescale.errors import UnsupportedLayerError
 
@@ -391,16 +390,17 @@ def test_layers_reading_one_input_share_its_gram_matrix() -> None:
     model, x, y = _data("linear_shared_input")
     model = model.double()
     collector = ExampleCollector(model, keep_per_example=True)
-    hits = SHARED_GRAM.hits
+    grams = collector.gram_cache
+    hits = grams.hits
     sq_loss(model(x.double()), y.double()).sum().backward()
-    assert SHARED_GRAM.hits == hits + 2  # q, k and v read the same tensor: one Gram matrix, two reuses
+    assert grams.hits == hits + 2  # q, k and v read the same tensor: one Gram matrix, two reuses
     ref = _reference("linear_shared_input")
     for name, got in collector.per_example_sq_norms().items():
         torch.testing.assert_close(got, ref[name], rtol=1e-10, atol=0.0, msg=name)
     collector.close()
     del x
     gc.collect()
-    assert not SHARED_GRAM.holds_a_matrix  # let go with the input
+    assert not grams.holds_a_matrix  # let go with the input
 
 
 def test_equal_but_distinct_inputs_do_not_share_a_gram_matrix() -> None:
@@ -411,9 +411,9 @@ def test_equal_but_distinct_inputs_do_not_share_a_gram_matrix() -> None:
     torch.manual_seed(0)
     model = TwoCopies(8).double()
     collector = ExampleCollector(model)
-    hits = SHARED_GRAM.hits
+    hits = collector.gram_cache.hits
     model(torch.randn(B, 3, 8, dtype=torch.float64)).square().sum().backward()
-    assert SHARED_GRAM.hits == hits
+    assert collector.gram_cache.hits == hits
     collector.close()
 
 

@@ -16,18 +16,18 @@ import functools
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from noisescale.collectors.attention import AttentionProjections, attention_param_names, unsupported_attention
+from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
 from noisescale.collectors.base import AnyRank, HookOwner
-from noisescale.collectors.rules import find_norm_rule, is_norm_layer
-from noisescale.collectors.rules.embedding import refuse_positions_shared_by_the_batch
-from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
+from noisescale.collectors.example_plan import ExamplePlan, RuleLayer, Scope, plan_example_statistics
+from noisescale.collectors.rules.linear import GramCache, use_gram_cache
+from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
-from noisescale.collectors.tied import TiedEmbeddingHead
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
@@ -36,7 +36,17 @@ from noisescale.stats import ParamSums, SmallBatchStats
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
 Policy = Literal["error", "warn", "ignore"]
-Scope = Literal["all", "norm"]
+
+
+@dataclass
+class _Layer:
+    """A measured module's rule, slots and what its first call must still prove."""
+
+    name: str
+    rule: NormRule
+    slots: dict[str, int]
+    tie: TiedWeights | None
+    checks: tuple[ForwardCheck, ...]
 
 
 class ExampleCollector(HookOwner):
@@ -68,117 +78,22 @@ class ExampleCollector(HookOwner):
     ) -> None:
         super().__init__()
         self.keep_per_example = keep_per_example
-        owners: dict[int, list[str]] = {}
-        users: dict[int, list[nn.Module]] = {}
-        for mname, module in model.named_modules(remove_duplicate=False):
-            for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append(_join(mname, pname))
-                    users.setdefault(id(p), []).append(module)
-        # An input embedding tied to the output head is measured exactly, with the cross term (collectors.tied).
-        self._tied: dict[nn.Module, TiedEmbeddingHead] = {}
-        tied_slots: dict[int, int] = {}
-        for mods in users.values():
-            pair = _tied_pair(mods)
-            if pair is not None:
-                tie = TiedEmbeddingHead(*pair)
-                self._tied[pair[0]] = self._tied[pair[1]] = tie
-
-        covered: list[tuple[str, nn.Parameter]] = []
-        self._slots: dict[nn.Module, tuple[NormRule, dict[str, int]]] = {}
-        self._names: dict[nn.Module, str] = {}
-        problems: list[str] = []
-        shared: list[str] = []
-        seen_modules: set[int] = set()
-        never_called: dict[int, str] = {}  # submodules whose parent uses their parameters instead: id -> why
-        self._attention: dict[nn.Module, AttentionProjections] = {}
-        self.attention_params: set[str] = set()  # measured from inside nn.MultiheadAttention's forward
-        by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
-        for mname, module in model.named_modules(remove_duplicate=False):
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            attention = isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None
-            if attention:  # its out_proj's parameters are its own too (used by its forward, not out_proj's)
-                own = [(n, module.get_parameter(n)) for n in attention_param_names(module)]
-            if not own or id(module) in by_parent:
-                continue
-            if scope == "norm" and not is_norm_layer(module):
-                continue  # out of scope: not measured on purpose, so neither "unsupported" nor "shared"
-            if id(module) in seen_modules:
-                shared.append(f"module '{mname}' is registered twice in the model")
-                continue
-            seen_modules.add(id(module))
-            if attention:
-                assert isinstance(module, nn.MultiheadAttention)
-                why = unsupported_attention(module)
-                if why is not None:
-                    problems.append(f"'{mname}' (MultiheadAttention with {why}, params {[n for n, _ in own]})")
-                    # Its forward hands out_proj's parameters to a function: out_proj's own hooks would never fire.
-                    never_called[id(module.out_proj)] = (
-                        "used inside nn.MultiheadAttention's functional forward, never called itself"
-                    )
-                    continue
-                by_parent.add(id(module.out_proj))
-                self._measure_attention(mname, module, covered)
-                continue
-            if id(module) in never_called:
-                # Its hooks would never fire while its parameters get gradients: measured as zero, silently wrong.
-                problems.append(f"'{mname}' ({never_called[id(module)]}, params {[n for n, _ in own]})")
-                continue
-            rule = find_norm_rule(module)
-            if rule is None and all(_also_in_a_submodule(mname, owners[id(p)]) for _, p in own):
-                # Every parameter is also registered in a submodule that uses it (BERT's LM head registers its
-                # decoder's bias as its own): reported there, as a shared parameter, not here as a missing rule.
-                continue
-            if rule is None:
-                why = _BATCH_COUPLED if isinstance(module, nn.modules.batchnorm._BatchNorm) else ""
-                problems.append(f"'{mname}' ({type(module).__name__}{why}, params {[n for n, _ in own]})")
-                continue
-            index: dict[str, int] = {}
-            for pname, p in own:
-                names = owners[id(p)]
-                if len(names) > 1 and module in self._tied and pname == "weight":
-                    if id(p) not in tied_slots:
-                        tied_slots[id(p)] = len(covered)
-                        covered.append((_join(mname, pname), p))
-                    index[pname] = tied_slots[id(p)]
-                    continue
-                if len(names) > 1:
-                    shared.append(f"parameter shared by {names}")
-                    continue
-                index[pname] = len(covered)
-                covered.append((_join(mname, pname), p))
-            if index:
-                self._slots[module] = (rule, index)
-                self._names[module] = mname
-        if problems and on_unsupported != "ignore":
-            msg = (
-                "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
-                f"Register one with @noisescale.register_norm_rule(LayerClass), use {FALLBACK_HINT}, or pass "
-                "on_unsupported='warn' to measure the other layers (coverage is reported)."
-            )
-            if on_unsupported == "error":
-                raise UnsupportedLayerError(msg)
-            warnings.warn(msg, stacklevel=3)
-        if shared and on_unsupported != "ignore":
-            msg = (
-                "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear "
-                "head is): "
-                + "; ".join(sorted(set(shared)))
-                + f". Pass on_unsupported='warn' to leave them out (coverage is reported), or use {FALLBACK_HINT}."
-            )
-            if on_unsupported == "error":
-                raise SharedParameterError(msg)
-            warnings.warn(msg, stacklevel=3)
-        if scope == "norm" and not covered:
+        plan = plan_example_statistics(model, scope)
+        _apply_policy(plan, on_unsupported)
+        if scope == "norm" and not plan.params:
             raise UnsupportedLayerError(
                 "scope='norm' found no trainable normalisation layer (LayerNorm, RMSNorm, ...) in the model; "
                 "use scope='all'"
             )
-
-        self.params: list[tuple[str, nn.Parameter]] = covered
-        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.coverage = (sum(p.numel() for _, p in covered) / total) if total else 0.0
-        self._device = covered[0][1].device if covered else torch.device("cpu")
+        self.plan = plan
+        self.params: list[tuple[str, nn.Parameter]] = list(plan.params)
+        self.coverage = plan.coverage
+        self.attention_params = set(plan.hooked_params)  # measured by a layer's own hooks, from inside its forward
+        self.gram_cache = GramCache()  # Gram matrices shared by layers that read one input
+        self._layers: dict[nn.Module, _Layer] = {layer.module: _layer(layer) for layer in plan.rule_layers}
+        self._names: dict[nn.Module, str] = {layer.module: layer.name for layer in plan.rule_layers}
+        self._ties = plan.ties
+        self._device = self.params[0][1].device if self.params else torch.device("cpu")
         self._idx: list[int] = []
         self._vals: list[torch.Tensor] = []
         self._per_example: dict[int, list[torch.Tensor]] = {}
@@ -186,35 +101,17 @@ class ExampleCollector(HookOwner):
         self._examples: dict[nn.Module, int] = {}
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
-        # Layers recognised by structure (not registered by class) prove their maths on their first forward pass.
-        self._first_checks: dict[nn.Module, ForwardCheck] = {
-            m: check for m in self._slots if (check := forward_check(m)) is not None
-        }
-        # Embeddings check their first index for positions shared by the batch (silently wrong when T == B).
-        for m in self._slots:
-            if isinstance(m, nn.Embedding):
-                self._first_checks.setdefault(m, refuse_positions_shared_by_the_batch)
-        for module in self._slots:
+        for module in self._layers:
             self._handles.append(module.register_forward_hook(self._on_forward))
-        for projections in self._attention.values():
-            self._handles += projections.install()
-
-    def _measure_attention(
-        self, mname: str, module: nn.MultiheadAttention, covered: list[tuple[str, nn.Parameter]]
-    ) -> None:
-        """Measured from inside its functional forward (``collectors.attention``), ``out_proj`` included."""
-        index: dict[str, int] = {}
-        for pname in attention_param_names(module):
-            index[pname] = len(covered)
-            covered.append((_join(mname, pname), module.get_parameter(pname)))
-            self.attention_params.add(_join(mname, pname))
-        self._attention[module] = AttentionProjections(
-            module,
-            list(index),
-            emit=functools.partial(self._on_attention_norms, index),
-            examples=functools.partial(self._count_examples, module),
-        )
-        self._names[module] = mname
+        for hooked in plan.hooked_layers:
+            self._names[hooked.module] = hooked.name
+            hooks = hooked.form.hooks(  # type: ignore[attr-defined]
+                hooked.module,
+                list(hooked.slots),
+                functools.partial(self._on_hooked_norms, dict(hooked.slots)),
+                functools.partial(self._count_examples, hooked.module),
+            )
+            self._handles += hooks.install()
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
 
@@ -223,14 +120,14 @@ class ExampleCollector(HookOwner):
             return
         if not torch.is_grad_enabled():
             return
-        if self._first_checks:
-            check = self._first_checks.get(module)
-            if check is not None:
-                check(module, inputs, output)  # raises UnsupportedLayerError for a look-alike, on every call
-                del self._first_checks[module]
-        tie = self._tied.get(module)
-        if tie is not None and module is tie.embedding:
-            tie.saw_ids(inputs[0])  # type: ignore[arg-type]
+        layer = self._layers[module]
+        while layer.checks:  # the first call proves what the rule assumes (raises for a look-alike, every call)
+            replacement = layer.checks[0](module, inputs, output)
+            if replacement is not None:
+                layer.rule = replacement
+            layer.checks = layer.checks[1:]
+        if layer.tie is not None:
+            layer.tie.forward(module, inputs)
         # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
         # to register than a tensor hook, and keeps firing with the gradient of the value the layer returned when
         # a later operation modifies the output in place (nn.ReLU(inplace=True)): the node stays in the graph.
@@ -278,27 +175,24 @@ class ExampleCollector(HookOwner):
             self._on_grad_output(module, inputs, grad)
 
     def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
-        rule, index = self._slots[module]
-        norms = rule(module, inputs, grad_output)
-        tie = self._tied.get(module)
+        layer = self._layers[module]
+        with use_gram_cache(self.gram_cache):
+            norms = layer.rule(module, inputs, grad_output)
+        index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
             slot = index.get(pname)
             if slot is None:
                 continue
-            if tie is not None and pname == "weight":  # one part of three: wait for the others
+            if tie is not None and pname == tie.weight:  # one part of three: wait for the others
                 self._record(slot, sq, keep=False)
                 if self.keep_per_example:
                     self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
             else:
                 self._record(slot, sq)
         if tie is not None:
-            cross = (
-                tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
-                if module is tie.head
-                else tie.on_embedding_grad(grad_output)
-            )
+            cross = tie.backward(module, inputs, grad_output)
             if cross is not None:
-                slot = index["weight"]
+                slot = index[tie.weight]
                 self._record(slot, cross, keep=False)
                 if self.keep_per_example:
                     total = self._tied_parts.pop(slot) + cross
@@ -308,7 +202,7 @@ class ExampleCollector(HookOwner):
     def _count_examples(self, module: nn.Module, n: int) -> None:
         self._examples[module] = self._examples.get(module, 0) + n
 
-    def _on_attention_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
+    def _on_hooked_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
         if self.enabled:
             self._record(index[name], sq)
 
@@ -450,25 +344,8 @@ class ExampleCollector(HookOwner):
         self._per_example = {}
         self._tied_parts = {}
         self._examples = {}
-        for tie in self._tied.values():
+        for tie in self._ties:
             tie.reset()
-
-
-def _also_in_a_submodule(mname: str, names: list[str]) -> bool:
-    """Whether one of a parameter's registered ``names`` lies in a submodule of the module ``mname``."""
-    prefix = f"{mname}." if mname else ""
-    return any(n.startswith(prefix) and n.rpartition(".")[0] != mname for n in names)
-
-
-def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | None:
-    """``(embedding, head)`` when a weight is used by exactly one ``nn.Embedding`` and one ``nn.Linear``."""
-    if len(modules) != 2:
-        return None
-    emb = [m for m in modules if isinstance(m, nn.Embedding)]
-    head = [m for m in modules if isinstance(m, nn.Linear)]
-    if len(emb) != 1 or len(head) != 1 or emb[0].weight is not head[0].weight:
-        return None
-    return emb[0], head[0]
 
 
 def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
@@ -483,8 +360,31 @@ def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[objec
     return base
 
 
-_BATCH_COUPLED = ": batch statistics couple the examples, so per-example gradients are undefined"
+def _layer(planned: RuleLayer) -> _Layer:
+    return _Layer(planned.name, planned.rule.rule, dict(planned.slots), planned.tie, planned.rule.checks)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _apply_policy(plan: ExamplePlan, on_unsupported: Policy) -> None:
+    """Raise or warn, as ``on_unsupported`` says, about what the plan leaves out."""
+    if on_unsupported == "ignore":
+        return
+    problems = [p.describe() for p in plan.left_out if p.kind == "no_rule"]
+    if problems:
+        msg = (
+            "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
+            f"Register one with @noisescale.register_norm_rule(LayerClass), use {FALLBACK_HINT}, or pass "
+            "on_unsupported='warn' to measure the other layers (coverage is reported)."
+        )
+        if on_unsupported == "error":
+            raise UnsupportedLayerError(msg)
+        warnings.warn(msg, stacklevel=4)
+    shared = sorted({p.reason for p in plan.left_out if p.kind == "shared"})
+    if shared:
+        msg = (
+            "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear head is): "
+            + "; ".join(shared)
+            + f". Pass on_unsupported='warn' to leave them out (coverage is reported), or use {FALLBACK_HINT}."
+        )
+        if on_unsupported == "error":
+            raise SharedParameterError(msg)
+        warnings.warn(msg, stacklevel=4)

@@ -34,6 +34,7 @@ from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 __all__ = [
     "EmbeddingForm",
     "embedding_form",
+    "embedding_reference",
     "embedding_rule",
     "embedding_sq_norms",
     "refuse_positions_shared_by_the_batch",
@@ -120,7 +121,6 @@ def embedding_sq_norms(
     return sums.view(b, t, d).square().sum(dim=(1, 2))
 
 
-@register_norm_rule(nn.Embedding)
 def embedding_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norm of ``weight`` of an ``nn.Embedding`` (see the module docstring).
 
@@ -173,3 +173,21 @@ def refuse_positions_shared_by_the_batch(module: nn.Module, inputs: tuple[object
             "examples, so it has no per-example gradient (and its T rows would be counted as examples). Look the "
             "positions up once per example, shape (B, T), e.g. torch.arange(T).expand(B, T), or use " + FALLBACK_HINT
         )
+
+
+def embedding_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.Embedding.forward`` outputs for ``inputs`` (rows of the weight at the indices), and their size.
+
+    The weight is read as it is: ``max_norm`` has renormalised it in place already, if the layer asked for that.
+    """
+    idx = inputs[0] if inputs else None
+    weight = module.weight
+    if not (isinstance(idx, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError("the first input is not an index tensor")
+    out = torch.nn.functional.embedding(idx, weight.double())
+    return out, float(weight.abs().max())
+
+
+register_norm_rule(nn.Embedding, check=refuse_positions_shared_by_the_batch, reference=embedding_reference)(
+    embedding_rule
+)

@@ -36,8 +36,10 @@ from noisescale.collectors.rules.registry import Recognized, recognize_layers, r
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = [
+    "layer_norm_reference",
     "layer_norm_rule",
     "layer_norm_sq_norms",
+    "rms_norm_reference",
     "rms_norm_rule",
     "rms_norm_sq_norms",
 ]
@@ -108,7 +110,35 @@ def rms_norm_sq_norms(
     return x_hat.mul_(g3).sum(dim=1).square_().sum(dim=1)
 
 
-@register_norm_rule(nn.LayerNorm, normalization=True)
+def layer_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.LayerNorm.forward`` outputs for ``inputs``, in float64, and its size."""
+    assert isinstance(module, nn.LayerNorm)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    w = None if module.weight is None else module.weight.double()
+    b = None if module.bias is None else module.bias.double()
+    out = torch.nn.functional.layer_norm(x.double(), module.normalized_shape, w, b, module.eps)
+    return out, float(out.abs().max()) if out.numel() else 0.0
+
+
+def rms_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.RMSNorm.forward`` outputs for ``inputs``, in float64, and its size."""
+    assert isinstance(module, nn.RMSNorm)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    w = None if module.weight is None else module.weight.double()
+    eps = (
+        module.eps
+        if module.eps is not None
+        else torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    )
+    out = torch.nn.functional.rms_norm(x.double(), module.normalized_shape, w, eps)
+    return out, float(out.abs().max()) if out.numel() else 0.0
+
+
+@register_norm_rule(nn.LayerNorm, normalization=True, reference=layer_norm_reference)
 def layer_norm_rule(
     module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -120,7 +150,7 @@ def layer_norm_rule(
     )
 
 
-@register_norm_rule(nn.RMSNorm, normalization=True)
+@register_norm_rule(nn.RMSNorm, normalization=True, reference=rms_norm_reference)
 def rms_norm_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norm of ``weight`` of ``nn.RMSNorm`` or of a hand-written RMSNorm.
 

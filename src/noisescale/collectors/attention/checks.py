@@ -1,7 +1,7 @@
 """The checks that keep ``nn.MultiheadAttention``'s per-example norms from being silently wrong.
 
-On the layer's first call, what the dispatch mode saw (``collectors.attention_dispatch``) is held to the layout
-``collectors.attention`` assumes, and the autograd-graph walk (``collectors.attention_graph``) to the dispatch
+On the layer's first call, what the dispatch mode saw (``collectors.attention.dispatch``) is held to the layout
+``collectors.attention.hooks`` assumes, and the autograd-graph walk (``collectors.attention.graph``) to the dispatch
 mode; on every call, the walk's blocks must tile each measured parameter.  A mismatch raises
 ``UnsupportedLayerError``: another torch may compute the layer another way.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisescale.collectors.attention_dispatch import DispatchedProduct, ProductSpy, storage_address
-from noisescale.collectors.attention_graph import GraphProduct
+from noisescale.collectors.attention.dispatch import DispatchedProduct, ProductSpy, storage_address
+from noisescale.collectors.attention.graph import GraphProduct
 from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["check_first_call", "check_walk", "uncovered"]
