@@ -24,8 +24,8 @@ from torch import nn
 
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import ConfigError, StepError
-from noisescale.grad_norms import grad_sq_norms, sq_norms
-from noisescale.stats import ParamSums, PendingSum, SmallBatchStats
+from noisescale.grad_norms import sq_norms
+from noisescale.stats import BigBatchNorms, ParamSums, PendingSum, SmallBatchStats
 
 __all__ = [
     "CommHook",
@@ -131,10 +131,10 @@ class DataParallelSync:
     backend's reduction order.  The rank statistics start that gather themselves (``start_sum``) when the backward
     pass ends, asynchronously, so that ``monitor.step()`` finds it done instead of adding a round trip.
 
-    The big-batch norm ``|p.grad|^2`` is computed while the gather is in flight: under DDP from the all-reduced
-    ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under FSDP2 each rank adds its
-    shards' squared norms to the gathered vector (``P`` more entries).  A non-finite value on any rank makes the
-    totals non-finite everywhere, so every rank skips that step.
+    The big-batch norm ``|p.grad|^2`` is read at the end of the backward pass (``collectors.big_batch``): under
+    DDP from the all-reduced ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under
+    FSDP2 each rank adds its shards' squared norms to the gathered vector (``P`` more entries).  A non-finite
+    value on any rank makes the totals non-finite everywhere, so every rank skips that step.
 
     Per step, on the host, the totals of ``n_small`` and ``inv_size_sum`` are taken to be ``world_size`` times
     the local ones (``batch_size`` for per-example norms): the same micro-batch layout on every rank, as with a
@@ -202,14 +202,13 @@ class DataParallelSync:
         work.wait()
         return gathered.view(self.world_size, -1).sum(0)  # fixed order, same kernel: the same bits on every rank
 
-    def reduce(
-        self, stats: SmallBatchStats, params: Sequence[nn.Parameter], batch_size: int
-    ) -> tuple[SmallBatchStats, ParamSums]:
-        """Sum this rank's statistics and big-batch contributions with every other rank's.
+    def reduce(self, stats: SmallBatchStats, big: BigBatchNorms, batch_size: int) -> tuple[SmallBatchStats, ParamSums]:
+        """Sum this rank's statistics (and, for sharded gradients, its part of ``|G_B|^2``) with every other rank's.
 
         Args:
             stats: this rank's statistics in the whole step's units (``collect``).
-            params: the measured parameters, in the order of the statistics.
+            big: ``|G_B|^2`` per parameter, read at the end of the backward pass: the whole value (DDP: ``p.grad``
+                is the same averaged gradient on every rank) or this rank's part (FSDP2's shards).
             batch_size: examples of the whole optimizer step, all ranks together.
 
         Returns:
@@ -222,7 +221,6 @@ class DataParallelSync:
         small = stats.small_sq_sum.tensor().to(torch.float64)
         n_params = small.numel()
         if stats.in_flight is not None:  # the collector launched the gather of its sums when the backward ended
-            big = grad_sq_norms(params, small.device)
             total = self.finish_sum(stats.in_flight)
             out = dataclasses.replace(
                 stats,
@@ -231,24 +229,17 @@ class DataParallelSync:
                 inv_size_sum=world * stats.inv_size_sum,
                 in_flight=None,
             )
-            return out, ParamSums(big)
-        sharded = self._has_sharded_grads(params)
+            return out, big.sq_norms
         parts = [small]
-        if sharded:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
-            parts.append(self._big_sq_contributions(params, small.device))
+        if big.rank_part:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
+            parts.append(big.sq_norms.tensor(small.device).to(device=small.device, dtype=torch.float64))
         vec = torch.cat([*parts, small.new_zeros(3)])  # (P + 3,), or (2P + 3,) when sharded
         # Python scalars into a device tensor: fill kernels, no host-device copy or sync.
         vec[-3] = stats.n_small
         vec[-2] = stats.inv_size_sum
         vec[-1] = stats.examples if stats.examples is not None else 0
-        pending = self.start_sum(vec)
-        if not sharded:
-            # DDP: p.grad is the all-reduced gradient, the same bits on every rank (DDP's replicas rely on it);
-            # its norm is computed here while the gather is in flight.
-            big = grad_sq_norms(params, small.device)
-        total = self.finish_sum(pending)
-        if sharded:
-            big = total[n_params : 2 * n_params]
+        total = self.finish_sum(self.start_sum(vec))
+        big_sums = ParamSums(total[n_params : 2 * n_params]) if big.rank_part else big.sq_norms
 
         if stats.per_example:  # one small batch per example, all ranks together
             n_small, inv_size_sum, examples = batch_size, float(batch_size), batch_size
@@ -263,7 +254,7 @@ class DataParallelSync:
             inv_size_sum=inv_size_sum,
             examples=examples,
         )
-        return out, ParamSums(big)
+        return out, big_sums
 
     def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         """The element-wise maximum of ``flags`` over the ranks (a blocking all-reduce): the same on every rank."""
@@ -292,11 +283,12 @@ class DataParallelSync:
                 "number of micro-batches of the same sizes, and batch_size must count all ranks' examples"
             )
 
-    def _has_sharded_grads(self, params: Sequence[nn.Parameter]) -> bool:
+    def has_sharded_grads(self, params: Sequence[nn.Parameter]) -> bool:
+        """Whether some of ``params`` have gradients sharded over the ranks (FSDP2's ``DTensor``)."""
         dtensor = _dtensor_type()
         return dtensor is not None and any(isinstance(p.grad, dtensor) for p in params)
 
-    def _big_sq_contributions(self, params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
+    def big_sq_contributions(self, params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
         """This rank's part of ``|p.grad|^2`` per parameter, float64 ``(P,)``; summed over ranks it is the whole.
 
         A replicated gradient (DDP, or a DTensor replicated over a mesh dimension) counts on one rank only, so the

@@ -1,6 +1,7 @@
 """``GNSMonitor``: the one stateful facade, collector -> estimator -> measurement -> sinks.
 
-Usage, in any training loop (after the backward pass(es), before clipping and ``optimizer.step()``)::
+Usage, in any training loop: once per optimizer step, after its last backward pass and before the next step's
+first one (clipping, unscaling or zeroing ``p.grad`` in between changes nothing measured)::
 
     monitor = ns.GNSMonitor(model)
     ...
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from noisescale.collectors.base import Collector
+from noisescale.collectors.base import BackwardWatch, Collector
+from noisescale.collectors.big_batch import BigBatchCapture
 from noisescale.collectors.example import Policy, Scope
 from noisescale.distributed import CommHook, data_parallel_sync
 from noisescale.errors import ConfigError, StepError
@@ -34,7 +36,7 @@ from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
 from noisescale.sink import CallbackSink, Sink, is_sink
 from noisescale.sink_queue import SinkQueue
 from noisescale.source_choice import Source, SourceChoice
-from noisescale.stats import ParamSums, SmallBatchStats
+from noisescale.stats import BigBatchNorms, ParamSums, SmallBatchStats
 from noisescale.types import Measurement
 
 if TYPE_CHECKING:
@@ -132,9 +134,19 @@ class GNSMonitor:
         self.requested_source: Source = source
         self._closed = False
         self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
+        watch = BackwardWatch()
         self._sources = SourceChoice(
-            model, source, on_unsupported=on_unsupported, scope=scope, comm_hook=comm_hook, sync=self._dist
+            model,
+            source,
+            on_unsupported=on_unsupported,
+            scope=scope,
+            comm_hook=comm_hook,
+            sync=self._dist,
+            watch=watch,
         )
+        # |p.grad|^2 read when backward ends, so clipping or unscaling before step() cannot change it.
+        trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        self._big = BigBatchCapture(trainable, self._big_norms, watch)
         self._engine = StepEngine(z_for(confidence))
         self._warned_single_micro = False
         self._saved_rows: list[str] | None = None  # row names of a loaded state, checked at the first step
@@ -183,12 +195,14 @@ class GNSMonitor:
                 stats = self._dist.collect(collector, batch_size, micro_batch_sizes)
             if self.step_count == 0:
                 collector.check_first_step(None if self._dist is None else self._dist.any_rank)
+            big = self._big.take([p for _, p in collector.params])
         finally:
             for c in self._sources.collectors.values():
                 c.reset()
+            self._big.reset()
         if self.halflife is None:
             self.halflife = float(DEFAULT_HALFLIFE_STEPS * batch_size)
-        measurement = self._measure(collector, stats, batch_size)  # counts only once this step is measured
+        measurement = self._measure(collector, stats, big, batch_size)  # counts only once this step is measured
         self._sinks.put(measurement)
         return measurement
 
@@ -239,6 +253,7 @@ class GNSMonitor:
         """Remove every hook (the model is left exactly as it was), deliver what the sinks have queued, flush them
         and close those given in ``sinks=``.  Idempotent."""
         self._sources.close()
+        self._big.close()
         self._closed = True
         self._sinks.close()
 
@@ -276,20 +291,22 @@ class GNSMonitor:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _measure(self, collector: Collector, stats: SmallBatchStats, batch_size: int) -> Measurement:
-        params = [p for _, p in collector.params]
+    def _measure(
+        self, collector: Collector, stats: SmallBatchStats, big_norms: BigBatchNorms | str, batch_size: int
+    ) -> Measurement:
         layout = self._layout_for(collector)
-        small: ParamSums
-        big: ParamSums
-        if self._dist is None:
-            small = stats.small_sq_sum
-            big = ParamSums(grad_sq_norms_host(params) if small.on_host else grad_sq_norms(params, small.device))
-        else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
-            stats, big = self._dist.reduce(stats, params, batch_size)
-            small = stats.small_sq_sum
-        small, big = self._unscale(small, big)
         undefined_reason = None
-        if stats.n_small < 2 or stats.inv_size_sum / stats.n_small <= 1.0 / batch_size:
+        if isinstance(big_norms, str):  # p.grad changed after a backward pass that was not read
+            undefined_reason = big_norms
+            warnings.warn(undefined_reason, RuntimeWarning, stacklevel=3)
+            big_norms = BigBatchNorms(ParamSums([0.0] * len(collector.params)))
+        if self._dist is None:
+            small, big = stats.small_sq_sum, big_norms.sq_norms
+        else:  # one tiny collective: the ranks' statistics (and FSDP2's sharded big norms) summed, same bits everywhere
+            stats, big = self._dist.reduce(stats, big_norms, batch_size)
+            small = stats.small_sq_sum
+        small, big = self._unscale(small), self._unscale(big)
+        if undefined_reason is None and (stats.n_small < 2 or stats.inv_size_sum / stats.n_small <= 1.0 / batch_size):
             undefined_reason = self._sources.too_few_small_batches(stats.n_small)
             if not self._warned_single_micro:
                 warnings.warn(undefined_reason, RuntimeWarning, stacklevel=3)
@@ -319,18 +336,28 @@ class GNSMonitor:
             undefined_reason=undefined_reason,
         )
 
-    def _unscale(self, small: ParamSums, big: ParamSums) -> tuple[ParamSums, ParamSums]:
+    def _unscale(self, sums: ParamSums) -> ParamSums:
+        """Squared norms of gradients at a ``GradScaler``'s loss scale, divided by the scale squared.
+
+        Both the hooks and the big batch read the gradients before ``unscale_()`` can run, so both are scaled.
+        """
         scaler = self.scaler
         if scaler is None or not scaler.is_enabled() or scaler._scale is None:
-            return small, big
-        # Hooks saw gradients at the loss scale; p.grad is still scaled unless unscale_() already ran.
-        big_scaled = not _already_unscaled(scaler)
+            return sums
         scale = scaler._scale
-        if small.on_host:  # host path: the scale is on the host as well
-            inv_s2: float | torch.Tensor = 1.0 / float(scale.item()) ** 2
-        else:
-            inv_s2 = scale.to(device=small.device, dtype=torch.float64).reciprocal().square()
-        return small.scaled(inv_s2), (big.scaled(inv_s2) if big_scaled else big)
+        if sums.on_host:  # host path: the scale is on the host as well
+            return sums.scaled(1.0 / float(scale.item()) ** 2)
+        return sums.scaled(scale.to(device=sums.device, dtype=torch.float64).reciprocal().square())
+
+    def _big_norms(self, params: Sequence[nn.Parameter]) -> BigBatchNorms:
+        """``|p.grad|^2`` of ``params``: Python floats for gradients in host memory, else a device tensor."""
+        grads = [p.grad for p in params if p.grad is not None]
+        device = grads[0].device if grads else params[0].device
+        if self._dist is not None and self._dist.has_sharded_grads(params):
+            return BigBatchNorms(ParamSums(self._dist.big_sq_contributions(params, device)), rank_part=True)
+        if all(g.device.type == "cpu" for g in grads):
+            return BigBatchNorms(ParamSums(grad_sq_norms_host(params)))
+        return BigBatchNorms(ParamSums(grad_sq_norms(params, device)))
 
     def _layout_for(self, collector: Collector) -> RowLayout:
         if self._layout is None:
@@ -420,14 +447,6 @@ def _checked_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
             raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
         out[key] = value
     return out
-
-
-def _already_unscaled(scaler: Any) -> bool:
-    try:
-        from torch.amp.grad_scaler import OptState
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return any(s.get("stage") is OptState.UNSCALED for s in scaler._per_optimizer_states.values())
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

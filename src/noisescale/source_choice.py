@@ -17,7 +17,7 @@ from typing import Literal
 
 from torch import nn
 
-from noisescale.collectors.base import Collector
+from noisescale.collectors.base import BackwardWatch, Collector
 from noisescale.collectors.example import ExampleCollector, Policy, Scope
 from noisescale.collectors.microbatch import MicrobatchCollector
 from noisescale.collectors.rank import RankCollector
@@ -39,6 +39,7 @@ class SourceChoice:
         on_unsupported, scope: for the example collector (see ``ExampleCollector``).
         comm_hook: for ``rank``: a DDP communication hook to register.
         sync: the monitor's data-parallel sync, if the model trains over several ranks.
+        watch: told by every collector of each backward pass it sees.
 
     Raises:
         ConfigError: an option that does not fit the source; what the chosen collector raises at construction.
@@ -53,6 +54,7 @@ class SourceChoice:
         scope: Scope,
         comm_hook: CommHook | None,
         sync: DataParallelSync | None,
+        watch: BackwardWatch,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -67,21 +69,23 @@ class SourceChoice:
         self.name: str | None = None
         if source in ("example", "auto"):
             try:
-                self.collectors["example"] = ExampleCollector(model, on_unsupported=on_unsupported, scope=scope)
+                self.collectors["example"] = ExampleCollector(
+                    model, on_unsupported=on_unsupported, scope=scope, watch=watch
+                )
             except NoiseScaleError as e:
                 if source == "example" or scope == "norm":
                     raise
                 self.example_refusal = str(e)
         if source in ("microbatch", "auto"):
-            self.collectors["microbatch"] = MicrobatchCollector(model)
+            self.collectors["microbatch"] = MicrobatchCollector(model, watch=watch)
         if source == "rank":
-            self.collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=sync)
+            self.collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=sync, watch=watch)
             self.select("rank")
         elif source != "auto":
             self.select(source)
         elif sync is not None and is_ddp(model) and scope == "all":
             # Under DDP the ranks are small batches for free: the cheapest source.
-            self.collectors["rank"] = RankCollector(model, sync=sync)
+            self.collectors["rank"] = RankCollector(model, sync=sync, watch=watch)
             self.select("rank")
 
     def select(self, name: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ParamSums", "PendingSum", "SmallBatchStats"]
+__all__ = ["BigBatchNorms", "ParamSums", "PendingSum", "SmallBatchStats"]
 
 PendingSum = tuple[Any, torch.Tensor]
 """A sum over the ranks already launched: ``(work, gathered)`` from ``DataParallelSync.start_sum``."""
@@ -100,3 +100,17 @@ class SmallBatchStats:
     examples: int | None
     per_example: bool = False
     in_flight: PendingSum | None = None
+
+
+@dataclass(frozen=True)
+class BigBatchNorms:
+    """``|G_B|^2`` per measured parameter: the squared norm of the step's accumulated gradient ``p.grad``.
+
+    Attributes:
+        sq_norms: one entry per parameter.
+        rank_part: the entries are this rank's part only (gradients sharded over the ranks, FSDP2): their sum
+            over the ranks is the whole.
+    """
+
+    sq_norms: ParamSums
+    rank_part: bool = False

@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.stats import SmallBatchStats
 
-__all__ = ["AnyRank", "Collector", "HookOwner", "equal_split"]
+__all__ = ["AnyRank", "BackwardWatch", "Collector", "HookOwner", "equal_split"]
 
 AnyRank = Callable[[torch.Tensor], torch.Tensor]
 """The element-wise maximum of a tensor over the data-parallel ranks (a collective every rank calls together)."""
@@ -71,15 +71,44 @@ class Collector(Protocol):
         ...
 
 
+class BackwardWatch:
+    """Tells its listeners when a backward pass that reached a collector's hooks has ended.
+
+    Every collector calls ``touch()`` from its backward hooks; the first touch of a pass queues one callback on
+    autograd's engine, which runs when the whole pass is done (every gradient accumulated).  Costs a flag test per
+    hook call.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+        self._queued = False
+
+    def listen(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` at the end of every backward pass from now on."""
+        self._listeners.append(fn)
+
+    def touch(self) -> None:
+        """A hook of this backward pass ran (called from backward hooks)."""
+        if not self._queued and self._listeners:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._ended)
+
+    def _ended(self) -> None:
+        self._queued = False
+        for fn in self._listeners:
+            fn()
+
+
 class HookOwner:
     """What every collector does with its hooks: keep the handles, switch them off, remove them all on ``close``.
 
     ``enabled`` guards hooks on autograd graphs built before ``close()``, which cannot be removed from them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watch: BackwardWatch | None = None) -> None:
         self.enabled = True
         self._handles: list[RemovableHandle] = []
+        self.watch = watch if watch is not None else BackwardWatch()
 
     def reset(self) -> None:  # pragma: no cover - every collector overrides it
         raise NotImplementedError

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
-from noisescale.collectors.base import AnyRank, HookOwner
+from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
 from noisescale.collectors.example_plan import ExamplePlan, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
 from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
@@ -62,6 +62,7 @@ class ExampleCollector(HookOwner):
         scope: ``"all"`` measures every supported layer; ``"norm"`` only normalisation layers (LayerNorm,
             RMSNorm, ...), the cheap proxy of Gray et al. 2024.
         keep_per_example: also keep the per-example vectors (for tests and diagnostics; costs memory).
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
 
     Raises:
         UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
@@ -75,8 +76,9 @@ class ExampleCollector(HookOwner):
         on_unsupported: Policy = "error",
         scope: Scope = "all",
         keep_per_example: bool = False,
+        watch: BackwardWatch | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(watch)
         self.keep_per_example = keep_per_example
         plan = plan_example_statistics(model, scope)
         _apply_policy(plan, on_unsupported)
@@ -164,6 +166,7 @@ class ExampleCollector(HookOwner):
         grad = grad_outputs[nr]
         if grad is None or not self.enabled:
             return
+        self.watch.touch()
         if isinstance(inputs, SavedInputs):
             inputs = inputs.unpack()
         if shape is not None:
@@ -204,6 +207,7 @@ class ExampleCollector(HookOwner):
 
     def _on_hooked_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
         if self.enabled:
+            self.watch.touch()
             self._record(index[name], sq)
 
     def _record(self, slot: int, sq: torch.Tensor, *, keep: bool = True) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from noisescale.collectors.base import HookOwner, equal_split
+from noisescale.collectors.base import BackwardWatch, HookOwner, equal_split
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import StepError
 from noisescale.grad_norms import tensor_sq_norm
@@ -39,10 +39,11 @@ class MicrobatchCollector(HookOwner):
 
     Args:
         model: the model whose trainable parameters are hooked.
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, model: nn.Module, *, watch: BackwardWatch | None = None) -> None:
+        super().__init__(watch)
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.coverage = 1.0 if self.params else 0.0
         self._handles = [p.register_hook(functools.partial(self._on_grad, i)) for i, (_, p) in enumerate(self.params)]
@@ -55,6 +56,7 @@ class MicrobatchCollector(HookOwner):
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
             return
+        self.watch.touch()
         sq = tensor_sq_norm(grad)  # detached under create_graph=True
         self._idx.append(slot)
         host = grad.is_cpu if self._host_floats is None else self._host_floats

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from noisescale.collectors.base import HookOwner
+from noisescale.collectors.base import BackwardWatch, HookOwner
 from noisescale.device_index import DeviceIndex
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import FALLBACK_HINT, ConfigError, StepError
@@ -44,20 +44,26 @@ class RankCollector(HookOwner):
         sync: the monitor's ``DataParallelSync``: at the end of each synchronising backward pass, the gather of
             this rank's sums is launched (asynchronously, behind DDP's all-reduces), so ``monitor.step()`` adds no
             round trip of its own.
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
 
     Raises:
         ConfigError: ``model`` is not DDP, or ``comm_hook`` is malformed or cannot be registered.
     """
 
     def __init__(
-        self, model: nn.Module, *, comm_hook: CommHook | None = None, sync: DataParallelSync | None = None
+        self,
+        model: nn.Module,
+        *,
+        comm_hook: CommHook | None = None,
+        sync: DataParallelSync | None = None,
+        watch: BackwardWatch | None = None,
     ) -> None:
         if not is_ddp(model):
             raise ConfigError(
                 "the rank statistics read each rank's gradient before DistributedDataParallel averages it, so they "
                 f"need the DDP-wrapped model, got {type(model).__name__}: pass DistributedDataParallel(model)"
             )
-        super().__init__()
+        super().__init__(watch)
         if comm_hook is not None:
             register_comm_hook(model, comm_hook)
         ignored = ddp_ignored_parameter_names(model)
@@ -85,6 +91,7 @@ class RankCollector(HookOwner):
     def _on_grad_ready(self, slot: int, param: nn.Parameter) -> None:
         if not self.enabled:
             return
+        self.watch.touch()
         # DDP decides at forward time whether this backward synchronises (False under no_sync()): only then is
         # p.grad this rank's whole local gradient of the step.
         if not getattr(self._ddp, "require_forward_param_sync", True):
