@@ -66,18 +66,24 @@ class GNSMonitor:
             backward pass; needs gradient accumulation with at least two micro-batches); under DDP, ``"rank"``
             (each rank's local gradient before DDP averages it, one dot product per parameter and step); or
             ``"auto"``: under DDP with two or more ranks ``"rank"`` right away; otherwise it watches the first
-            step and keeps ``"microbatch"`` if it had two or more backward passes (almost free), else
-            ``"example"``.  Under DDP and FSDP2 every source sums
-            its statistics over the ranks once per step, and every rank gets the same measurement.
+            step and keeps ``"microbatch"`` if it had two or more backward passes (almost free, every parameter
+            measured), else ``"example"``, measuring the layers it can (``m.coverage``; one short warning names
+            what is left out).  Under DDP and FSDP2 every source sums its statistics over the ranks once per
+            step, and every rank gets the same measurement.  Per-example gradients need a loss that is a sum over
+            independent examples: see ``loss_couples_examples``.
         per_layer: also estimate per parameter tensor and per module (``m.layers``, ``m.modules``).
         halflife: smoothing half-life counted in examples; ``None`` means 25 steps of the first batch size.
         confidence: nominal coverage of the band ``[b_simple_low, b_simple_high]``.
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any, so ``grad_sq`` and ``trace_cov`` are
             reported unscaled (B_simple is scale-free either way).  ``step()`` may come before or after
             ``scaler.unscale_(optimizer)``.
-        on_unsupported: for ``source="example"``/``"auto"``: ``"error"``, ``"warn"`` or ``"ignore"`` trainable
-            layers without a norm rule and tied weights (see ``ExampleCollector``); ``m.coverage`` says what was
-            measured.
+        on_unsupported: for the example source: ``"error"``, ``"warn"`` or ``"ignore"`` the trainable layers it
+            cannot measure (no rule, tied weights, a refused first call or example count; see
+            ``ExampleCollector``); ``m.coverage`` says what was measured.  ``None`` (default): ``"error"`` with
+            ``source="example"``, and under ``"auto"`` the supported layers are measured with one short warning.
+        loss_couples_examples: the loss couples the examples of a batch (a contrastive loss such as CLIP's,
+            in-batch negatives), so per-example gradients are not those of independent examples and no layer
+            hook can tell: the example source is refused and ``"auto"`` uses micro-batches or ranks.
         scope: ``"all"`` layers, or ``"norm"``: only normalisation layers (Gray et al. 2024), source ``example``.
         sinks: where every measurement, logged metric and event goes (``noisescale.sink.Sink``: the run store
             ``ns.Run``, ``ns.sinks.TensorBoard``, an alert engine, ...).  They are fed from one background thread,
@@ -102,8 +108,9 @@ class GNSMonitor:
         halflife: float | None = None,
         confidence: float = 0.9,
         scaler: GradScaler | None = None,
-        on_unsupported: Policy = "error",
+        on_unsupported: Policy | None = None,
         scope: Scope = "all",
+        loss_couples_examples: bool = False,
         sinks: Sequence[Sink] = (),
         callbacks: Sequence[Callable[[Measurement], object]] = (),
         run: Any = None,
@@ -111,7 +118,8 @@ class GNSMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_choice("on_unsupported", on_unsupported, _POLICIES)
+        if on_unsupported is not None:
+            _check_choice("on_unsupported", on_unsupported, _POLICIES)
         _check_choice("scope", scope, _SCOPES)
         if halflife is not None and not (
             isinstance(halflife, (int, float)) and math.isfinite(halflife) and halflife > 0
@@ -140,6 +148,7 @@ class GNSMonitor:
             source,
             on_unsupported=on_unsupported,
             scope=scope,
+            loss_couples_examples=bool(loss_couples_examples),
             comm_hook=comm_hook,
             sync=self._dist,
             watch=watch,

@@ -5,7 +5,14 @@
 * ``rank``: each data-parallel rank's local gradient before DDP averages it (``collectors.rank``);
 * ``auto``: under DDP with two or more ranks, ``rank`` right away; otherwise both ``example`` and ``microbatch``
   are installed for the first step, which keeps ``microbatch`` if it had two or more backward passes (almost
-  free) and ``example`` otherwise; the other is closed.
+  free, and every parameter is measured) and ``example`` otherwise; the other is closed.  Chosen that way, the
+  example source measures what it can: layers without per-example gradients (BatchNorm, recurrent layers) are
+  left out, with one short warning naming them and their share of the parameters.
+
+Per-example gradients assume a loss that is a sum over independent examples.  A loss that couples the examples of
+a batch (a contrastive loss such as CLIP's, in-batch negatives) mixes them in every gradient, and no layer hook can
+tell: declare it with ``loss_couples_examples=True``, and the example source is refused in favour of micro-batches
+or ranks, whose small batches are still each a batch of the same loss.
 
 The collectors themselves know no source names; this module is where names, the fallbacks of ``auto`` and their
 explanations live.
@@ -13,12 +20,14 @@ explanations live.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from torch import nn
 
 from noisescale.collectors.base import BackwardWatch, Collector
 from noisescale.collectors.example import ExampleCollector, Policy, Scope
+from noisescale.collectors.example_plan import LeftOut
 from noisescale.collectors.microbatch import MicrobatchCollector
 from noisescale.collectors.rank import RankCollector
 from noisescale.distributed import CommHook, DataParallelSync, is_ddp
@@ -36,7 +45,10 @@ class SourceChoice:
     Args:
         model: the model to hook.
         source: a name from ``SOURCES``.
-        on_unsupported, scope: for the example collector (see ``ExampleCollector``).
+        on_unsupported: for the example collector (see ``ExampleCollector``); ``None``: ``"error"`` when the
+            example source is asked for by name, and measuring what it can (one short warning) under ``auto``.
+        scope: for the example collector.
+        loss_couples_examples: the loss couples the examples of a batch: no per-example gradients.
         comm_hook: for ``rank``: a DDP communication hook to register.
         sync: the monitor's data-parallel sync, if the model trains over several ranks.
         watch: told by every collector of each backward pass it sees.
@@ -50,8 +62,9 @@ class SourceChoice:
         model: nn.Module,
         source: Source,
         *,
-        on_unsupported: Policy,
+        on_unsupported: Policy | None,
         scope: Scope,
+        loss_couples_examples: bool = False,
         comm_hook: CommHook | None,
         sync: DataParallelSync | None,
         watch: BackwardWatch,
@@ -62,15 +75,25 @@ class SourceChoice:
             raise ConfigError("scope='norm' needs per-example norms: use source='example' or 'auto'")
         if comm_hook is not None and source != "rank":
             raise ConfigError(f"comm_hook=(state, hook) is for the rank source: pass source='rank', not {source!r}")
+        if loss_couples_examples and (source == "example" or scope == "norm"):
+            raise ConfigError(
+                "loss_couples_examples=True: a loss that couples the examples of a batch (contrastive, in-batch "
+                "negatives) has no per-example gradients, so per-example statistics would be wrong; use "
+                "source='microbatch' (gradient accumulation), source='rank' (DDP) or source='auto'"
+            )
         self.requested: Source = source
         self.collectors: dict[str, Collector] = {}
         self.example_refusal: str | None = None  # why "auto" could not use the example source
         self.active: Collector | None = None
         self.name: str | None = None
-        if source in ("example", "auto"):
+        if source == "auto" and loss_couples_examples:
+            self.example_refusal = "the loss couples the examples of a batch (loss_couples_examples=True)"
+        elif source in ("example", "auto"):
+            policy: Policy = on_unsupported or ("ignore" if source == "auto" else "error")
+            announce = self._warn_partial_coverage if source == "auto" and on_unsupported is None else None
             try:
                 self.collectors["example"] = ExampleCollector(
-                    model, on_unsupported=on_unsupported, scope=scope, watch=watch
+                    model, on_unsupported=policy, scope=scope, watch=watch, on_left_out=announce
                 )
             except NoiseScaleError as e:
                 if source == "example" or scope == "norm":
@@ -107,9 +130,39 @@ class SourceChoice:
         assert self.active is not None
         return self.active
 
+    def _warn_partial_coverage(self, left_out: list[LeftOut], coverage: float, trainable: int) -> None:
+        """``auto`` chose the example source for a model it cannot measure whole: one short warning."""
+        total = trainable or 1
+        parts, seen = [], set()
+        for item in left_out:
+            key = item.reason if item.kind == "shared" else item.layer
+            if key in seen:  # one shared parameter, reported by each module that registers it
+                continue
+            seen.add(key)
+            share = f"{100 * item.numel / total:.2g}% of the parameters"
+            extra = (
+                "; the other layers' per-example gradients are their shares of the batch gradient, which carry the "
+                "coupling its batch statistics make between the examples"
+                if item.batch_coupled
+                else ""
+            )
+            parts.append(f"'{item.layer}' ({item.reason}{extra}; {share})")
+        warnings.warn(
+            f"noisescale: source='auto' measures per example ({100 * coverage:.3g}% of the trainable parameters, "
+            f"m.coverage); left out: {', '.join(parts)}. Gradient accumulation with >= 2 micro-batches measures "
+            "them all",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+
     def too_few_small_batches(self, n_small: int) -> str:
         """Why a step of ``n_small`` small batches cannot be estimated, and what to do."""
         name = self.name
+        if name == "example":
+            return (
+                f"only {n_small} example in this step: per-example statistics need at least two examples per step "
+                "(batch_size >= 2)"
+            )
         if self.example_refusal is not None:
             # "auto" fell back to this source; suggesting source='example' would only move the user to that error.
             return (

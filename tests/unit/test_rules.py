@@ -375,15 +375,23 @@ def test_rmsnorms_of_other_libraries_are_recognised_and_checked_once() -> None:
             super().__init__(dim)
             self.bias = nn.Parameter(torch.zeros(dim))
 
-    class RMSNormWrapper(nn.Module):  # a name that does not end in RMSNorm
+    class RMSNormWrapper(nn.Module):  # no "Norm" family: children
         def __init__(self) -> None:
             super().__init__()
             self.weight, self.eps = nn.Parameter(torch.ones(3)), 1e-6
+            self.inner = nn.Identity()
 
-    for layer in (BiasedRMSNorm(3), RMSNormWrapper()):
-        assert find_norm_rule(layer) is None
-    with pytest.raises(UnsupportedLayerError, match="BiasedRMSNorm"):
-        ExampleCollector(_seq(nn.Linear(2, 3), BiasedRMSNorm(3)))
+    assert find_norm_rule(RMSNormWrapper()) is None
+    with pytest.raises(UnsupportedLayerError, match="RMSNormWrapper"):
+        ExampleCollector(_seq(nn.Linear(2, 3), RMSNormWrapper()))
+    # A bias it never uses: recognised as a hand-written norm by its structure, refused by its first call.
+    layer = BiasedRMSNorm(3)
+    assert find_norm_rule(layer) is not None and forward_check(layer) is not None
+    model = _seq(nn.Linear(2, 3), layer)
+    collector = ExampleCollector(model)
+    with pytest.raises(UnsupportedLayerError, match=r"BiasedRMSNorm looks like a normalisation layer.*every parameter"):
+        model(torch.randn(4, 2))
+    collector.close()
 
 
 def test_layers_reading_one_input_share_its_gram_matrix() -> None:

@@ -83,6 +83,11 @@ class BackwardWatch:
         self._listeners: list[Callable[[], None]] = []
         self._queued = False
 
+    def __deepcopy__(self, memo: dict[int, object]) -> BackwardWatch:
+        # A deep copy of a hooked model gets hooks of its own, which tell a watch of their own: the listeners
+        # (the monitor's big-batch capture) belong to the original, not to what its hooks state.
+        return BackwardWatch()
+
     def listen(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` at the end of every backward pass from now on."""
         self._listeners.append(fn)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +24,8 @@ from torch import nn
 
 from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
 from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
-from noisescale.collectors.example_plan import ExamplePlan, RuleLayer, Scope, plan_example_statistics
+from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_inputs, flattened_from
+from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
 from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
@@ -54,15 +55,20 @@ class ExampleCollector(HookOwner):
 
     Args:
         model: the model whose layers are hooked.
-        on_unsupported: what to do with trainable parameters that no rule covers (a layer without a rule, or a
-            parameter tied between layers other than an ``nn.Embedding`` and its ``nn.Linear`` output head,
-            which is measured exactly): ``"error"`` raises at construction, ``"warn"`` warns once and leaves
-            them out, ``"ignore"`` leaves them out silently.  Left-out parameters are excluded from the big-batch
-            norm as well, so the estimate stays unbiased on the parameters it covers; see ``coverage``.
+        on_unsupported: what to do with trainable parameters that cannot be measured per example: a layer
+            without a rule, a parameter tied between layers in a way no registered form covers (an
+            ``nn.Embedding`` tied to its ``nn.Linear`` head is measured exactly), and, on the first step, a layer
+            whose first call or example count refuses it (a position embedding broadcast over the batch, a
+            look-alike layer, an example axis that cannot be told).  ``"error"`` raises (at construction, or
+            from the first call or step that finds it); ``"warn"`` warns once and leaves them out; ``"ignore"``
+            leaves them out silently.  Left-out parameters are excluded from the big-batch norm as well, so the
+            estimate stays unbiased on the parameters it covers; see ``coverage``.
         scope: ``"all"`` measures every supported layer; ``"norm"`` only normalisation layers (LayerNorm,
             RMSNorm, ...), the cheap proxy of Gray et al. 2024.
         keep_per_example: also keep the per-example vectors (for tests and diagnostics; costs memory).
         watch: told of every backward pass the hooks see (``BackwardWatch``).
+        on_left_out: called once, after the first step, with everything left out (if anything), the coverage
+            and the number of trainable parameter entries: a caller's own way of saying so.
 
     Raises:
         UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
@@ -77,9 +83,12 @@ class ExampleCollector(HookOwner):
         scope: Scope = "all",
         keep_per_example: bool = False,
         watch: BackwardWatch | None = None,
+        on_left_out: Callable[[list[LeftOut], float, int], None] | None = None,
     ) -> None:
         super().__init__(watch)
+        self._on_left_out = on_left_out
         self.keep_per_example = keep_per_example
+        self.policy: Policy = on_unsupported
         plan = plan_example_statistics(model, scope)
         _apply_policy(plan, on_unsupported)
         if scope == "norm" and not plan.params:
@@ -90,10 +99,12 @@ class ExampleCollector(HookOwner):
         self.plan = plan
         self.params: list[tuple[str, nn.Parameter]] = list(plan.params)
         self.coverage = plan.coverage
+        self.left_out: list[LeftOut] = list(plan.left_out)  # what is not measured, and why
         self.attention_params = set(plan.hooked_params)  # measured by a layer's own hooks, from inside its forward
         self.gram_cache = GramCache()  # Gram matrices shared by layers that read one input
         self._layers: dict[nn.Module, _Layer] = {layer.module: _layer(layer) for layer in plan.rule_layers}
         self._names: dict[nn.Module, str] = {layer.module: layer.name for layer in plan.rule_layers}
+        self._hooked_slots: dict[nn.Module, dict[str, int]] = {}
         self._ties = plan.ties
         self._device = self.params[0][1].device if self.params else torch.device("cpu")
         self._idx: list[int] = []
@@ -101,35 +112,68 @@ class ExampleCollector(HookOwner):
         self._per_example: dict[int, list[torch.Tensor]] = {}
         self._tied_parts: dict[int, torch.Tensor] = {}
         self._examples: dict[nn.Module, int] = {}
+        self._shapes: dict[nn.Module, tuple[int, ...]] = {}  # each layer's last input shape, for the messages
+        self._refused: dict[nn.Module, str] = {}  # layers refused in this step: why
+        self._calls: dict[nn.Module, int] = {}  # backward calls per layer in this step
+        self._dropped: set[nn.Module] = set()  # layers left out since a step refused them
+        self._flat_outputs: dict[int, tuple[int, ...]] = {}  # output nodes of flattened layers -> (B, T, ...)
+        # (tie, module) -> the module's last forward inputs and flattened shape, handed to the tie in backward
+        self._tie_inputs: dict[tuple[int, int], tuple[nn.Module, tuple[object, ...], tuple[int, ...] | None]] = {}
+        self._steps = 0
+        self._checking = False
+        self._evidence = LayoutEvidence()
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
         for module in self._layers:
-            self._handles.append(module.register_forward_hook(self._on_forward))
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         for hooked in plan.hooked_layers:
             self._names[hooked.module] = hooked.name
+            slots = dict(hooked.slots)
+            self._hooked_slots[hooked.module] = slots  # kept: dropping layers renumbers the slots in place
             hooks = hooked.form.hooks(  # type: ignore[attr-defined]
                 hooked.module,
                 list(hooked.slots),
-                functools.partial(self._on_hooked_norms, dict(hooked.slots)),
+                functools.partial(self._on_hooked_norms, slots),
                 functools.partial(self._count_examples, hooked.module),
             )
             self._handles += hooks.install()
+        self._handles += self._evidence.install(model)
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
 
-    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+    def _on_forward(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+    ) -> None:
         if not (self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or module in self._dropped or self._checking:
             return
+        inputs = bind_inputs(module, args, kwargs)
         layer = self._layers[module]
-        while layer.checks:  # the first call proves what the rule assumes (raises for a look-alike, every call)
-            replacement = layer.checks[0](module, inputs, output)
+        while layer.checks:  # the first call proves what the rule assumes
+            self._checking = True  # a check may run the layer again (on probes): not a call to measure
+            try:
+                replacement = layer.checks[0](module, inputs, output)
+            except UnsupportedLayerError as e:
+                if self.policy == "error":
+                    raise  # every call, until the layer is fixed
+                self._refused[module] = str(e)
+                return
+            finally:
+                self._checking = False
             if replacement is not None:
                 layer.rule = replacement
             layer.checks = layer.checks[1:]
+        x = inputs[0] if inputs else None
+        lead = None
+        if isinstance(x, torch.Tensor):
+            self._shapes[module] = tuple(x.shape)
+            if x.dim() <= 2 and (self._flat_outputs or x._base is not None or _is_reshape(x.grad_fn)):
+                lead = flattened_from(x, self._flat_outputs)
+                if lead is not None and output.grad_fn is not None:
+                    self._flat_outputs[id(output.grad_fn)] = lead
         if layer.tie is not None:
-            layer.tie.forward(module, inputs)
+            self._tie_inputs[(id(layer.tie), id(module))] = (module, inputs, lead)
         # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
         # to register than a tensor hook, and keeps firing with the gradient of the value the layer returned when
         # a later operation modifies the output in place (nn.ReLU(inplace=True)): the node stays in the graph.
@@ -148,23 +192,30 @@ class ExampleCollector(HookOwner):
             else:
                 node, nr, shape = base.grad_fn, base.output_nr, output.shape
         if node is None:  # the layer returned a leaf (a parameter or an input as is): hook the tensor itself
-            output.register_hook(functools.partial(self._on_leaf_grad, module, kept))
+            output.register_hook(functools.partial(self._on_leaf_grad, module, kept, lead))
             return
-        node.register_prehook(functools.partial(self._on_node_grad, module, kept, nr, shape))
+        node.register_prehook(functools.partial(self._on_node_grad, module, kept, lead, nr, shape))
 
-    def _on_leaf_grad(self, module: nn.Module, inputs: tuple[object, ...] | SavedInputs, grad: torch.Tensor) -> None:
-        self._on_node_grad(module, inputs, 0, None, (grad,))
+    def _on_leaf_grad(
+        self,
+        module: nn.Module,
+        inputs: tuple[object, ...] | SavedInputs,
+        lead: tuple[int, ...] | None,
+        grad: torch.Tensor,
+    ) -> None:
+        self._on_node_grad(module, inputs, lead, 0, None, (grad,))
 
     def _on_node_grad(
         self,
         module: nn.Module,
         inputs: tuple[object, ...] | SavedInputs,
+        lead: tuple[int, ...] | None,
         nr: int,
         shape: torch.Size | None,
         grad_outputs: tuple[torch.Tensor | None, ...],
     ) -> None:
         grad = grad_outputs[nr]
-        if grad is None or not self.enabled:
+        if grad is None or not self.enabled or module in self._dropped:
             return
         self.watch.touch()
         if isinstance(inputs, SavedInputs):
@@ -173,11 +224,19 @@ class ExampleCollector(HookOwner):
             grad = grad.reshape(shape)
         if torch.is_grad_enabled():  # backward(create_graph=True): keep the statistics out of the graph
             with torch.no_grad():
-                self._on_grad_output(module, inputs, grad)
+                self._on_grad_output(module, inputs, lead, grad)
         else:
-            self._on_grad_output(module, inputs, grad)
+            self._on_grad_output(module, inputs, lead, grad)
 
-    def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
+    def _on_grad_output(
+        self, module: nn.Module, inputs: tuple[object, ...], lead: tuple[int, ...] | None, grad_output: torch.Tensor
+    ) -> None:
+        layout = Layout.of(inputs[0] if inputs else None, self._evidence.positions_first, lead)
+        if layout.ambiguous:
+            self._refused[module] = _AMBIGUOUS.format(shape=self._shapes.get(module))
+            return
+        if layout.transpose or layout.lead is not None:
+            inputs, grad_output = layout.apply(inputs, grad_output)
         layer = self._layers[module]
         with use_gram_cache(self.gram_cache):
             norms = layer.rule(module, inputs, grad_output)
@@ -193,6 +252,7 @@ class ExampleCollector(HookOwner):
             else:
                 self._record(slot, sq)
         if tie is not None:
+            self._tie_forward(tie)
             cross = tie.backward(module, inputs, grad_output)
             if cross is not None:
                 slot = index[tie.weight]
@@ -202,11 +262,19 @@ class ExampleCollector(HookOwner):
                     self._per_example.setdefault(slot, []).append(total.detach())
         self._count_examples(module, grad_output.shape[0])
 
+    def _tie_forward(self, tie: TiedWeights) -> None:
+        """Hand the tie the inputs of its layers' forward passes, laid out as their rules see them."""
+        for key in [k for k in self._tie_inputs if k[0] == id(tie)]:
+            module, inputs, lead = self._tie_inputs.pop(key)
+            layout = Layout.of(inputs[0] if inputs else None, self._evidence.positions_first, lead)
+            tie.forward(module, layout.apply_inputs(inputs))
+
     def _count_examples(self, module: nn.Module, n: int) -> None:
         self._examples[module] = self._examples.get(module, 0) + n
+        self._calls[module] = self._calls.get(module, 0) + 1
 
     def _on_hooked_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
-        if self.enabled:
+        if self.enabled and name in index:
             self.watch.touch()
             self._record(index[name], sq)
 
@@ -220,42 +288,46 @@ class ExampleCollector(HookOwner):
     # -- step interface ----------------------------------------------------------------------------------------
 
     def examples_seen(self) -> int | None:
-        """Examples whose output gradients reached the hooks since the last reset (checked consistent)."""
-        if not self._examples:
+        """Examples whose output gradients reached the hooks since the last reset.
+
+        With ``on_unsupported="error"`` every layer must agree; otherwise the count most layers saw (those that
+        disagree are left out by ``collect``).
+        """
+        counts = {m: n for m, n in self._examples.items() if m not in self._refused}
+        if not counts:
             return None
-        counts = set(self._examples.values())
-        if len(counts) > 1:
-            usual = Counter(self._examples.values()).most_common(1)[0][0]
-            detail = ", ".join(
-                f"'{self._names[m]}' ({type(m).__name__}): {n}" for m, n in self._examples.items() if n != usual
-            )
-            raise StepError(
-                f"layers saw different numbers of examples in this step: most saw {usual}, but {detail}. A layer "
-                "whose output is broadcast over the batch (a position embedding looked up with (1, T) or (T,) "
-                "positions) has no per-example gradient: give it one index row per example (Hugging Face models: "
-                "pass position_ids=torch.arange(T).expand(B, T)). A layer called several times per example "
-                f"(shared weights, recurrence) cannot be measured per example either. Or use {FALLBACK_HINT}."
-            )
-        return counts.pop()
+        usual = Counter(counts.values()).most_common(1)[0][0]
+        if self.policy == "error" and (len(set(counts.values())) > 1 or self._refused):
+            raise StepError(self._disagreement(usual))
+        return usual
 
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
         """Sum the per-example squared norms gathered since the last reset; see ``SmallBatchStats``."""
         seen = self.examples_seen()
         if seen is None or not self._vals:
+            if self._refused and self.policy != "error":
+                self._leave_out(dict(self._refused), batch_size)
             raise StepError(
                 "monitor.step() was called but no backward pass reached the monitored layers since the last "
                 "step; call loss.backward() (for every micro-batch) before monitor.step()"
+                if not self._refused
+                else "every measured layer was refused in this step: " + "; ".join(self._refused.values())
             )
-        if seen != batch_size:
-            raise StepError(
-                f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
-                "last step; pass the number of examples of the whole optimizer step (all micro-batches). The hooks "
-                "read the first dimension of each layer's input as the batch: sequence-first layers "
-                "(batch_first=False, inputs of shape (T, B, ...)) and packed sequences ((1, B*T, ...)) cannot be "
-                f"measured per example; use batch-first inputs or {FALLBACK_HINT}"
-            )
+        odd = {m: n for m, n in self._examples.items() if n != batch_size and m not in self._refused}
+        if odd or self._refused:
+            if self.policy == "error":
+                if seen != batch_size and len(set(self._examples.values())) == 1:
+                    raise StepError(self._wrong_batch_size(batch_size, seen))
+                raise StepError(self._disagreement(batch_size))
+            reasons = {m: f"saw {self._why_count(m, n, batch_size)}" for m, n in odd.items()}
+            self._leave_out({**reasons, **self._refused}, batch_size)
+        if self._steps == 0 and self._on_left_out is not None and self.left_out:
+            self._on_left_out(self.left_out, self.coverage, self.plan.trainable_numel)
+        self._steps += 1
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): times B^2.
         scale = float(batch_size) ** 2
+        if not self._vals:
+            raise StepError("every measured layer was left out in this step; nothing is left to measure")
         first = self._vals[0]
         host = first.device.type == "cpu" if self._host_sums is None else self._host_sums
         if host and all(v.shape == first.shape for v in self._vals):
@@ -276,9 +348,140 @@ class ExampleCollector(HookOwner):
             small_sq_sum=sums,
             n_small=batch_size,
             inv_size_sum=float(batch_size),
-            examples=seen,
+            examples=batch_size,
             per_example=True,
         )
+
+    def _leave_out(self, reasons: dict[nn.Module, str], batch_size: int) -> None:
+        """Leave ``reasons``' layers out from now on (policy ``warn`` / ``ignore``), on the first step only."""
+        names = ", ".join(f"'{self._names.get(m, type(m).__name__)}'" for m in reasons)
+        if self._steps:
+            # The measured parameters are fixed after the first step (the estimate's rows and the big batch).
+            raise StepError(
+                f"these layers could not be measured per example in step {self._steps + 1}, after the first step "
+                f"had measured them: {names} ({'; '.join(reasons.values())}); measure from a first step that runs "
+                f"every layer, or use {FALLBACK_HINT}"
+            )
+        total = self.plan.trainable_numel or 1
+        entries = []
+        for module, why in reasons.items():
+            slots = self._slots_of(module)
+            numel = sum(self.params[i][1].numel() for i in slots)
+            entries.append(
+                LeftOut(
+                    self._names.get(module, type(module).__name__),
+                    "no_rule",
+                    why,
+                    tuple(self.params[i][0] for i in slots),
+                    numel,
+                )
+            )
+        self._drop(set(reasons))
+        self.left_out += entries
+        if self.policy == "warn":
+            detail = "; ".join(
+                f"'{e.layer}' ({100 * e.numel / total:.2g}% of the parameters): {e.reason}" for e in entries
+            )
+            warnings.warn(
+                f"noisescale: left out of the per-example measurement, which now covers {100 * self.coverage:.3g}% "
+                f"of the trainable parameters: {detail}",
+                stacklevel=4,
+            )
+
+    def _slots_of(self, module: nn.Module) -> list[int]:
+        if module in self._layers:
+            return sorted(set(self._layers[module].slots.values()))
+        return sorted(set(self._hooked_slots.get(module, {}).values()))
+
+    def _drop(self, modules: set[nn.Module]) -> None:
+        """Stop measuring ``modules``: their slots leave ``params`` and everything is renumbered in place."""
+        gone = {i for m in modules for i in self._slots_of(m)}
+        keep = [i for i in range(len(self.params)) if i not in gone]
+        new = {old: j for j, old in enumerate(keep)}
+        self.params = [self.params[i] for i in keep]
+        for slots in [*(layer.slots for layer in self._layers.values()), *self._hooked_slots.values()]:
+            for name, old in list(slots.items()):
+                if old in gone:
+                    del slots[name]
+                else:
+                    slots[name] = new[old]
+        kept = [(new[i], v) for i, v in zip(self._idx, self._vals) if i not in gone]
+        self._idx, self._vals = [i for i, _ in kept], [v for _, v in kept]
+        self._per_example = {new[i]: v for i, v in self._per_example.items() if i not in gone}
+        self._dropped |= modules
+        for m in modules:
+            self._examples.pop(m, None)
+        measured = sum(p.numel() for _, p in self.params)
+        self.coverage = measured / self.plan.trainable_numel if self.plan.trainable_numel else 0.0
+        self._device = self.params[0][1].device if self.params else self._device
+
+    def _why_count(self, module: nn.Module, n: int, batch_size: int) -> str:
+        """Why a layer saw ``n`` examples in a step of ``batch_size``, from its input's shape and its calls."""
+        shape = self._shapes.get(module)
+        calls = self._calls.get(module, 1)
+        if shape and (shape[0] == 1 or (len(shape) == 1 and isinstance(module, nn.Embedding))):
+            return (
+                f"{n}. Its output is broadcast over the batch (an index of shape {shape}), so it has no per-example "
+                "gradient: give it one index row per example (Hugging Face models: pass "
+                "position_ids=torch.arange(T).expand(B, T))"
+            )
+        if calls > 1 and n == calls * batch_size:
+            return f"{n}. It ran {calls} times per example (shared weights, recurrence)"
+        if shape and len(shape) >= 2 and shape[1] == batch_size and shape[0] != batch_size:
+            return (
+                f"{n}. Its input of shape {shape} has the examples second (positions first), which no module of "
+                "the model declares with batch_first=False: pass batch-first inputs"
+            )
+        if shape and batch_size not in shape[:2] and n % batch_size:
+            return (
+                f"{n}. Its input of shape {shape} has no dimension of the batch's size: it is shared by the examples "
+                "(broadcast, like relative position buckets), so it has no per-example gradient"
+            )
+        if shape and len(shape) <= 2 and n > batch_size and n % batch_size == 0:
+            return (
+                f"{n}. Its {n} rows look like flattened tokens whose grouping into examples could not be traced to a "
+                "(B, T, ...) reshape: reshape a batch-first tensor right before the layer, or register a rule for it"
+            )
+        return str(n)
+
+    def _disagreement(self, batch_size: int) -> str:
+        parts = [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {self._why_count(m, n, batch_size)}"
+            for m, n in self._examples.items()
+            if n != batch_size and m not in self._refused
+        ]
+        parts += [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): refused: {why}"
+            for m, why in self._refused.items()
+        ]
+        return (
+            f"layers saw different numbers of examples in this step of {batch_size}, or were refused: "
+            + "; ".join(parts)
+            + ". Pass on_unsupported='warn' to measure the other layers (coverage is reported), or use "
+            + FALLBACK_HINT
+        )
+
+    def _wrong_batch_size(self, batch_size: int, seen: int) -> str:
+        message = (
+            f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the last step; "
+            "pass the number of examples of the whole optimizer step (all micro-batches)"
+        )
+        hints = [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {why}"
+            for m, n in self._examples.items()
+            if (why := self._why_count(m, n, batch_size)) != str(n)
+        ]
+        shapes = [s for s in self._shapes.values() if len(s) >= 2]
+        if hints and not (shapes and all(s[1] == batch_size for s in shapes)):
+            message += ". " + "; ".join(hints)
+        if shapes and all(s[1] == batch_size for s in shapes):
+            message += (
+                f". The layers' inputs have {batch_size} second ({shapes[0]}, ...): sequence-first layers "
+                "(batch_first=False, inputs of shape (T, B, ...)) are measured when a module of the model declares "
+                "batch_first=False (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.LSTM); otherwise pass "
+                "batch-first inputs"
+            )
+        return message
 
     def check_first_step(self, any_rank: AnyRank | None) -> None:
         """Refuse measured parameters whose gradients no hook of their layer saw (first step only).
@@ -348,6 +551,11 @@ class ExampleCollector(HookOwner):
         self._per_example = {}
         self._tied_parts = {}
         self._examples = {}
+        self._calls = {}
+        self._refused = {}
+        self._flat_outputs = {}
+        self._tie_inputs = {}
+        self._evidence.reset()
         for tie in self._ties:
             tie.reset()
 
@@ -362,6 +570,17 @@ def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[objec
     if any(isinstance(t, torch.Tensor) and (t is base or t._base is base) for t in inputs):
         return None
     return base
+
+
+_AMBIGUOUS = (
+    "its input of shape {shape} starts with as many positions as examples in a model that puts positions first "
+    "(batch_first=False), so which dimension holds the examples cannot be told; use batch_first=True, or a "
+    "sequence length different from the batch size"
+)
+
+
+def _is_reshape(node: object) -> bool:
+    return node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
 
 def _layer(planned: RuleLayer) -> _Layer:

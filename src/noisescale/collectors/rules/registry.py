@@ -224,10 +224,15 @@ def _same_output(reference: Reference, base: type[nn.Module]) -> ForwardCheck:
                         return None
         except (IndexError, TypeError, ValueError, RuntimeError):
             pass  # inputs the base class's forward would not take: not the same computation
+        how = (
+            f"largest difference {worst:.3g}"
+            if worst == worst
+            else f"its first input is not one {base.__name__}'s forward takes"
+        )
         raise UnsupportedLayerError(
             f"{type(module).__name__} subclasses {base.__module__}.{base.__qualname__} but overrides forward, and "
-            f"its output is not what {base.__name__}'s rule assumes from its first input (largest difference "
-            f"{worst:.3g}): register a rule of its own with @noisescale.register_norm_rule({type(module).__name__})"
+            f"its output is not what {base.__name__}'s rule assumes from its first input ({how}): register a rule "
+            f"of its own with @noisescale.register_norm_rule({type(module).__name__})"
         )
 
     return check
