@@ -67,3 +67,17 @@ def history(run_dir: str | Path) -> list[dict[str, Any]]:
             target[keys[-1]] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def alerts(run_dir: str | Path) -> list[tuple[str, str, str]]:
+    """Every ``wandb.alert`` of the offline run in ``run_dir`` as ``(title, text, level)``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    out = []
+    for raw in records(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "alert":
+            out.append((record.alert.title, record.alert.text, record.alert.level))
+    return out

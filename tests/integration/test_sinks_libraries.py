@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import noisescale as ns
-from noisescale.alerts import AlertEngine, Check, Rule
+from noisescale.alerts import AlertEngine, Check, Rule, WandbChannel
 from noisescale.store import Run, open_run
 from noisescale.types import COLUMNS
 
@@ -53,7 +53,8 @@ def trained(tmp_path_factory):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
         run = Run("sinks", dir=tmp / "runs")
-        sinks = [run, ns.sinks.CSV(tmp / "csv"), AlertEngine([_alert_at_step_5()], channels=[])]
+        # W&B alerts go to the active W&B run (the WandB sink's, once created below); a no-op without one
+        sinks = [run, ns.sinks.CSV(tmp / "csv"), AlertEngine([_alert_at_step_5()], channels=[WandbChannel()])]
         if HAVE["tensorboard"]:
             out["tb"] = ns.sinks.TensorBoard(tmp / "tb", layers="both", layer_columns=COLUMNS)
             sinks.append(out["tb"])
@@ -195,7 +196,7 @@ def test_mlflow_file_store_holds_the_stored_values(trained):
 
 @_needs("wandb")
 def test_wandb_offline_history_holds_the_stored_values(trained):
-    from tests.helpers.wandb_records import history
+    from tests.helpers.wandb_records import alerts, history
 
     whole, layers, metrics = _stored(trained["reader"])
     rows = history(trained["wandb_dir"])
@@ -220,6 +221,13 @@ def test_wandb_offline_history_holds_the_stored_values(trained):
         if kind == "param" and column == "b_simple" and value is not None:
             assert by_key[f"noisescale/layers/{name}/b_simple"][step] == value
     assert by_key["loss"] == {s: v for (k, s), v in metrics.items() if k == "loss"}
+    assert alerts(trained["wandb_dir"]) == [
+        (
+            "noisescale: step_five firing",
+            "[warning] step_five firing at step 5: step five was reached <b>now</b>. Suggested action: nothing.",
+            "WARN",
+        )
+    ]
     (table,) = [row["noisescale/events"] for row in rows if "noisescale/events" in row]
     doc = json.loads((trained["wandb_dir"] / "files" / table["path"]).read_text())
     assert doc["columns"] == ["step", "examples", "kind", "message", "data"]

@@ -122,6 +122,14 @@ class WebhookChannel:
         if self._thread.is_alive():
             self._abort.set()  # the thread drops what is left; it is a daemon, so exit never waits on it
             self._thread.join(self.timeout + 1.0)
+        if self.dropped:
+            warnings.warn(
+                f"noisescale: {self.dropped} alert(s) were not delivered to the webhook {self.url}: the queue was full "
+                f"(queue_size={self._queue.maxsize}) or they were still waiting after close_timeout="
+                f"{self.close_timeout:g} s",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # -- sender thread ---------------------------------------------------------------------------------------------
 
