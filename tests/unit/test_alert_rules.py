@@ -274,3 +274,15 @@ def _history(observations):
     from noisescale.alerts import History
 
     return History(observations)
+
+
+def test_a_broken_rule_warns_once_and_the_others_go_on():
+    def broken(history):
+        raise ZeroDivisionError("oops")
+
+    bad = Rule(name="broken", check=broken, summary="s", action="a")
+    engine = quiet([bad, batch_below_noise(hold_for=0, warmup=0)])
+    with pytest.warns(RuntimeWarning, match="'broken' raised ZeroDivisionError") as caught:
+        events = run(engine, [obs(s, 1000.0) for s in (1, 2, 3)])
+    assert len([w for w in caught if "broken" in str(w.message)]) == 1
+    assert events == [(1, "firing", None, True)] and engine.rule_errors == {"broken": 3}

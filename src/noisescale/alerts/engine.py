@@ -88,6 +88,7 @@ class AlertEngine:
         self._lock = threading.Lock()
         self.notified = 0
         self.channel_errors = 0
+        self.rule_errors: dict[str, int] = {}
 
     # -- the sink interface ------------------------------------------------------------------------------------
 
@@ -150,7 +151,11 @@ class AlertEngine:
                 at = obs.position(rule.unit)
                 if at < rule.warmup:
                     continue
-                checks = checks_of(rule.check(history), rule.name)
+                try:
+                    checks = checks_of(rule.check(history), rule.name)
+                except Exception as e:  # one broken rule must not silence the others
+                    self._rule_failed(rule, e)
+                    continue
                 for check in checks:
                     key = (rule.name, check.layer)
                     state, transitions = advance(
@@ -230,6 +235,16 @@ class AlertEngine:
         # drop the oldest while the one after it already reaches back far enough
         while len(self._history) >= 2 and not needed(self._history[1]):
             self._history.popleft()
+
+    def _rule_failed(self, rule: Rule, error: Exception) -> None:
+        self.rule_errors[rule.name] = self.rule_errors.get(rule.name, 0) + 1
+        if self.rule_errors[rule.name] == 1:
+            warnings.warn(
+                f"noisescale: the alert rule {rule.name!r} raised {error!r}; it is skipped at that step, the other "
+                "rules go on, and its further errors are counted silently (AlertEngine.rule_errors)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _is_rank_zero(self) -> bool:
         if self._rank is None:
