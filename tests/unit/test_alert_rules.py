@@ -118,7 +118,10 @@ def test_noise_jump_needs_separate_bands():
 
 
 def test_grad_sq_non_positive_too_often():
-    rule = grad_sq_unreliable(fraction=0.45, window=10, min_count=10, hold_for=2, clear_for=5, warmup=0)
+    # (the default band of obs() is [0.9 b, 1.1 b]: the band test is switched off here, tested below)
+    rule = grad_sq_unreliable(
+        fraction=0.45, window=10, min_count=10, band_ratio=None, hold_for=2, clear_for=5, warmup=0
+    )
     # steps 1-20: every 4th |G|^2 non-positive (2-3 in any 10 steps); 21-40: every odd one (5 in 10); then none
     series = [obs(s, raw=-1.0 if s % 4 == 0 else 1.0) for s in range(1, 21)]
     series += [obs(s, raw=-1.0 if s % 2 else 1.0) for s in range(21, 41)]
@@ -132,6 +135,12 @@ def test_grad_sq_non_positive_too_often():
     ]
     # undefined raw values are not counted
     assert rule.check(_history([obs(s, raw=None) for s in range(1, 30)])) is None
+    # half of them negative, but the smoothed band is tight (x1.5 < x4): the smoothing copes, nothing fires
+    rule = grad_sq_unreliable(window=10, warmup=0)
+    tight = [obs(s, 100.0, 80.0, 120.0, raw=-1.0 if s % 2 else 1.0) for s in range(1, 30)]
+    assert not rule.check(_history(tight)).active
+    unbounded = [obs(s, 100.0, 0.0, float("inf"), raw=-1.0 if s % 2 else 1.0) for s in range(1, 30)]
+    assert rule.check(_history(unbounded)).active
 
 
 def test_loss_stalled_while_the_noise_is_low():

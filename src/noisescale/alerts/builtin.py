@@ -161,28 +161,37 @@ def grad_sq_unreliable(
     fraction: float = 0.3,
     window: float = 50,
     min_count: int = 10,
+    band_ratio: float | None = 4.0,
     hold_for: float = 25,
     clear_for: float = 50,
     warmup: float = DEFAULT_WARMUP,
 ) -> Rule:
-    """This step's unbiased |G|^2 estimate (``grad_sq_raw``) is <= 0 too often: B_simple is unreliable.
+    """This step's unbiased |G|^2 estimate (``grad_sq_raw``) is <= 0 too often, and B_simple's band is wide.
 
     Active when at least ``fraction`` of the defined ``grad_sq_raw`` values within ``window`` steps (and at least
-    ``min_count`` of them) are not positive; the value is that fraction.
+    ``min_count`` of them) are not positive, *and* the smoothed band is wide: ``b_simple_high >= band_ratio *
+    b_simple_low`` (or unbounded).  A single step's |G|^2 is often negative when B_simple is well above the batch;
+    the smoothing is there for that, so only a wide band makes the estimate unreliable (``band_ratio=None``
+    ignores the band).  The value is the fraction.
     """
     if not (0.0 < fraction <= 1.0):
         raise ConfigError(f"fraction must be in (0, 1], got {fraction!r}")
     _positive("window", window)
+    if band_ratio is not None:
+        _positive("band_ratio", band_ratio, above=1.0)
 
     def check(history: History) -> CheckResult:
         raw = history.values("grad_sq_raw", window)
         if len(raw) < min_count:
             return None
         share = sum(1 for v in raw if v <= 0) / len(raw)
+        low, high = history.latest.values.get("b_simple_low"), history.latest.values.get("b_simple_high")
+        wide = band_ratio is None or low is None or high is None or high >= band_ratio * low
+        band = "" if low is None or high is None else f", band [{low:.4g}, {high:.4g}]"
         return Check(
-            share >= fraction,
+            share >= fraction and wide,
             value=share,
-            message=f"|G|^2 was estimated non-positive at {share:.0%} of the last {len(raw)} measured steps: "
+            message=f"|G|^2 was estimated non-positive at {share:.0%} of the last {len(raw)} measured steps{band}: "
             "the noise scale is dominated by estimation noise",
         )
 
