@@ -78,3 +78,34 @@ def test_tags_are_hierarchical():
     }  # grad_sq undefined: left out, never a 0
     assert whole_tag("b_simple_high") == "noisescale/band/high"
     assert layer_tag("module", "enc", "trace_cov") == "noisescale/modules/enc/trace_cov"
+
+
+def test_on_other_ranks_the_sinks_create_and_write_nothing(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from noisescale.events import Event, Metrics
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    for module in ("tensorboard", "wandb", "mlflow"):
+        monkeypatch.setitem(sys.modules, module, None)  # would fail if a sink tried to import its library
+    sinks = [
+        ns.sinks.TensorBoard(tmp_path / "tb"),
+        ns.sinks.WandB(project="p"),
+        ns.sinks.MLflow(experiment="e"),
+        ns.sinks.CSV(tmp_path / "csv"),
+    ]
+
+    class FakeMeasurement:
+        def to_dict(self, per_layer=True):
+            raise AssertionError("an inactive sink must not read the measurement")
+
+    for sink in sinks:
+        assert sink.active is False
+        sink.on_measurement(FakeMeasurement())
+        sink.on_metrics(Metrics(step=1, examples=8, wall_time=0.0, values={"loss": 1.0}))
+        sink.on_event(Event("note", "x", step=1))
+        sink.flush()
+        sink.close()
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ from typing import IO, Any
 from noisescale.errors import ConfigError
 from noisescale.events import Event, Metrics
 from noisescale.sink import BaseSink
+from noisescale.sinks.scalars import is_rank_zero
 from noisescale.types import COLUMNS
 
 __all__ = ["CSV", "EVENT_FIELDS", "LAYER_FIELDS", "MEASUREMENT_FIELDS", "METRIC_FIELDS"]
@@ -57,6 +58,8 @@ class CSV(BaseSink):
         dir: the folder.
         layers: also write per-layer values (``layers.csv``).
 
+    On a data-parallel rank other than 0 the sink is inactive (``active`` is ``False``): no folder, no file.
+
     Raises:
         ConfigError: the folder already holds one of the files (choose a new folder for each run).
     """
@@ -64,9 +67,12 @@ class CSV(BaseSink):
     def __init__(self, dir: str | os.PathLike[str], *, layers: bool = True) -> None:
         self.dir = Path(dir)
         self.layers = layers
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, IO[str]] = {}
         self._writers: dict[str, Any] = {}
+        self.active = is_rank_zero()
+        if not self.active:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         try:
             for name, fields in _FILES.items():
                 if name == "layers" and not layers:
@@ -87,6 +93,8 @@ class CSV(BaseSink):
             raise
 
     def on_measurement(self, measurement: Any) -> None:
+        if not self.active:
+            return
         d = measurement.to_dict(per_layer=self.layers)
         wall = getattr(measurement, "wall_time", None)
         row = [d["step"], d["examples"], wall, d["batch_size"], d["source"], d["coverage"], d["status"]]
@@ -99,11 +107,15 @@ class CSV(BaseSink):
                     w.writerow([d["step"], d["examples"], kind, name, *(_cell(values[c]) for c in COLUMNS)])
 
     def on_metrics(self, metrics: Metrics) -> None:
+        if not self.active:
+            return
         w = self._writers["metrics"]
         for key, value in metrics.values.items():
             w.writerow([metrics.step, _cell(metrics.examples), _cell(metrics.wall_time), key, _cell(value)])
 
     def on_event(self, event: Event) -> None:
+        if not self.active:
+            return
         data = "" if event.data is None else json.dumps(dict(event.data), sort_keys=True, default=str)
         row = [_cell(event.step), _cell(event.examples), _cell(event.wall_time), event.kind, event.message, data]
         self._writers["events"].writerow(row)

@@ -54,12 +54,19 @@ class MLflow(ScalarSink):
         batch: int = 1000,
     ) -> None:
         super().__init__(x=x, layers=layers, layer_columns=layer_columns)
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+        self._events: list[str] = []
+        self._events_written = 0
+        self._owned = False
+        if not self.active:  # not rank 0
+            return
         mlflow = require("mlflow", extra="mlflow", what="noisescale.sinks.MLflow")
         tracking = require("mlflow.tracking", extra="mlflow", what="noisescale.sinks.MLflow", package="mlflow")
         entities = require("mlflow.entities", extra="mlflow", what="noisescale.sinks.MLflow", package="mlflow")
         self._Metric = entities.Metric
+        self.batch = max(1, int(batch))
         self.client = tracking.MlflowClient(tracking_uri)
-        self._owned = False
         if run_id is None and tracking_uri is None and mlflow.active_run() is not None:
             run_id = mlflow.active_run().info.run_id
         if run_id is None:
@@ -68,11 +75,7 @@ class MLflow(ScalarSink):
             exp_id = found.experiment_id if found is not None else self.client.create_experiment(name)
             run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             self._owned = True
-        self.run_id: str = run_id
-        self.batch = max(1, int(batch))
-        self._pending: list[Any] = []
-        self._events: list[str] = []
-        self._events_written = 0
+        self.run_id = run_id
 
     def _write(self, at: int, wall_time: float, scalars: Iterable[tuple[str, float]]) -> None:
         ms = int(wall_time * 1000)
@@ -92,12 +95,16 @@ class MLflow(ScalarSink):
         self._events.append(json.dumps(record, sort_keys=True, default=str))
 
     def flush(self) -> None:
+        if not self.active:
+            return
         self._send()
         if len(self._events) > self._events_written:  # the artifact is rewritten whole: MLflow cannot append
             self.client.log_text(self.run_id, "\n".join(self._events) + "\n", "noisescale/events.jsonl")
             self._events_written = len(self._events)
 
     def close(self) -> None:
+        if not self.active:
+            return
         self.flush()
         if self._owned:
             self.client.set_terminated(self.run_id)

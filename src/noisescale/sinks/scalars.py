@@ -18,7 +18,7 @@ from noisescale.sink import BaseSink
 from noisescale.sinks.tags import LayerKind, measurement_scalars
 from noisescale.types import COLUMNS
 
-__all__ = ["Axis", "Layers", "ScalarSink", "require"]
+__all__ = ["Axis", "Layers", "ScalarSink", "is_rank_zero", "require"]
 
 Axis = Literal["step", "examples"]
 Layers = Literal["param", "module", "both"] | None
@@ -34,6 +34,16 @@ def require(module: str, *, extra: str, what: str, package: str | None = None) -
         ) from None
 
 
+def is_rank_zero() -> bool:
+    """Whether this process writes: rank 0 of an initialised ``torch.distributed`` job, or any process without one.
+
+    Sinks, like the run store, write on rank 0 only, so the same training script runs on every rank.
+    """
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or int(dist.get_rank()) == 0
+
+
 class ScalarSink(BaseSink):
     """Turns measurements and metrics into scalar writes; subclasses implement ``_write`` and ``_write_event``.
 
@@ -43,6 +53,9 @@ class ScalarSink(BaseSink):
         layers: per-layer values to write: ``"param"`` (each parameter tensor, ``m.layers``), ``"module"``
             (``m.modules``), ``"both"``, or ``None``.
         layer_columns: which columns to write per layer (default B_simple alone; any of ``noisescale.types.COLUMNS``).
+
+    On a data-parallel rank other than 0 the sink is inactive (``active`` is ``False``): it creates nothing and
+    writes nothing.
     """
 
     def __init__(self, *, x: Axis = "step", layers: Layers = "param", layer_columns: Sequence[str] = ("b_simple",)):
@@ -62,10 +75,13 @@ class ScalarSink(BaseSink):
         self.layer_columns = tuple(layer_columns)
         self._last_measured: tuple[int, int] | None = None  # (step, examples) of the latest measurement
         self._warned_axis = False
+        self.active = is_rank_zero()
 
     # -- the sink interface ------------------------------------------------------------------------------------
 
     def on_measurement(self, measurement: Any) -> None:
+        if not self.active:
+            return
         d = measurement.to_dict(per_layer=bool(self.layer_kinds))
         step, examples = int(d["step"]), int(d["examples"])
         self._last_measured = (step, examples)
@@ -73,6 +89,8 @@ class ScalarSink(BaseSink):
         self._write(step if self.x == "step" else examples, _wall(measurement), scalars)
 
     def on_metrics(self, metrics: Metrics) -> None:
+        if not self.active:
+            return
         at = self._position(metrics.step, metrics.examples)
         if at is None:
             return
@@ -81,6 +99,8 @@ class ScalarSink(BaseSink):
             self._write(at, metrics.wall_time, scalars)
 
     def on_event(self, event: Event) -> None:
+        if not self.active:
+            return
         at = None if event.step is None else self._position(event.step, event.examples)
         self._write_event(at, event)
 

@@ -62,6 +62,10 @@ class TensorBoard(ScalarSink):
         writer: Any = None,
     ) -> None:
         super().__init__(x=x, layers=layers, layer_columns=layer_columns)
+        self.log_dir = os.fspath(log_dir)
+        self._owned = False
+        if not self.active:  # not rank 0
+            return
         if writer is None:
             require("tensorboard", extra="tensorboard", what="noisescale.sinks.TensorBoard")
             summary = require("torch.utils.tensorboard", extra="tensorboard", what="noisescale.sinks.TensorBoard")
@@ -84,9 +88,12 @@ class TensorBoard(ScalarSink):
         self.writer.add_text("noisescale/events", event_markdown(event), global_step=at, walltime=event.wall_time)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self.active:
+            self.writer.flush()
 
     def close(self) -> None:
+        if not self.active:
+            return
         if self._owned:
             self.writer.close()
         else:

@@ -47,9 +47,13 @@ class WandB(ScalarSink):
         **init_kwargs: Any,
     ) -> None:
         super().__init__(x=x, layers=layers, layer_columns=layer_columns)
+        self.run: Any = None
+        self._owned = False
+        self._events: list[list[Any]] = []
+        if not self.active:  # not rank 0
+            return
         wandb = require("wandb", extra="wandb", what="noisescale.sinks.WandB")
         self._wandb = wandb
-        self._owned = False
         if run is None:
             run = wandb.run
         if run is None:
@@ -60,7 +64,6 @@ class WandB(ScalarSink):
         run.define_metric(self.axis, hidden=False)
         run.define_metric(f"{PREFIX}/*", step_metric=self.axis)
         self._defined: set[str] = set()
-        self._events: list[list[Any]] = []
 
     def _write(self, at: int, wall_time: float, scalars: Iterable[tuple[str, float]]) -> None:
         row: dict[str, Any] = {self.axis: at}
@@ -76,6 +79,8 @@ class WandB(ScalarSink):
         self._events.append([event.step, event.examples, event.kind, event.message, data])
 
     def close(self) -> None:
+        if not self.active:
+            return
         if self._events:
             table = self._wandb.Table(columns=["step", "examples", "kind", "message", "data"], data=self._events)
             self.run.log({f"{PREFIX}/events": table})
