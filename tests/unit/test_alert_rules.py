@@ -153,6 +153,9 @@ def test_loss_stalled_while_the_noise_is_low():
     # the same flat loss with a noise scale above the batch: exploring still pays, nothing fires
     noisy = [obs(o.step, 500.0, batch=64, metrics=o.metrics) for o in falling + flat]
     assert run(quiet([loss_stalled(window=20, warmup=0)]), noisy) == []
+    # a loss that rises is no plateau
+    rising = [obs(o.step, 10.0, batch=64, metrics={"loss": 1.0 + 0.1 * o.step}) for o in falling + flat]
+    assert run(quiet([loss_stalled(window=20, warmup=0)]), rising) == []
     # no loss logged: the rule cannot tell
     assert run(quiet([loss_stalled(window=20, warmup=0)]), [obs(s, 10.0, batch=64) for s in range(1, 60)]) == []
 

@@ -219,8 +219,9 @@ def loss_stalled(
     """The loss stopped improving while the gradient noise is low: there is little noise left to explore with.
 
     Compares the mean of ``metric`` over the last ``window / 2`` steps with the mean over the ``window / 2``
-    before: active when it improved by less than ``min_improvement`` (relative) *and* B_simple's whole band is
-    below the batch size.  The value is the relative improvement.
+    before: active when it moved by less than ``min_improvement`` (relative) either way *and* B_simple's whole band
+    is below the batch size.  A loss that rises is no plateau (bad data, instability: other rules speak of that).
+    The value is the relative improvement.
     """
     _positive("window", window)
     half = window / 2
@@ -239,9 +240,9 @@ def loss_stalled(
         before, now = statistics.fmean(earlier), statistics.fmean(recent)
         gain = (before - now) / abs(before) if before != 0 else 0.0
         return Check(
-            gain < min_improvement and high < o.batch_size,
+            abs(gain) < min_improvement and high < o.batch_size,
             value=gain,
-            message=f"the {metric} improved by {gain:.2%} over the last {half:g} steps while B_simple "
+            message=f"the {metric} changed by {-gain:+.2%} over the last {half:g} steps while B_simple "
             f"(at most {high:.4g}) is below the batch size {o.batch_size}: exploration is exhausted",
         )
 
