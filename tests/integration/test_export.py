@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
-import subprocess
 import sys
 
 import pytest
@@ -99,21 +97,6 @@ def test_export_refuses_a_folder_in_use_and_names_a_missing_extra(run_file, tmp_
     assert "pip install 'noisescale[tensorboard]'" in capsys.readouterr().err
     assert main(["export", "no-such-run", "--to", "csv", "--dir", str(tmp_path)]) == 1
     assert main(["export", str(run_file), "--to", "parquet"]) == 2
-
-
-PROBE = """
-import json, sys
-import noisescale.cli.export
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", "mlflow", "wandb", "noisescale"))))
-"""
-
-
-def test_export_command_module_imports_nothing_heavy():
-    # (noisescale's own package imports torch; the command adds no sink library and no store at import)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
-    loaded = json.loads(out.strip().splitlines()[-1])
-    assert not [m for m in loaded if not m.startswith("noisescale")]
-    assert "noisescale.store" not in loaded and "noisescale.sinks" not in loaded
 
 
 def _ls(reader, name):

@@ -12,14 +12,21 @@ from noisescale.sinks.tags import layer_tag, measurement_scalars, whole_tag
 PROBE = r"""
 import json, sys
 import noisescale as ns
+import noisescale.cli.export
+outer = ("noisescale.store", "noisescale.sinks", "noisescale.alerts")
+after_cli = sorted(m for m in sys.modules if m.startswith(outer))
 ns.sinks.TensorBoard, ns.sinks.WandB, ns.sinks.MLflow, ns.sinks.CSV, ns.alerts.default_rules
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", "wandb", "mlflow", "urllib3"))))
+libs = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", "wandb", "mlflow", "urllib3"))
+print(json.dumps({"libs": libs, "after_cli": after_cli}))
 """
 
 
-def test_ns_sinks_and_ns_alerts_import_none_of_the_libraries():
+@pytest.mark.slow
+def test_ns_sinks_ns_alerts_and_the_export_command_import_none_of_the_libraries():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == []
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["libs"] == []
+    assert result["after_cli"] == []  # the export command imports the store and the sinks in its handler only
 
 
 @pytest.mark.parametrize(
