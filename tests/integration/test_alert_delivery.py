@@ -196,6 +196,8 @@ def _train(monitor, model, steps):
 
 
 @pytest.mark.slow
+# the sender thread's first failure may be reported while training still runs, outside the pytest.warns below
+@pytest.mark.filterwarnings("ignore:noisescale. could not deliver an alert:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["answers-500", "slow", "down"])
 def test_a_failing_webhook_never_slows_or_breaks_training(kind, tmp_path, one_thread):
     receiver = {"answers-500": Receiver(500), "slow": Receiver(200, delay=2.0), "down": None}[kind]
