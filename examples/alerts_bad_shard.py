@@ -1,12 +1,14 @@
 """Alerts on a small MLP trained on scikit-learn's digits, with one bad data shard in the middle.
 
 Run:  python examples/alerts_bad_shard.py   (needs scikit-learn: pip install 'noisescale[demo]')
+      python examples/alerts_bad_shard.py --clean --steps 800 --batch-size 8   (no bad shard, another batch)
 
 From step 401 to 500 the labels are random, as if a mislabelled shard had slipped into the data. The noise scale
 of the whole model and of most layers moves by more than 3x within 10 steps, and the `noise_jump` alert fires
 with its suggested action; the alerts go to the Python log and into the run store as events.
 """
 
+import argparse
 import logging
 import tempfile
 
@@ -17,9 +19,15 @@ from torch import nn
 import noisescale as ns
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")  # the alerts' log channel writes here
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch-size", type=int, default=128)
+parser.add_argument("--steps", type=int, default=700)
+parser.add_argument("--clean", action="store_true", help="no bad shard")
+args = parser.parse_args()
+
 torch.manual_seed(0)
-batch_size, steps, lr = 128, 700, 0.05
-bad_shard = range(401, 501)
+batch_size, steps, lr = args.batch_size, args.steps, 0.05
+bad_shard = range(0) if args.clean else range(401, 501)
 
 digits = load_digits()
 x_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
