@@ -17,14 +17,18 @@ _LAZY = {
     "list_runs": "noisescale.store",
     "StoreError": "noisescale.store",
 }
+# Subpackages reachable as ns.alerts and ns.sinks, imported on first use.
+_SUBPACKAGES = ("alerts", "sinks")
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"noisescale.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'noisescale' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)
 
 
@@ -41,8 +45,10 @@ __all__ = [
     "TwoBatchEstimate",
     "UnsupportedLayerError",
     "__version__",
+    "alerts",
     "list_runs",
     "open_run",
     "register_norm_rule",
+    "sinks",
     "two_batch_estimate",
 ]
