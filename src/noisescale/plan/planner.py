@@ -364,13 +364,13 @@ def price(analysis: Analysis, schedules: Sequence[Schedule], *, step_time: StepT
         stretch_min_examples=per_stretch_e,
         by_loss=analysis.by_loss,
         predictions=predictions,
-        warnings=_warnings(analysis, predictions),
+        warnings=_warnings(analysis, predictions, critical_batch=e_min / s_min if s_min > 0 else math.inf),
         step_time=step_time,
         analysis=analysis,
     )
 
 
-def _warnings(analysis: Analysis, predictions: list[Prediction]) -> list[PlanWarning]:
+def _warnings(analysis: Analysis, predictions: list[Prediction], *, critical_batch: float) -> list[PlanWarning]:
     out = []
     st = analysis.stretches
     total = sum(s.examples for s in st) or 1
@@ -436,6 +436,17 @@ def _warnings(analysis: Analysis, predictions: list[Prediction]) -> list[PlanWar
                 f"({100 * share(far):.0f}% of the examples; {above} above, {len(far) - above} below): there the run "
                 "says little about the other regime, and predictions for it rest on B_simple alone",
                 share(far),
+            )
+        )
+    b_max = max(r.examples_taken / r.steps for r in analysis.rows if r.steps > 0)
+    if b_max > critical_batch:
+        out.append(
+            PlanWarning(
+                "above_critical",
+                f"the run's batch reached {b_max:,.0f}, above its critical batch E_min/S_min = {critical_batch:,.0f}: "
+                "the noise scale measured along a large-batch path can overstate what a smaller batch meets, so the "
+                "steps predicted for much smaller batches may be too high (see docs/plan.md); a run at a smaller "
+                "batch plans better",
             )
         )
     extra = [p.name for p in predictions if p.extrapolated]

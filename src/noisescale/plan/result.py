@@ -35,7 +35,7 @@ class PlanWarning:
 
     Attributes:
         code: ``"wide_band"``, ``"unbounded_band"``, ``"undefined"``, ``"short_run"``, ``"far_from_batch"``,
-            ``"extrapolation"``, ``"no_loss"``, ``"coverage"``.
+            ``"above_critical"``, ``"extrapolation"``, ``"no_loss"``, ``"coverage"``.
         message: one plain sentence.
         fraction: the fraction of the run's examples it concerns, where that applies.
     """
