@@ -8,7 +8,7 @@ from noisescale.plan.analysis import Analysis
 from noisescale.plan.result import PlanWarning, Prediction
 from noisescale.plan.stretches import Stretch
 
-__all__ = ["EXTRAPOLATION_FACTOR", "FAR_FACTOR", "SHORT_RUN", "WIDE_FACTOR", "caveats"]
+__all__ = ["ABOVE_CRITICAL", "EXTRAPOLATION_FACTOR", "FAR_FACTOR", "SHORT_RUN", "WIDE_FACTOR", "caveats"]
 
 SHORT_RUN = 100
 """Fewer usable measurements than this and the plan carries a ``short_run`` warning."""
@@ -16,6 +16,10 @@ WIDE_FACTOR = 4.0
 """A stretch whose band's upper end is more than this factor above its lower end gets a ``wide_band`` warning."""
 FAR_FACTOR = 8.0
 """A stretch whose batch was more than this factor away from its B_simple gets a ``far_from_batch`` warning."""
+ABOVE_CRITICAL = 0.5
+"""A run whose batch went above this fraction of its own critical batch ``E_min / S_min`` gets an
+``above_critical`` warning (``benchmarks/plan_check.py``: plans from such runs overstated the steps of smaller
+batches, increasingly so as the fraction grows)."""
 EXTRAPOLATION_FACTOR = 8.0
 """A schedule whose batch goes more than this factor beyond the run's batches is flagged ``extrapolated``."""
 
@@ -90,14 +94,14 @@ def caveats(analysis: Analysis, predictions: list[Prediction], *, critical_batch
             )
         )
     b_max = max(r.examples_taken / r.steps for r in analysis.rows if r.steps > 0)
-    if b_max > critical_batch:
+    if b_max > ABOVE_CRITICAL * critical_batch:
         out.append(
             PlanWarning(
                 "above_critical",
-                f"the run's batch reached {b_max:,.0f}, above its critical batch E_min/S_min = {critical_batch:,.0f}: "
-                "the noise scale measured along a large-batch path can overstate what a smaller batch meets, so the "
-                "steps predicted for much smaller batches may be too high (see docs/plan.md); a run at a smaller "
-                "batch plans better",
+                f"the run's batch reached {b_max:,.0f}, {b_max / critical_batch:.2g}x its critical batch E_min/S_min "
+                f"= {critical_batch:,.0f}: the noise scale measured along a large-batch path can overstate what a "
+                "smaller batch meets, so the steps predicted for smaller batches may be too high (see docs/plan.md); "
+                f"a run at a batch below {ABOVE_CRITICAL:g}x its critical batch plans better",
             )
         )
     extra = [p.name for p in predictions if p.extrapolated]
