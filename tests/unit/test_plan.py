@@ -199,8 +199,16 @@ def test_smooth_loss_against_a_plain_loop():
 # -- a real tiny training --------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_plan_from_a_real_training(tmp_path):
+@pytest.fixture
+def one_thread():
+    """A model this small trains fastest on one thread (and 60x slower on two when the cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_plan_from_a_real_training(tmp_path, one_thread):
     torch.manual_seed(0)
     x = torch.randn(2048, 10)
     y = (x[:, :3].sum(1) > 0).long()
