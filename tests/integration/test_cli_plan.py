@@ -88,6 +88,7 @@ def test_json_schema(run_path, capsys):
     assert all(set(w) == {"code", "message", "fraction"} for w in doc["warnings"])
 
 
+@pytest.mark.slow  # importing matplotlib and drawing: a few seconds
 def test_png(run_path, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "plan.png"
