@@ -22,6 +22,7 @@ EXPECTED_ALL = {
     "alerts",
     "list_runs",
     "open_run",
+    "plan",
     "register_norm_rule",
     "sinks",
     "two_batch_estimate",
@@ -65,3 +66,14 @@ def test_import_loads_only_torch_and_the_standard_library_and_patches_nothing():
     assert result["changed"] == []
     assert "noisescale.store" not in result["new"]  # exported lazily
     assert "noisescale.alerts" not in result["new"] and "noisescale.sinks" not in result["new"]
+    assert "sqlite3" not in result["new"]
+
+
+def test_plan_is_the_function_and_its_package_still_imports():
+    # ``ns.plan`` is the function; the package of the same name is reached with ``from ... import`` statements
+    # (``import noisescale.plan.schedules as s`` would look ``schedules`` up on the function).
+    from noisescale.plan import Fixed, planner
+    from noisescale.plan.schedules import Fixed as Fixed2
+
+    assert ns.plan is planner.plan and callable(ns.plan)
+    assert Fixed2 is Fixed and Fixed(8).batch_size == 8
