@@ -99,7 +99,7 @@ def train(
 
 def reached(seen: list[float], losses: list[float], window: float, target: float) -> int | None:
     """The step (1-based) just completed if the loss averaged over a centred window of ``window`` examples (the
-    measure ``plan_check`` reads, ``noisescale.plan.stretches.smooth_loss``) is at or below ``target`` at the
+    measure ``plan_check`` reads, ``noisescale.planning.stretches.smooth_loss``) is at or below ``target`` at the
     latest step whose window is already complete; ``None`` otherwise."""
     half = window / 2
     j = len(seen) - 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does ``noisescale.plan``, fitted on one run, predict the steps and examples of runs it did not see?
+"""Does ``ns.plan``, fitted on one run, predict the steps and examples of runs it did not see?
 
 Reads the run stores of ``benchmarks/adaptive.py`` (``benchmarks/results/adaptive/runs/``: config ``{schedule,
 batch_size, lr, seed, workload, target_loss}``, the training ``loss`` logged each step), or with ``--generate``
@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import noisescale as ns
-from noisescale.plan import Fixed, PlanError, Replay
-from noisescale.plan.caveats import ABOVE_CRITICAL
-from noisescale.plan.stretches import crossing, smooth_loss
+from noisescale.planning import Fixed, PlanError, Replay
+from noisescale.planning.caveats import ABOVE_CRITICAL
+from noisescale.planning.stretches import crossing, smooth_loss
 from noisescale.store import open_run, run_files
 
 HERE = Path(__file__).resolve().parent

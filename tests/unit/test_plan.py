@@ -1,4 +1,4 @@
-"""``noisescale.plan`` on recorded runs: recovery of dS_min / dE_min, refusals, warnings, a real tiny training."""
+"""``ns.plan`` on recorded runs: recovery of dS_min / dE_min, refusals, warnings, a real tiny training."""
 
 import math
 import random
@@ -9,8 +9,8 @@ import torch
 from tests.helpers.plan_runs import write_run
 
 import noisescale as ns
-from noisescale.plan import Fixed, LinearRamp, PlanError, Replay, analyse, plan, predict
-from noisescale.plan.stretches import crossing, cut_stretches, rows_from_measurements, smooth_loss
+from noisescale.planning import Fixed, LinearRamp, PlanError, Replay, analyse, plan, predict
+from noisescale.planning.stretches import crossing, cut_stretches, rows_from_measurements, smooth_loss
 from noisescale.store import Run, open_run
 
 # -- recovery from a run store ---------------------------------------------------------------------------------

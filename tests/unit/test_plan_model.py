@@ -5,8 +5,8 @@ import math
 import pytest
 
 from noisescale.errors import ConfigError
-from noisescale.plan import Devices, Fixed, FollowNoise, LinearRamp, Piece, Replay, StepTime, predict, recover
-from noisescale.plan.model import MAX_NOISE
+from noisescale.planning import Devices, Fixed, FollowNoise, LinearRamp, Piece, Replay, StepTime, predict, recover
+from noisescale.planning.model import MAX_NOISE
 
 
 def pieces_of(steps, batch, b_noise, n=10):

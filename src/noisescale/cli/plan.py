@@ -138,7 +138,7 @@ def _usage(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from noisescale.plan import Devices, LinearRamp, StepTime, analyse, default_schedules, price
+    from noisescale.planning import Devices, LinearRamp, StepTime, analyse, default_schedules, price
     from noisescale.store import open_run
 
     if args.micro_batch is not None and args.devices is None:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch is not None and args.max_batch < args.min_batch:
         return _usage(f"--max-batch must be >= --min-batch, got {args.max_batch:g} < {args.min_batch:g}")
     if args.png:
-        from noisescale.plan.png import pyplot
+        from noisescale.planning.png import pyplot
 
         pyplot()  # fail before reading the run if matplotlib is missing
     step_time = (
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     result = price(analysis, schedules, step_time=step_time)
     if args.png:
         from noisescale.cli.report import _write_atomic
-        from noisescale.plan.png import render_plan_png
+        from noisescale.planning.png import render_plan_png
 
         _write_atomic(Path(args.png), lambda p: render_plan_png(result, p))
     if args.json:

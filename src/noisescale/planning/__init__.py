@@ -7,12 +7,12 @@ steps, examples and time of other schedules to reach the same loss: fixed batche
 ``step_time``) is pure; ``planner`` does the reading.
 """
 
-from noisescale.plan.model import Outcome, Piece, predict, recover
-from noisescale.plan.planner import Analysis, analyse, default_schedules, plan, price
-from noisescale.plan.result import ASSUMPTIONS, Plan, PlanError, PlanWarning, Prediction
-from noisescale.plan.schedules import Devices, Fixed, FollowNoise, LinearRamp, Replay, Schedule
-from noisescale.plan.step_time import StepTime
-from noisescale.plan.stretches import Stretch
+from noisescale.planning.model import Outcome, Piece, predict, recover
+from noisescale.planning.planner import Analysis, analyse, default_schedules, plan, price
+from noisescale.planning.result import ASSUMPTIONS, Plan, PlanError, PlanWarning, Prediction
+from noisescale.planning.schedules import Devices, Fixed, FollowNoise, LinearRamp, Replay, Schedule
+from noisescale.planning.step_time import StepTime
+from noisescale.planning.stretches import Stretch
 
 __all__ = [
     "ASSUMPTIONS",

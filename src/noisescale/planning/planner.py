@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from noisescale.errors import ConfigError
-from noisescale.plan.analysis import Analysis
-from noisescale.plan.caveats import EXTRAPOLATION_FACTOR, caveats
-from noisescale.plan.model import predict
-from noisescale.plan.result import Plan, PlanError, Prediction
-from noisescale.plan.schedules import Devices, Fixed, FollowNoise, LinearRamp, Replay, Schedule
-from noisescale.plan.step_time import StepTime
-from noisescale.plan.stretches import Stretch, crossing, cut_stretches, rows_from_measurements, smooth_loss
+from noisescale.planning.analysis import Analysis
+from noisescale.planning.caveats import EXTRAPOLATION_FACTOR, caveats
+from noisescale.planning.model import predict
+from noisescale.planning.result import Plan, PlanError, Prediction
+from noisescale.planning.schedules import Devices, Fixed, FollowNoise, LinearRamp, Replay, Schedule
+from noisescale.planning.step_time import StepTime
+from noisescale.planning.stretches import Stretch, crossing, cut_stretches, rows_from_measurements, smooth_loss
 
 __all__ = ["MIN_MEASURED", "analyse", "default_schedules", "plan", "price"]
 

@@ -1,4 +1,4 @@
-"""A run read and cut into stretches: what ``noisescale.plan.price`` turns into predictions."""
+"""A run read and cut into stretches: what ``noisescale.planning.price`` turns into predictions."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from noisescale.plan.model import Piece, recover
-from noisescale.plan.stretches import Row, Stretch
+from noisescale.planning.model import Piece, recover
+from noisescale.planning.stretches import Row, Stretch
 
 __all__ = ["Analysis"]
 

@@ -19,7 +19,7 @@ __all__ = ["Devices", "Fixed", "FollowNoise", "LinearRamp", "Replay", "Schedule"
 
 @runtime_checkable
 class Schedule(Protocol):
-    """What ``noisescale.plan.model.predict`` needs from a schedule.
+    """What ``noisescale.planning.model.predict`` needs from a schedule.
 
     Attributes:
         name: a short label for tables and charts.

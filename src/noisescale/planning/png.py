@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 from noisescale.errors import NoiseScaleError
-from noisescale.plan.result import Plan
-from noisescale.plan.schedules import Fixed
+from noisescale.planning.result import Plan
+from noisescale.planning.schedules import Fixed
 
 __all__ = ["MissingDependencyError", "pyplot", "render_plan_png"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from noisescale.plan.analysis import Analysis
-from noisescale.plan.result import PlanWarning, Prediction
-from noisescale.plan.stretches import Stretch
+from noisescale.planning.analysis import Analysis
+from noisescale.planning.result import PlanWarning, Prediction
+from noisescale.planning.stretches import Stretch
 
 __all__ = ["ABOVE_CRITICAL", "EXTRAPOLATION_FACTOR", "FAR_FACTOR", "SHORT_RUN", "WIDE_FACTOR", "caveats"]
 

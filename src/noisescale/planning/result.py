@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from noisescale.errors import NoiseScaleError
-from noisescale.plan.step_time import StepTime
-from noisescale.plan.stretches import Stretch
+from noisescale.planning.step_time import StepTime
+from noisescale.planning.stretches import Stretch
 
 if TYPE_CHECKING:
-    from noisescale.plan.analysis import Analysis
-    from noisescale.plan.model import Outcome
-    from noisescale.plan.schedules import Schedule
+    from noisescale.planning.analysis import Analysis
+    from noisescale.planning.model import Outcome
+    from noisescale.planning.schedules import Schedule
 
 __all__ = ["ASSUMPTIONS", "Plan", "PlanError", "PlanWarning", "Prediction"]
 
@@ -53,7 +53,7 @@ class Prediction:
     """One schedule's predicted cost to reach the same point of training as the run.
 
     Attributes:
-        name, kind, params: the schedule (see ``noisescale.plan.schedules``).
+        name, kind, params: the schedule (see ``noisescale.planning.schedules``).
         steps, examples, time_s: with B_noise at the measured B_simple (``time_s`` needs a step-time model).
         steps_range, examples_range, time_range: lowest and highest over B_noise at either end of every
             stretch's band.
@@ -152,8 +152,8 @@ class Plan:
 
     def predict(self, schedule: Schedule, *, step_time: StepTime | None = None) -> Outcome:
         """Steps, examples (and time) of one more schedule, with B_noise at the measured B_simple, e.g.
-        ``plan.predict(noisescale.plan.Fixed(512)).steps``."""
-        from noisescale.plan.model import predict
+        ``plan.predict(noisescale.planning.Fixed(512)).steps``."""
+        from noisescale.planning.model import predict
 
         if self.analysis is None:
             raise PlanError("this Plan holds no stretches to predict from (it was built without its analysis)")

@@ -24,8 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from noisescale.plan.schedules import Schedule
-from noisescale.plan.step_time import StepTime
+from noisescale.planning.schedules import Schedule
+from noisescale.planning.step_time import StepTime
 
 __all__ = ["MAX_NOISE", "Outcome", "Piece", "predict", "recover"]
 
@@ -97,7 +97,7 @@ def predict(pieces: Sequence[Piece], schedule: Schedule, *, step_time: StepTime 
     run) is advanced in sub-pieces of about one of its own steps (at most ``MAX_SUBSTEPS`` per piece), so its batch
     is re-read as it goes.
 
-    >>> from noisescale.plan.schedules import Fixed
+    >>> from noisescale.planning.schedules import Fixed
     >>> o = predict([Piece(50.0, 3200.0, 64.0)], Fixed(16))
     >>> o.steps, o.examples      # S_min (1 + 64/16), E_min (1 + 16/64)
     (250.0, 4000.0)
