@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The tests also run tiny Hugging Face models; `make demo` does not need them.
+# The tests also run tiny Hugging Face models and the dashboard; `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,dashboard,dashboard-test]"
 	touch $(HF_STAMP)
 
 venv: $(STAMP)
