@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import noisescale.cli.dashboard as dashboard_cmd
 import noisescale.cli.demo as demo_cmd
 import noisescale.cli.report as report_cmd
 import noisescale.cli.runs as runs_cmd
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noisescale {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd):
+    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, dashboard_cmd):
         module.register(sub)
     return parser
 

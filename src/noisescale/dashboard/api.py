@@ -91,7 +91,9 @@ def series(directory: RunDirectory, ref: str, query: Query) -> dict[str, Any]:
             "id": f.id,
             "points": points,
             "after": after,
-            "measurements": measurement_series(reader, columns, points=points, after=after),
+            "measurements": (
+                measurement_series(reader, columns, points=points, after=after) if columns else _no_rows()
+            ),
             "metrics": {k: metric_series(reader, k, points=points, after=after) for k in keys},
             "cursor": cursor,
         }
@@ -256,6 +258,10 @@ def compare(directory: RunDirectory, query: Query) -> dict[str, Any]:
                 s["values"] = {"value": s["values"][column]}
         out.append({"id": f.id, "name": info.name, "status": info.status, "series": s})
     return {"column": column, "metric": None if metric is None else metric[0], "points": points, "runs": out}
+
+
+def _no_rows() -> dict[str, Any]:
+    return {"rows": 0, "downsampled": False, "bucket_steps": 1, "step": [], "examples": [], "wall_time": [], "values": {}}
 
 
 def _points(query: Query) -> int:

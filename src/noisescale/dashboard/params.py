@@ -112,13 +112,15 @@ class Query:
         return text
 
     def names(self, name: str, *, choices: Sequence[str] | None = None) -> list[str] | None:
-        """Comma-separated names, also from repeated parameters (``None`` when absent); each one of ``choices`` if
-        given, without duplicates, at most ``MAX_ITEMS``."""
+        """Comma-separated names, also from repeated parameters (``None`` when absent, ``[]`` when given empty);
+        each one of ``choices`` if given, without duplicates, at most ``MAX_ITEMS``."""
         values = self._values.get(name)
         if values is None:
             return None
         out: list[str] = []
         for text in values:
+            if not text.strip():
+                continue  # `?metrics=`: none
             for item in text.split(","):
                 item = item.strip()
                 if not item:
