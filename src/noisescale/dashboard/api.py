@@ -261,7 +261,8 @@ def compare(directory: RunDirectory, query: Query) -> dict[str, Any]:
 
 
 def _no_rows() -> dict[str, Any]:
-    return {"rows": 0, "downsampled": False, "bucket_steps": 1, "step": [], "examples": [], "wall_time": [], "values": {}}
+    return {"rows": 0, "downsampled": False, "bucket_steps": 1, "step": [], "examples": [], "wall_time": [],
+            "values": {}}  # fmt: skip
 
 
 def _points(query: Query) -> int:

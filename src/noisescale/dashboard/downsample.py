@@ -2,10 +2,10 @@
 
 A series of at most ``points`` rows is returned as stored.  A longer one is cut into buckets of ``w`` consecutive
 steps (``w`` the smallest power of two giving at most ``points / 2`` buckets, aligned on multiples of ``w`` so a
-growing run keeps its bucket edges); each bucket gives two points: its first step with the minimum of each column over the
-bucket, and its last step with the maximum.  So the chart's envelope is exact: no spike is lost, and no value is
-made up (every value shown is one that was recorded).  Inside a bucket the order of the minimum and the maximum is
-not kept; a bucket is under one pixel wide at the default ``points``.
+growing run keeps its bucket edges); each bucket gives two points: its first step with the minimum of each column
+over the bucket, and its last step with the maximum.  So the chart's envelope is exact: no spike is lost, and no
+value is made up (every value shown is one that was recorded).  Inside a bucket the order of the minimum and the
+maximum is not kept; a bucket is about two pixels wide at the default ``points``.
 
 Each bucket is one SQL aggregate over a step range of the primary key (no sort, no Python loop over rows), so a
 run of a million steps is read in a fraction of a second per column.  Call these inside ``reader.snapshot()`` so
