@@ -36,9 +36,12 @@ _PARAM_DOCS: dict[str, tuple[dict[str, Any], str]] = {
     "columns": (
         {"type": "string"},
         f"Measurement columns, comma-separated: any of {', '.join(MEASUREMENT_FIELDS)} "
-        f"(default: {','.join(DEFAULT_COLUMNS)}).",
+        f"(default: {','.join(DEFAULT_COLUMNS)}; empty: none).",
     ),
-    "metrics": ({"type": "string"}, "Logged metrics, comma-separated (default: every metric of the run)."),
+    "metrics": (
+        {"type": "string"},
+        "Logged metrics, comma-separated (default: every metric of the run; empty: none).",
+    ),
     "points": (
         {"type": "integer", "minimum": 1, "maximum": MAX_POINTS},
         "At most this many points per series (default 1000), or columns of the heat map (default 200); a longer "
@@ -88,7 +91,10 @@ def _params(endpoint: str) -> list[dict[str, Any]]:
     out = []
     for name in PARAMETERS[endpoint]:
         schema, text = _PARAM_DOCS[name]
-        out.append({"name": name, "in": "query", "required": name == "runs", "schema": schema, "description": text})
+        param = {"name": name, "in": "query", "required": name == "runs", "schema": schema, "description": text}
+        if name in ("columns", "metrics"):
+            param["allowEmptyValue"] = True  # `?metrics=`: none
+        out.append(param)
     return out
 
 
