@@ -118,8 +118,16 @@ class Guard:
 def _headers(scope: Scope) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in scope.get("headers", []):
-        out.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        out.setdefault(k.decode("latin-1").lower(), _text(v))
     return out
+
+
+def _text(value: bytes) -> str:
+    # A non-ASCII token arrives as UTF-8 from most clients and as Latin-1 from browsers' fetch(): accept both.
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _hostname(host: str) -> str:

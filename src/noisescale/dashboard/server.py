@@ -393,5 +393,6 @@ def _bind(host: str, port: int) -> socket.socket:
                 f"port {port} on {host} is in use (another dashboard?): pass --port 0 for any free port, or another"
             ) from None
         raise DashboardError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)  # connections made before the server loop starts wait in the queue instead of being refused
     sock.set_inheritable(True)
     return sock
