@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -16,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from noisescale.dashboard import api
 from noisescale.dashboard.catalog import RunDirectory
@@ -90,7 +91,7 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(
-    dir: str | Path,
+    dir: str | os.PathLike[str],
     *,
     token: str | None = None,
     allowed_hosts: tuple[str, ...] | None = None,
@@ -282,7 +283,7 @@ class DashboardServer:
 
     def __init__(
         self,
-        dir: str | Path,
+        dir: str | os.PathLike[str],
         *,
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
@@ -356,6 +357,20 @@ class DashboardServer:
         finally:
             self._stopping.set()
             self._sock.close()
+
+    def linger(self, *, stream: TextIO | None = None) -> None:
+        """Keep serving from the background thread until Ctrl+C when a person is at the terminal (stdin is a
+        TTY), then stop; without one, stop now (a script must not hang)."""
+        out = sys.stderr if stream is None else stream
+        try:
+            if sys.stdin is not None and sys.stdin.isatty():
+                print(f"noisescale: the dashboard stays up at {self.url}; Ctrl+C to stop it", file=out, flush=True)
+                while self._thread is not None and self._thread.is_alive():
+                    self._thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
 
     def close(self) -> None:
         """End every live stream and stop the server (idempotent)."""
