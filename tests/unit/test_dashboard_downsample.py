@@ -189,3 +189,63 @@ def test_query_parameters_are_checked():
     with pytest.raises(ApiError, match="must be one of"):
         Query([("agg", "median")], allowed=("agg",)).choice("agg", "max", ("max", "min"))
     assert Query([("token", "x")], allowed=()).has("token")
+
+
+def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None = None) -> None:
+    """More rows in the store's order (as a live writer adds them), and optionally a metric logged late."""
+    rng = random.Random(seed)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    for step in steps:
+        vals = [None if rng.random() < 0.1 else rng.lognormvariate(3, 1) for _ in COLUMNS]
+        conn.execute(
+            f"INSERT INTO measurements VALUES (?, ?, ?, 16, 'example', 1.0, 'ok', 0, {', '.join('?' * len(COLUMNS))})",
+            (step, 16 * step, 5000.0 + step, *vals),
+        )
+        for layer in range(N_LAYERS):
+            conn.execute(
+                f"INSERT INTO layer_measurements VALUES (?, ?, {', '.join('?' * len(COLUMNS))})",
+                (layer + 1, step, *[rng.lognormvariate(layer, 1) for _ in COLUMNS]),
+            )
+        conn.execute("INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, ?, ?, ?)",
+                     (step, 16 * step, 5000.0 + step, rng.gauss(1, 0.3)))  # fmt: skip
+    if late_metric_at is not None:  # e.g. a validation loss for an earlier step, logged now: a new extreme
+        conn.execute("INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, NULL, 0, ?)",
+                     (late_metric_at, 99.0 + (late_metric_at == 7)))  # fmt: skip
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path):
+    from noisescale.dashboard.buckets import BucketCache
+
+    path = _store(tmp_path / "grow.sqlite", seed=3, n=600)
+    cache = BucketCache()
+    columns = ["b_simple", "grad_sq"]
+    with RunReader(path) as reader:
+        last = reader.num_steps() and reader.series("b_simple").step[-1]
+    rounds = [
+        (None, None),
+        (range(last + 1, last + 400), None),  # grows: new buckets, maybe a new width
+        (range(last + 400, last + 900), 5),
+        (range(0), 7),  # the same width, only a late metric row: the kept buckets must not hide it
+    ]
+    for round_, (extra, late) in enumerate(rounds):
+        if extra is not None:
+            _append(path, extra, seed=round_, late_metric_at=late)
+        for points in (40, 300):
+            with RunReader(path) as reader, reader.snapshot():
+                cached = (
+                    measurement_series(reader, columns, points=points, cache=cache),
+                    metric_series(reader, "loss", points=points, cache=cache),
+                    layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max", cache=cache),
+                )
+                fresh = (
+                    measurement_series(reader, columns, points=points),
+                    metric_series(reader, "loss", points=points),
+                    layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max"),
+                )
+            assert cached == fresh, (round_, points)
+            if late is not None:  # the late row is seen, not hidden by a kept bucket
+                assert max(cached[1]["values"]["value"]) == 99.0 + (late == 7)
+    assert len(cache._entries) > 0

@@ -92,9 +92,11 @@ def series(directory: RunDirectory, ref: str, query: Query) -> dict[str, Any]:
             "points": points,
             "after": after,
             "measurements": (
-                measurement_series(reader, columns, points=points, after=after) if columns else _no_rows()
+                measurement_series(reader, columns, points=points, after=after, cache=directory.cache)
+                if columns
+                else _no_rows()
             ),
-            "metrics": {k: metric_series(reader, k, points=points, after=after) for k in keys},
+            "metrics": {k: metric_series(reader, k, points=points, after=after, cache=directory.cache) for k in keys},
             "cursor": cursor,
         }
 
@@ -127,7 +129,7 @@ def layers(directory: RunDirectory, ref: str, query: Query) -> dict[str, Any]:
         elif order == "name":
             chosen.sort(key=lambda item: item[1])
         chosen = chosen[:limit]
-        grid = layer_grid(reader, column, [lid for lid, _ in chosen], points=points, agg=agg)
+        grid = layer_grid(reader, column, [lid for lid, _ in chosen], points=points, agg=agg, cache=directory.cache)
     values = grid.pop("values")
     return {
         "id": f.id,
@@ -251,10 +253,10 @@ def compare(directory: RunDirectory, query: Query) -> dict[str, Any]:
         with directory.open(f) as reader, reader.snapshot():
             info = reader.info
             if metric is not None:
-                s = metric_series(reader, metric[0], points=points)
+                s = metric_series(reader, metric[0], points=points, cache=directory.cache)
             else:
                 assert column is not None
-                s = measurement_series(reader, [column], points=points)
+                s = measurement_series(reader, [column], points=points, cache=directory.cache)
                 s["values"] = {"value": s["values"][column]}
         out.append({"id": f.id, "name": info.name, "status": info.status, "series": s})
     return {"column": column, "metric": None if metric is None else metric[0], "points": points, "runs": out}

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from noisescale.dashboard.buckets import BucketCache
 from noisescale.dashboard.params import ApiError
 from noisescale.store import StoreError, run_files
 from noisescale.store.naming import RUN_SUFFIX, parse_run_file_name
@@ -45,6 +46,7 @@ class RunDirectory:
             what = "a file, not a folder of runs" if self.root.exists() else "not there"
             raise StoreError(f"the dashboard's folder {str(self.root)!r} is {what}; give a folder of run files")
         self.real_root = self.root.resolve(strict=True)
+        self.cache = BucketCache()  # downsampled buckets already read from these files
 
     def files(self) -> list[RunFile]:
         """Every ``*.sqlite`` file directly in the folder, oldest run first; links out of it marked ``refused``."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from noisescale.dashboard.buckets import BucketCache, file_identity
 from noisescale.store.reader import MEASUREMENT_FIELDS, RunReader
 from noisescale.types import COLUMNS
 
@@ -42,9 +43,15 @@ def bucket_width(first: int, last: int, points: int) -> int:
 
 
 def measurement_series(
-    reader: RunReader, columns: Sequence[str], *, points: int, after: int | None = None
+    reader: RunReader,
+    columns: Sequence[str],
+    *,
+    points: int,
+    after: int | None = None,
+    cache: BucketCache | None = None,
 ) -> dict[str, Any]:
-    """Whole-model measurement ``columns`` (see ``MEASUREMENT_FIELDS``) of the steps after ``after``.
+    """Whole-model measurement ``columns`` (see ``MEASUREMENT_FIELDS``) of the steps after ``after``; buckets that
+    ``cache`` holds are not read again, complete ones read now are kept there.
 
     Returns:
         ``{"rows", "downsampled", "bucket_steps", "step", "examples", "wall_time", "values": {column: [...]}}``:
@@ -66,11 +73,20 @@ def measurement_series(
     w = bucket_width(first, last, max(1, points // 2))
     aggs = "".join(f", min({c}), max({c})" for c in columns)
     sql = f"SELECT count(*), min(step), max(step){aggs} FROM measurements WHERE step >= ? AND step < ?"
+    key = None if cache is None or after is not None else (file_identity(reader), "measurements", tuple(columns), w)
+    known = cache.get(key) if cache is not None and key is not None else {}
+    complete: dict[int, Any] = {}
     buckets = []
     for k in range(first // w, last // w + 1):
-        r = reader.query(sql, (max(k * w, lo + 1), (k + 1) * w))[0]
+        r = known.get(k)
+        if r is None:
+            r = reader.query(sql, (max(k * w, lo + 1), (k + 1) * w))[0]
+            if (k + 1) * w <= last:  # a later step is stored: rows come in step order, this bucket is final
+                complete[k] = r
         if r[0]:
             buckets.append(r)
+    if cache is not None and key is not None and complete:
+        cache.put(key, complete)
     edges = sorted({int(b[1]) for b in buckets} | {int(b[2]) for b in buckets})
     x: dict[int, tuple[Any, Any]] = {}
     for i in range(0, len(edges), _IN_CHUNK):
@@ -83,7 +99,9 @@ def measurement_series(
     return _expand(buckets, columns, x, width=w)
 
 
-def metric_series(reader: RunReader, key: str, *, points: int, after: int | None = None) -> dict[str, Any]:
+def metric_series(
+    reader: RunReader, key: str, *, points: int, after: int | None = None, cache: BucketCache | None = None
+) -> dict[str, Any]:
     """One metric logged with ``Run.log`` (steps after ``after``), in the same form as ``measurement_series``
     with the single column ``"value"``.  ``examples`` comes from the measurement of the same step when the metric
     row has none."""
@@ -102,11 +120,31 @@ def metric_series(reader: RunReader, key: str, *, points: int, after: int | None
         "SELECT count(*), min(step), max(step), min(value), max(value) FROM metrics "
         "WHERE key = ? AND step >= ? AND step < ?"
     )
+    ckey = None if cache is None or after is not None else (file_identity(reader), "metric", key, w)
+    known: dict[int, Any] = {}
+    top_id = int(reader.query("SELECT coalesce(max(id), 0) FROM metrics")[0][0])
+    if cache is not None and ckey is not None:
+        known = cache.get(ckey)
+        seen = cache.mark(ckey)
+        if known and seen is not None:
+            # A row logged since for a step inside a kept bucket (a late metric) makes them stale.
+            end = (max(known) + 1) * w
+            late = reader.query("SELECT 1 FROM metrics WHERE id > ? AND key = ? AND step < ? LIMIT 1", (seen, key, end))
+            if late:
+                cache.drop(ckey)
+                known = {}
+    complete: dict[int, Any] = {}
     buckets = []
     for k in range(first // w, last // w + 1):
-        r = reader.query(sql, (key, max(k * w, lo + 1), (k + 1) * w))[0]
+        r = known.get(k)
+        if r is None:
+            r = reader.query(sql, (key, max(k * w, lo + 1), (k + 1) * w))[0]
+            if (k + 1) * w <= last:
+                complete[k] = r
         if r[0]:
             buckets.append(r)
+    if cache is not None and ckey is not None and (complete or known):
+        cache.put(ckey, complete, mark=top_id)
     edges = sorted({int(b[1]) for b in buckets} | {int(b[2]) for b in buckets})
     x: dict[int, tuple[Any, Any]] = {}
     for i in range(0, len(edges), _IN_CHUNK):
@@ -128,8 +166,10 @@ def layer_grid(
     *,
     points: int,
     agg: str = "max",
+    cache: BucketCache | None = None,
 ) -> dict[str, Any]:
-    """The per-layer ``column`` of ``layer_ids`` over time, on one grid of step buckets for all of them.
+    """The per-layer ``column`` of ``layer_ids`` over time, on one grid of step buckets for all of them (complete
+    buckets kept in ``cache``).
 
     Returns:
         ``{"downsampled", "bucket_steps", "step", "step_end", "examples", "wall_time", "values": [[...] per layer]}``:
@@ -148,12 +188,24 @@ def layer_grid(
         return empty
     first, last = int(ends[0]), int(ends[1])
     w = bucket_width(first, last, points)
+    ident = file_identity(reader) if cache is not None else None
+    ekey = (ident, "edges", w)
+    known_edges = cache.get(ekey) if cache is not None else {}
     cols: list[tuple[int, int]] = []  # (first step, last step) of each non-empty bucket
+    ks: list[int] = []
+    complete: dict[int, Any] = {}
     for k in range(first // w, last // w + 1):
-        lo, hi = reader.query("SELECT min(step), max(step) FROM measurements WHERE step >= ? AND step < ?",
-                              (k * w, (k + 1) * w))[0]  # fmt: skip
-        if lo is not None:
-            cols.append((int(lo), int(hi)))
+        edge = known_edges.get(k)
+        if edge is None:
+            edge = reader.query("SELECT min(step), max(step) FROM measurements WHERE step >= ? AND step < ?",
+                                (k * w, (k + 1) * w))[0]  # fmt: skip
+            if (k + 1) * w <= last:
+                complete[k] = edge
+        if edge[0] is not None:
+            cols.append((int(edge[0]), int(edge[1])))
+            ks.append(k)
+    if cache is not None and complete:
+        cache.put(ekey, complete)
     values: list[list[float | None]] = []
     if w == 1:
         index = {s: j for j, (s, _) in enumerate(cols)}
@@ -169,7 +221,21 @@ def layer_grid(
     else:
         sql = f"SELECT {fn}({column}) FROM layer_measurements WHERE layer_id = ? AND step >= ? AND step <= ?"
         for lid in layer_ids:
-            values.append([reader.query(sql, (lid, lo, hi))[0][0] for lo, hi in cols])
+            lkey = (ident, "layer", lid, column, agg, w)
+            known = cache.get(lkey) if cache is not None else {}
+            done: dict[int, Any] = {}
+            row = []
+            for k, (lo, hi) in zip(ks, cols, strict=True):
+                if k in known:
+                    row.append(known[k])
+                    continue
+                v = reader.query(sql, (lid, lo, hi))[0][0]
+                row.append(v)
+                if (k + 1) * w <= last:
+                    done[k] = v
+            if cache is not None and done:
+                cache.put(lkey, done)
+            values.append(row)
     x = {int(s): (e, t) for s, e, t in _rows_at(reader, [lo for lo, _ in cols])}
     return {
         "downsampled": w > 1,
