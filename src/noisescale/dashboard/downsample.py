@@ -129,7 +129,10 @@ def metric_series(
         if known and seen is not None:
             # A row logged since for a step inside a kept bucket (a late metric) makes them stale.
             end = (max(known) + 1) * w
-            late = reader.query("SELECT 1 FROM metrics WHERE id > ? AND key = ? AND step < ? LIMIT 1", (seen, key, end))
+            # NOT INDEXED: walk the new rows by id, not every row of the key through the (key, step) index.
+            late = reader.query(
+                "SELECT 1 FROM metrics NOT INDEXED WHERE id > ? AND key = ? AND step < ? LIMIT 1", (seen, key, end)
+            )
             if late:
                 cache.drop(ckey)
                 known = {}
@@ -179,7 +182,8 @@ def layer_grid(
     if column not in COLUMNS:
         raise ValueError(f"unknown per-layer column {column!r}")
     fn = LAYER_AGGREGATES[agg]
-    ends = reader.query("SELECT min(step), max(step) FROM measurements")[0]
+    # Two subqueries: SQLite answers a lone min() or max() of the key from the tree's ends, both together by a scan.
+    ends = reader.query("SELECT (SELECT min(step) FROM measurements), (SELECT max(step) FROM measurements)")[0]
     empty: dict[str, Any] = {
         "downsampled": False, "bucket_steps": 1, "step": [], "step_end": [], "examples": [], "wall_time": [],
         "values": [[] for _ in layer_ids],
@@ -197,8 +201,11 @@ def layer_grid(
     for k in range(first // w, last // w + 1):
         edge = known_edges.get(k)
         if edge is None:
-            edge = reader.query("SELECT min(step), max(step) FROM measurements WHERE step >= ? AND step < ?",
-                                (k * w, (k + 1) * w))[0]  # fmt: skip
+            edge = reader.query(
+                "SELECT (SELECT min(step) FROM measurements WHERE step >= ?1 AND step < ?2), "
+                "(SELECT max(step) FROM measurements WHERE step >= ?1 AND step < ?2)",
+                (k * w, (k + 1) * w),
+            )[0]
             if (k + 1) * w <= last:
                 complete[k] = edge
         if edge[0] is not None:
