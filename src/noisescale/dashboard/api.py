@@ -65,7 +65,7 @@ def runs(directory: RunDirectory, query: Query) -> dict[str, Any]:
                 out.append(overview(reader, f))
         except (ApiError, StoreError) as e:
             unreadable.append({"file": f.file, "error": e.message if isinstance(e, ApiError) else str(e)})
-    out.reverse()
+    out.sort(key=lambda r: (r["started_at"], r["id"]), reverse=True)  # two runs may start in the same second
     return {"runs": out, "unreadable": unreadable}
 
 

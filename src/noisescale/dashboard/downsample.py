@@ -31,7 +31,7 @@ def bucket_width(first: int, last: int, points: int) -> int:
     """The smallest power of two ``w`` such that steps ``first..last`` fall in at most ``points`` buckets
     ``[k*w, (k+1)*w)``.
 
-    >>> bucket_width(1, 1000, 1000), bucket_width(1, 1000, 500), bucket_width(0, 1_000_000, 1000)
+    >>> bucket_width(1, 1000, 1000), bucket_width(0, 999, 500), bucket_width(0, 1_000_000, 1000)
     (1, 2, 1024)
     """
     if points < 1:
