@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import pytest
 from tests.helpers.training_runs import MARKUP, LiveTraining, train_run
@@ -15,6 +16,7 @@ from noisescale.store import RunReader
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHARTS = ("chart-noise", "chart-loss", "chart-gradients")
+EVIL_NAME = '<img src=x onerror="window.__pwned=1">evil'
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,10 @@ def site(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser-runs")
     done = train_run(root, name="done", steps=40)
+    # Run names cannot hold markup through `Run`, but a file can be edited: the page must still show text.
+    evil = train_run(root, name="evil", steps=6, events=False)
+    with sqlite3.connect(evil) as conn:
+        conn.execute("UPDATE run SET name = ?", (EVIL_NAME,))
     live = LiveTraining(root, name="live", delay=0.03).start()
     live.wait_for_step(5)
     with DashboardServer(root, port=0, poll_interval=0.2).start() as server:
@@ -51,9 +57,10 @@ def _open_run(p, server, run_id: str) -> None:
 def test_runs_list_and_charts_draw(site, page):
     server = site["server"]
     page.page.goto(server.url)
-    page.page.wait_for_selector("[data-testid=run-row] >> nth=1")
+    page.page.wait_for_selector("[data-testid=run-row] >> nth=2")
     names = page.page.locator("[data-testid=run-name] a").all_text_contents()
-    assert sorted(names) == ["done", "live"]
+    assert sorted(names) == sorted(["done", "live", EVIL_NAME])  # a name with markup, shown as text
+    assert page.page.evaluate("typeof window.__pwned") == "undefined"
     page.shot("runs-list")
     page.page.get_by_role("link", name="done", exact=True).click()
     page.page.wait_for_url(re.compile(r"#/run/done-"))
@@ -148,12 +155,13 @@ def test_new_points_and_an_alert_appear_while_the_run_writes(site, page):
 def test_overlay_of_two_runs(site, page):
     p = page.page
     p.goto(site["server"].url)
-    p.wait_for_selector("[data-testid=run-row] >> nth=1")
-    for box in p.get_by_test_id("select-run").all():
-        box.check()
+    p.wait_for_selector("[data-testid=run-row] >> nth=2")
+    for row in p.get_by_test_id("run-row").all():
+        if row.get_by_role("link").text_content() in ("done", "live"):
+            row.get_by_test_id("select-run").check()
     p.get_by_test_id("compare-button").click()
     p.wait_for_selector("[data-testid=chart-compare] canvas")
-    assert len(p.get_by_test_id("compare-run").all()) == 2
+    assert sorted(p.locator("[data-testid=compare-run] a").all_text_contents()) == ["done", "live"]
     sizes = _canvas_sizes(p, "chart-compare")
     assert sizes and all(w > 100 and h > 50 for w, h in sizes)
     p.get_by_test_id("compare-column").select_option("metric:loss")

@@ -32,11 +32,13 @@ class BucketCache:
     """Complete buckets' aggregates, per ``(file, series, bucket width)``; thread-safe, least recently used out.
 
     Args:
-        max_entries: series kept at most (each at most a few thousand small tuples).
+        max_entries: series kept at most.
+        max_buckets: buckets kept per series at most (a series asked with more is not kept).
     """
 
-    def __init__(self, max_entries: int = 256) -> None:
+    def __init__(self, max_entries: int = 256, max_buckets: int = 4096) -> None:
         self.max_entries = max_entries
+        self.max_buckets = max_buckets  # per series: bounds the memory whatever `points` a request asks
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, dict[int, Any]] = OrderedDict()
         self._marks: dict[Hashable, int] = {}
@@ -61,6 +63,8 @@ class BucketCache:
         """Keep ``buckets`` (complete ones only) for ``key``, beside those already kept."""
         with self._lock:
             entry = self._entries.setdefault(key, {})
+            if len(entry) + len(buckets) > self.max_buckets:
+                return
             entry.update(buckets)
             self._entries.move_to_end(key)
             if mark is not None:
