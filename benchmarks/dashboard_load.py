@@ -289,7 +289,7 @@ def bench_live(port: int, dir: Path, rate: float, seconds: float, layers: int) -
             elif text.startswith("data:") and event == "update":
                 doc = json.loads(text[5:])
                 if doc["reset"]:
-                    resets.append(time.time())  # more than 5000 new rows at once: the page reads the series again
+                    resets.append(time.time())  # more than 20000 new rows at once: the page reads the series again
                 wall = doc["measurements"]["wall_time"]
                 if wall:
                     lags.append(time.time() - wall[-1])
@@ -386,7 +386,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"\nstream: {lag['updates']} updates, rows on the page {lag['median']:.2f} s (median) after they were "
             f"logged, {lag['max']:.2f} s at most (the writer commits every 1 s); {live['stream_resets']} reset(s) "
-            "(more than 5000 new rows in one look: the page reads the series again)"
+            "(more than 20000 new rows in one look: the page reads the series again)"
         )
     if live["errors"]:
         lines.append("\nerrors: " + "; ".join(live["errors"]))

@@ -37,7 +37,7 @@ DEFAULT_COLUMNS = ("b_simple", "b_simple_low", "b_simple_high", "batch_size", "g
 DEFAULT_POINTS = 1000
 MAX_POINTS = 20_000
 MAX_STEP = 2**62
-MAX_LIMIT = 10_000
+MAX_LIMIT = 100_000
 
 # The query parameters each endpoint takes (the OpenAPI document and the server read them from here).
 PARAMETERS: dict[str, tuple[str, ...]] = {
@@ -178,7 +178,7 @@ def update_params(query: Query) -> dict[str, Any]:
         "step": query.integer("step", -1, low=-1, high=MAX_STEP),
         "metric_id": query.integer("metric_id", 0, low=0, high=MAX_STEP),
         "event_id": query.integer("event_id", 0, low=0, high=MAX_STEP),
-        "limit": query.integer("limit", 5000, low=1, high=MAX_LIMIT),
+        "limit": query.integer("limit", 20_000, low=1, high=MAX_LIMIT),
     }
     return out
 

@@ -61,7 +61,8 @@ _PARAM_DOCS: dict[str, tuple[dict[str, Any], str]] = {
     "agg": ({"type": "string", "enum": list(LAYER_AGGREGATES)}, "How a bucket of steps is summarised (default max)."),
     "limit": (
         {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-        "At most this many layers (layers), events (events) or new rows (updates).",
+        "At most this many layers (layers, default 100), events (events, default 1000) or new rows (updates and "
+        "stream, default 20000: more comes as a reset).",
     ),
     "order": (
         {"type": "string", "enum": ["noisiest", "name", "model"]},
