@@ -7,6 +7,7 @@ from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
 from noisescale.monitor import GNSMonitor
+from noisescale.planning import plan
 from noisescale.types import LayerMeasurement, Measurement
 from noisescale.version import __version__
 
@@ -48,6 +49,7 @@ __all__ = [
     "alerts",
     "list_runs",
     "open_run",
+    "plan",
     "register_norm_rule",
     "sinks",
     "two_batch_estimate",

@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"controllers", "alerts"},
     {"sink", "sink_queue", "source_choice", "monitor"},
     {"store"},
-    {"sinks", "report", "plan"},
+    {"sinks", "report", "planning"},
     {"integrations", "dashboard", "demo"},
     {"cli"},
 ]

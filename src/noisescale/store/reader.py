@@ -316,6 +316,13 @@ class RunReader:
             values=values,
         )
 
+    # -- raw SQL -----------------------------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one SQL statement on the file, for readers that need an aggregate the methods above do not
+        offer (the dashboard's downsampling).  The connection is read-only: a statement that writes fails."""
+        return self._query(sql, params)
+
     # -- internals ---------------------------------------------------------------------------------------------
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
