@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from noisescale.errors import ConfigError
-from noisescale.events import Event, Metrics
+from noisescale.events import Event, Metrics, metric_values
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
 from noisescale.store.schema import apply_migrations
@@ -157,21 +157,7 @@ class Run:
         step = _check_int("step", step)
         if examples is not None:
             examples = _check_int("examples", examples)
-        if not isinstance(metrics, Mapping):
-            raise ConfigError(f"metrics must be a mapping like {{'loss': 0.3}}, got {type(metrics).__name__}")
-        items = []
-        for key, value in metrics.items():
-            if not isinstance(key, str) or not key:
-                raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value.shape}")
-                # Drop the autograd graph now and copy (asynchronously, no sync) so a later in-place change by the
-                # caller (an accumulator's zero_()) cannot alter what is recorded; read on the writer thread.
-                value = value.detach().clone()
-            elif isinstance(value, bool) or (not isinstance(value, (int, float)) and value is not None):
-                raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
-            items.append((key, value))
+        items = list(metric_values(metrics).items())  # tensors copied now, read on the writer thread
         self._queue.put(("log", time.time(), step, examples, items))
 
     def event(self, kind: str, message: str = "", *, step: int | None = None, data: Any = None) -> None:
