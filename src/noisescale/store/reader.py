@@ -20,9 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from noisescale.columns import COLUMNS
 from noisescale.store.errors import StoreError
 from noisescale.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, read_schema_version
-from noisescale.types import COLUMNS
 
 __all__ = ["MEASUREMENT_FIELDS", "LayerMatrix", "RunInfo", "RunReader", "Series", "open_run_file"]
 
