@@ -13,6 +13,7 @@ method a no-op), so the same code runs everywhere.
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
 import json
 import math
 import os
@@ -29,11 +30,11 @@ from typing import Any, Literal
 
 import torch
 
+from noisescale.columns import COLUMNS
 from noisescale.errors import ConfigError
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
 from noisescale.store.schema import apply_migrations
-from noisescale.types import COLUMNS
 
 __all__ = ["Run", "RunStatus"]
 
@@ -450,6 +451,11 @@ def _num(value: Any) -> float | None:
 
 
 def _version() -> str:
-    from noisescale import __version__
+    """The installed noisescale's version, as its package metadata says (what ``pip show noisescale`` prints)."""
+    try:
+        return importlib.metadata.version("noisescale")
+    except importlib.metadata.PackageNotFoundError:
+        # A source tree put on sys.path without being installed has no metadata: take the version it declares.
+        from noisescale import __version__
 
-    return __version__
+        return __version__
