@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from noisescale.cli.main import main
+from noisescale.cli.main import build_parser, main
 from noisescale.demo import DemoOptions, run_demo
 from noisescale.demo.explain import explain, sources_agree
 from noisescale.demo.progress import ProgressBar
@@ -256,3 +256,12 @@ def test_progress_bar_draws_only_on_a_terminal():
     quiet = Tty()
     ProgressBar(10, stream=quiet, enabled=False).update(10, loss=None, b_simple=None, band=None)
     assert quiet.getvalue() == ""
+
+
+def test_the_commands_default_folder_is_the_stores():
+    from noisescale.cli.args import DEFAULT_DIR
+    from noisescale.store import DEFAULT_DIR as STORE_DEFAULT_DIR
+
+    assert DEFAULT_DIR == STORE_DEFAULT_DIR
+    for command in (["show", "x"], ["report", "x"], ["runs"], ["demo"]):
+        assert build_parser().parse_args(command).dir == DEFAULT_DIR

@@ -8,6 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from noisescale.cli.args import add_run_argument, open_run_argument
+
 __all__ = ["register", "run"]
 
 
@@ -19,9 +21,8 @@ def register(sub: Any) -> None:
         "band and the batch size, the loss, |G|^2 and tr(Sigma), a per-layer heat map and the config. "
         "RUN is a run file, or a run id or name inside --dir.",
     )
-    p.add_argument("run", metavar="RUN", help="run file path, run id, or run name")
+    add_run_argument(p)
     p.add_argument("-o", "--output", default=None, help="file to write (default: report.html, or report.png)")
-    p.add_argument("--dir", default="runs", help="folder to look RUN up in (default: ./runs)")
     p.add_argument("--png", action="store_true", help="write a static PNG image instead (needs matplotlib)")
     p.set_defaults(handler=run)
 
@@ -29,10 +30,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from noisescale.cli.exits import fail
     from noisescale.report import render_html, render_png
-    from noisescale.store import open_run
 
     out = Path(args.output or ("report.png" if args.png else "report.html"))
-    with open_run(args.run, dir=args.dir) as reader:
+    with open_run_argument(args) as reader:
         run_file = reader.path.resolve()
         target = out.resolve()
         if target in (run_file, Path(f"{run_file}-wal"), Path(f"{run_file}-shm")):
