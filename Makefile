@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HF_STAMP := $(VENV)/.installed-hf
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv demo test lint typecheck bench clean
 
@@ -19,13 +20,19 @@ $(STAMP): pyproject.toml Makefile
 
 # The tests also run tiny Hugging Face models; `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report]"
 	touch $(HF_STAMP)
+
+# What the commands the demo and the README print need besides the core: matplotlib for `report --png`.
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo,report]"
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/noisescale demo
+	@echo "To type these commands as shown, put the virtualenv on your PATH first: . $(VENV)/bin/activate"
 
 test: $(HF_STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

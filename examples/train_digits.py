@@ -6,13 +6,18 @@ B_simple = tr(Sigma)/|G|^2 is the batch size at which gradient noise and signal 
 and grows as the loss falls: a batch that was "large" at the start becomes "small" later on.
 """
 
+import sys
 import time
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import noisescale as ns
+
+try:
+    from sklearn.datasets import load_digits
+except ImportError:
+    sys.exit("examples/train_digits.py needs scikit-learn, which is not installed: pip install 'noisescale[demo]'")
 
 torch.manual_seed(0)
 batch_size, steps, lr = 64, 600, 0.05

@@ -99,10 +99,27 @@ def test_report_png_or_a_clear_message(demo_run, tmp_path, capsys):
         assert rc == 1
         err = capsys.readouterr().err
         one_line_error(err)
-        assert "pip install matplotlib" in err
+        assert "pip install 'noisescale[report]'" in err
         assert not out.exists() and list(tmp_path.iterdir()) == []
     else:
         assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_png_without_matplotlib_names_the_extra(demo_run, tmp_path):
+    """Through the real entry point, with matplotlib made unimportable: one line, exit 1, no file."""
+    _, path = demo_run
+    out = tmp_path / "r.png"
+    blocked = "import sys; sys.modules['matplotlib'] = None; from noisescale.cli.main import main; sys.exit(main())"
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, "report", path, "--png", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    one_line_error(proc.stderr)
+    assert "pip install 'noisescale[report]'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_refuses_to_overwrite_the_run_file(demo_run, capsys):

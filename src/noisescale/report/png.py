@@ -25,7 +25,7 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise MissingDependencyError(
-            "--png needs matplotlib, which is not installed: pip install matplotlib "
+            "--png needs matplotlib, which is not installed: pip install 'noisescale[report]' "
             "(the HTML report needs nothing extra: drop --png)"
         ) from None
     return plt
