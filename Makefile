@@ -32,7 +32,6 @@ venv: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/noisescale demo
-	@echo "To type these commands as shown, put the virtualenv on your PATH first: . $(VENV)/bin/activate"
 
 test: $(HF_STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -282,3 +282,53 @@ def test_the_commands_default_folder_is_the_stores():
     assert DEFAULT_DIR == STORE_DEFAULT_DIR
     for command in (["show", "x"], ["report", "x"], ["runs"], ["demo"]):
         assert build_parser().parse_args(command).dir == DEFAULT_DIR
+
+
+class Recording(io.StringIO):
+    """A stream that remembers, for each write, whether a flush came before the next write."""
+
+    def __init__(self, tty=False):
+        super().__init__()
+        self.tty = tty
+        self.writes = []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes.append([text, False])
+        return super().write(text)
+
+    def flush(self):
+        if self.writes:
+            self.writes[-1][1] = True
+        super().flush()
+
+
+def test_without_a_terminal_the_demo_prints_a_flushed_line_per_tenth(tmp_path):
+    out, err = Recording(), Recording()
+    run_demo(DemoOptions(dir=str(tmp_path), steps=20, batch_size=16), stream=err, out=out)
+    assert err.getvalue() == ""  # no bar without a terminal
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("noisescale demo: training digits, 20 steps of batch 16")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == [f"{2 * i}/20" for i in range(1, 11)]
+    assert all("loss " in s and "B_simple " in s for s in steps)
+    assert all(flushed for _, flushed in out.writes)  # each line reaches a pipe as it is written
+
+
+def test_on_a_terminal_the_bar_alone_shows_progress(tmp_path):
+    out, err = Recording(tty=True), Recording(tty=True)
+    run_demo(DemoOptions(dir=str(tmp_path), steps=6, batch_size=16), stream=err, out=out)
+    assert out.getvalue() == "" and "\r" in err.getvalue()
+    quiet_out = Recording()
+    run_demo(DemoOptions(dir=str(tmp_path), steps=6, batch_size=16, progress=False), stream=err, out=quiet_out)
+    assert quiet_out.getvalue() == ""
+
+
+def test_demo_through_a_pipe_shows_progress_before_its_explanation(tmp_path):
+    proc = cli("demo", "--steps", "20", "--batch-size", "16", "--dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    progress = [i for i, line in enumerate(lines) if re.match(r"step +\d+/20 ", line)]
+    assert len(progress) == 10 and progress[-1] < lines.index("Look further")
