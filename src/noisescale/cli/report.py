@@ -24,6 +24,13 @@ def register(sub: Any) -> None:
     add_run_argument(p)
     p.add_argument("-o", "--output", default=None, help="file to write (default: report.html, or report.png)")
     p.add_argument("--png", action="store_true", help="write a static PNG image instead (needs matplotlib)")
+    p.add_argument(
+        "--x",
+        choices=("examples", "steps", "time"),  # noisescale.report.xaxis.X_AXES, not imported for --help
+        default="examples",
+        help="x axis of the charts: examples seen (default), optimizer steps, or wall time; the HTML page can "
+        "switch between them",
+    )
     p.set_defaults(handler=run)
 
 
@@ -40,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir():
             return fail(f"{str(out)!r} is a folder; pass a file name, e.g. -o {out / 'report.html'}")
         if args.png:
-            _write_atomic(out, lambda p: render_png(reader, p))
+            _write_atomic(out, lambda p: render_png(reader, p, x=args.x))
         else:
-            page = render_html(reader)
+            page = render_html(reader, x=args.x)
             _write_atomic(out, lambda p: Path(p).write_text(page, encoding="utf-8"))
     print(out)
     return 0
