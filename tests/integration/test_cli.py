@@ -324,11 +324,3 @@ def test_on_a_terminal_the_bar_alone_shows_progress(tmp_path):
     quiet_out = Recording()
     run_demo(DemoOptions(dir=str(tmp_path), steps=6, batch_size=16, progress=False), stream=err, out=quiet_out)
     assert quiet_out.getvalue() == ""
-
-
-def test_demo_through_a_pipe_shows_progress_before_its_explanation(tmp_path):
-    proc = cli("demo", "--steps", "20", "--batch-size", "16", "--dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    progress = [i for i, line in enumerate(lines) if re.match(r"step +\d+/20 ", line)]
-    assert len(progress) == 10 and progress[-1] < lines.index("Look further")

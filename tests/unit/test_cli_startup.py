@@ -73,7 +73,7 @@ def test_reading_commands_import_no_torch(run_dir, argv):
 
 
 def test_the_probe_sees_torch_where_it_is_imported(run_dir):
-    """The check can fail: the demo's handler does import torch."""
-    result = probe("demo", "--steps", "1", "--batch-size", "4", "--dir", "runs", "--quiet", cwd=run_dir)
-    assert result["code"] == 0, result["err"]
+    """The check can fail: the demo's handler imports torch (before it refuses the run name, with exit code 1)."""
+    result = probe("demo", "--name", "bad/name", "--dir", "runs", cwd=run_dir)
+    assert result["code"] == 1 and "run name" in result["err"], result["err"]
     assert "torch" in result["heavy"]

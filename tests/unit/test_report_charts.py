@@ -222,7 +222,12 @@ def test_every_chart_comes_for_each_x_axis_and_the_chosen_one_is_checked(run_pat
 
 
 def test_report_cli_takes_the_x_axis(run_path, tmp_path, capsys):
-    from noisescale.cli.main import main
+    from noisescale.cli.main import build_parser, main
+    from noisescale.report.xaxis import X_AXES
+
+    report = build_parser()._subparsers._group_actions[0].choices["report"]
+    (x_option,) = [a for a in report._actions if a.dest == "x"]
+    assert tuple(x_option.choices) == X_AXES and x_option.default == "examples"
 
     out = tmp_path / "r.html"
     assert main(["report", str(run_path), "--x", "steps", "-o", str(out)]) == 0
