@@ -374,3 +374,11 @@ def test_series_to_numpy_gives_the_values_with_nan_for_undefined():
     table = s.to_table()
     assert table.shape == (3, 4) and table[0].tolist() == [1.0, 8.0, 0.5, 2.0]
     assert math.isnan(table[1, 1]) and math.isnan(table[1, 3]) and table[2, 3] == inf
+
+
+def test_the_run_records_the_installed_version(tmp_path):
+    import importlib.metadata
+
+    path = small_run(tmp_path, steps=1)
+    with open_run(path) as r:
+        assert r.info.noisescale_version == importlib.metadata.version("noisescale")
