@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The tests also run tiny Hugging Face models; `make demo` does not need them.
+# The tests also run tiny Hugging Face models and the logging sinks' libraries; `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report,tensorboard,wandb,mlflow]"
 	touch $(HF_STAMP)
 
 # What the commands the demo and the README print need besides the core: matplotlib for `report --png`.

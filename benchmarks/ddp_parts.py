@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import noisescale as ns
 import noisescale.distributed as nsd
-import noisescale.monitor as nsm
+import noisescale.estimators.engine as nse
 from ddp_overhead import DEFAULTS, _free_port, make_model
 from noisescale.collectors.rank import RankCollector
 
@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
     _timed(RankCollector, "_after_backward", parts["gather launch at the end of backward"])
     _timed(nsd, "grad_sq_norms", parts["norm of the averaged p.grad"])
     _timed(nsd.DataParallelSync, "reduce", parts["cross-rank reduce (with that norm)"])
-    _timed(nsm, "host_step", parts["estimator arithmetic"])
+    _timed(nse, "host_step", parts["estimator arithmetic"])
 
     torch.manual_seed(0)
     base = make_model(args.width)

@@ -7,18 +7,19 @@ is first used (``ns.GNSMonitor``, ...): the ``noisescale`` command reads runs wi
 from typing import TYPE_CHECKING
 
 from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.version import __version__
 
 if TYPE_CHECKING:
+    from noisescale import alerts, sinks
     from noisescale.collectors.rules.registry import register_norm_rule
     from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
     from noisescale.monitor import GNSMonitor
     from noisescale.store import Run, StoreError, list_runs, open_run
     from noisescale.types import LayerMeasurement, Measurement
 
-__version__ = "0.1.0"
-
 # Exported lazily, each from its module on first use: the core names import torch, and the run store costs
-# sqlite3 and threads that a bare monitor does not need.
+# sqlite3 and threads that a bare monitor does not need.  A new top-level name goes here, not in an import above,
+# or every `noisescale` command pays for torch again (tests/unit/test_cli_startup.py).
 _LAZY = {
     "GNSMonitor": "noisescale.monitor",
     "LayerMeasurement": "noisescale.types",
@@ -31,21 +32,25 @@ _LAZY = {
     "list_runs": "noisescale.store",
     "StoreError": "noisescale.store",
 }
+# Subpackages reachable as ns.alerts and ns.sinks, imported on first use.
+_SUBPACKAGES = ("alerts", "sinks")
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"noisescale.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'noisescale' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
 
 
 __all__ = [
@@ -61,8 +66,10 @@ __all__ = [
     "TwoBatchEstimate",
     "UnsupportedLayerError",
     "__version__",
+    "alerts",
     "list_runs",
     "open_run",
     "register_norm_rule",
+    "sinks",
     "two_batch_estimate",
 ]

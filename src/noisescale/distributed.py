@@ -1,7 +1,7 @@
 """Data-parallel measurement: the only core module of noisescale that touches ``torch.distributed``.
 
 ``DataParallelSync`` turns one rank's small-batch statistics into the whole job's with one tiny collective per
-step (for the ``rank`` source, launched at the end of the backward pass, right behind DDP's last gradient
+step (for per-rank statistics, launched at the end of the backward pass, right behind DDP's last gradient
 all-reduce), "all-reduce the statistics, then compute" (STYLE.md rule 1).  Every rank then computes the same
 measurement from the same numbers, bit for bit, so decisions taken from it agree across ranks.
 
@@ -16,22 +16,21 @@ import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from noisescale.collectors.base import DeviceIndex
+from noisescale.device_index import DeviceIndex
 from noisescale.errors import ConfigError, StepError
-from noisescale.grad_norms import grad_sq_norms, sq_norms
-
-if TYPE_CHECKING:
-    from noisescale.collectors.base import Collector, SmallBatchStats
+from noisescale.grad_norms import sq_norms
+from noisescale.stats import BigBatchNorms, ParamSums, PendingSum, SmallBatchStats
 
 __all__ = [
     "CommHook",
     "DataParallelSync",
+    "StatsSource",
     "data_parallel_sync",
     "ddp_ignored_parameter_names",
     "is_ddp",
@@ -79,6 +78,17 @@ def register_comm_hook(model: nn.Module, comm_hook: CommHook) -> None:
 # -- statistics across ranks ---------------------------------------------------------------------------------------
 
 
+class StatsSource(Protocol):
+    """What the sync needs of a collector (``noisescale.collectors.base.Collector`` has it)."""
+
+    @property
+    def params(self) -> Sequence[tuple[str, nn.Parameter]]: ...
+
+    def examples_seen(self) -> int | None: ...
+
+    def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats: ...
+
+
 def data_parallel_sync(model: nn.Module) -> "DataParallelSync | None":
     """A ``DataParallelSync`` when ``model`` is trained data-parallel over two or more ranks, else ``None``.
 
@@ -118,13 +128,13 @@ class DataParallelSync:
 
     One collective per step: every rank gathers every rank's statistics vector (float64: ``P`` small-batch sums,
     three counts) and sums the rows in rank order, so the totals are the same bits on every rank whatever the
-    backend's reduction order.  The ``rank`` source starts that gather itself (``start_sum``) when the backward
+    backend's reduction order.  The rank statistics start that gather themselves (``start_sum``) when the backward
     pass ends, asynchronously, so that ``monitor.step()`` finds it done instead of adding a round trip.
 
-    The big-batch norm ``|p.grad|^2`` is computed while the gather is in flight: under DDP from the all-reduced
-    ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under FSDP2 each rank adds its
-    shards' squared norms to the gathered vector (``P`` more entries).  A non-finite value on any rank makes the
-    totals non-finite everywhere, so every rank skips that step.
+    The big-batch norm ``|p.grad|^2`` is read at the end of the backward pass (``collectors.big_batch``): under
+    DDP from the all-reduced ``p.grad``, which is the same on every rank (DDP's replicas rely on that); under
+    FSDP2 each rank adds its shards' squared norms to the gathered vector (``P`` more entries).  A non-finite
+    value on any rank makes the totals non-finite everywhere, so every rank skips that step.
 
     Per step, on the host, the totals of ``n_small`` and ``inv_size_sum`` are taken to be ``world_size`` times
     the local ones (``batch_size`` for per-example norms): the same micro-batch layout on every rank, as with a
@@ -142,114 +152,109 @@ class DataParallelSync:
         self.rank = dist.get_rank(group)
         self._checked = False
         self._owned = DeviceIndex()  # the slots of the gradients this rank holds a part of
-        self._pending: tuple[Any, torch.Tensor] | None = None  # a gather started by the rank source's hook
 
     def collect(
-        self, collector: "Collector", batch_size: int, micro_batch_sizes: Sequence[int] | None = None
-    ) -> "SmallBatchStats":
-        """``collector.collect`` with this rank's batch size, rescaled to the whole step's units.
+        self, source: StatsSource, batch_size: int, micro_batch_sizes: Sequence[int] | None = None
+    ) -> SmallBatchStats:
+        """``source.collect`` with this rank's batch size, rescaled to the whole step's units.
 
         Args:
-            collector: the active collector (its statistics are this rank's).
+            source: the active collector (its statistics are this rank's).
             batch_size: examples of the whole optimizer step, all ranks together.
             micro_batch_sizes: this rank's micro-batch sizes, if they are unequal.
 
         Raises:
             StepError: the local batch size cannot be known (``batch_size`` does not split evenly between the
-                ranks and the source cannot count examples), or what the collector raises.
+                ranks and the hooks cannot count examples), or what the collector raises.
         """
         world = self.world_size
-        local: int | None = None
-        if collector.source == "example":
-            local = collector.examples_seen()  # type: ignore[attr-defined]  # exact, even for uneven splits
-        elif micro_batch_sizes is not None and collector.source != "rank":  # a rank is one small batch
+        local = source.examples_seen()  # exact, even for uneven splits, where the hooks count examples
+        if local is None and micro_batch_sizes is not None:
             local = sum(int(s) for s in micro_batch_sizes)
         if local is None:
             if batch_size % world:
                 raise StepError(
                     f"batch_size={batch_size} must count the examples of all {world} ranks and split evenly between "
-                    f"them for the {collector.source} source ({batch_size} % {world} = {batch_size % world}); use a "
-                    "DistributedSampler with drop_last=True, or pass this rank's micro_batch_sizes"
+                    f"them when the hooks cannot count examples ({batch_size} % {world} = {batch_size % world}); use "
+                    "a DistributedSampler with drop_last=True, or pass this rank's micro_batch_sizes"
                 )
             local = batch_size // world
-        stats = collector.collect(max(local, 1), micro_batch_sizes)
-        if not isinstance(stats.small_sq_sum, torch.Tensor):  # host floats: the collective needs a tensor
-            device = collector.params[0][1].device if collector.params else None
-            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_tensor(device))
-        take = getattr(collector, "take_pending_sum", None)  # before the monitor resets the collector
-        self._pending = take() if take is not None else None
+        stats = source.collect(max(local, 1), micro_batch_sizes)
+        device = source.params[0][1].device if source.params else None
+        small = stats.small_sq_sum.tensor(device)  # the collective needs a tensor
         scale = (batch_size / (world * max(local, 1))) ** 2
         if scale != 1.0:
-            stats = dataclasses.replace(stats, small_sq_sum=stats.small_sq_tensor() * scale)
-        return stats
+            small = small * scale
+        return dataclasses.replace(stats, small_sq_sum=ParamSums(small))
 
-    def start_sum(self, vec: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    def start_sum(self, vec: torch.Tensor) -> PendingSum:
         """Launch the gather of ``vec`` from every rank (asynchronous); ``finish_sum`` gives the sum over ranks.
 
-        The ``rank`` source calls this when the backward pass ends, so the statistics travel right behind the
+        The rank statistics call this when the backward pass ends, so the statistics travel right behind the
         gradients' last all-reduce instead of adding a round trip to ``monitor.step()``.
         """
         gathered = vec.new_empty(self.world_size * vec.numel())
         return _all_gather_single(gathered, vec, group=self.group), gathered
 
-    def finish_sum(self, pending: tuple[Any, torch.Tensor]) -> torch.Tensor:
+    def finish_sum(self, pending: PendingSum) -> torch.Tensor:
         """Wait for ``start_sum`` (a stream wait for NCCL, not a host sync) and sum the rows in rank order."""
         work, gathered = pending
         work.wait()
         return gathered.view(self.world_size, -1).sum(0)  # fixed order, same kernel: the same bits on every rank
 
-    def reduce(
-        self, collector: "Collector", stats: "SmallBatchStats", batch_size: int
-    ) -> tuple["SmallBatchStats", torch.Tensor, torch.Tensor]:
-        """Sum this rank's statistics and big-batch contributions with every other rank's.
+    def reduce(self, stats: SmallBatchStats, big: BigBatchNorms, batch_size: int) -> tuple[SmallBatchStats, ParamSums]:
+        """Sum this rank's statistics (and, for sharded gradients, its part of ``|G_B|^2``) with every other rank's.
+
+        Args:
+            stats: this rank's statistics in the whole step's units (``collect``).
+            big: ``|G_B|^2`` per parameter, read at the end of the backward pass: the whole value (DDP: ``p.grad``
+                is the same averaged gradient on every rank) or this rank's part (FSDP2's shards).
+            batch_size: examples of the whole optimizer step, all ranks together.
 
         Returns:
-            ``(stats, small, big)``: the job's statistics, and the ``(P,)`` float64 per-parameter
-            ``sum_j |G_j|^2`` and ``|G_B|^2``, identical on every rank.
+            ``(stats, big)``: the job's statistics and the per-parameter ``|G_B|^2``, identical on every rank.
 
         Raises:
             StepError: on the checked steps, when the ranks' counts contradict ``batch_size`` or the assumed layout.
         """
         world = self.world_size
-        small = stats.small_sq_tensor().to(torch.float64)
+        small = stats.small_sq_sum.tensor().to(torch.float64)
         n_params = small.numel()
-        params = [p for _, p in collector.params]
-        pending, self._pending = self._pending, None
-        if pending is not None:  # the rank source launched the gather of its sums when the backward pass ended
-            big = grad_sq_norms(params, small.device)
-            total = self.finish_sum(pending)
+        if stats.in_flight is not None:  # the collector launched the gather of its sums when the backward ended
+            total = self.finish_sum(stats.in_flight)
             out = dataclasses.replace(
-                stats, small_sq_sum=total, n_small=world * stats.n_small, inv_size_sum=world * stats.inv_size_sum
+                stats,
+                small_sq_sum=ParamSums(total),
+                n_small=world * stats.n_small,
+                inv_size_sum=world * stats.inv_size_sum,
+                in_flight=None,
             )
-            return out, total, big
-        sharded = self._has_sharded_grads(params)
+            return out, big.sq_norms
         parts = [small]
-        if sharded:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
-            parts.append(self._big_sq_contributions(params, small.device))
+        if big.rank_part:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
+            parts.append(big.sq_norms.tensor(small.device).to(device=small.device, dtype=torch.float64))
         vec = torch.cat([*parts, small.new_zeros(3)])  # (P + 3,), or (2P + 3,) when sharded
         # Python scalars into a device tensor: fill kernels, no host-device copy or sync.
         vec[-3] = stats.n_small
         vec[-2] = stats.inv_size_sum
         vec[-1] = stats.examples if stats.examples is not None else 0
-        pending = self.start_sum(vec)
-        if not sharded:
-            # DDP: p.grad is the all-reduced gradient, the same bits on every rank (DDP's replicas rely on it);
-            # its norm is computed here while the gather is in flight.
-            big = grad_sq_norms(params, small.device)
-        total = self.finish_sum(pending)
-        if sharded:
-            big = total[n_params : 2 * n_params]
+        total = self.finish_sum(self.start_sum(vec))
+        big_sums = ParamSums(total[n_params : 2 * n_params]) if big.rank_part else big.sq_norms
 
-        if collector.source == "example":  # one small batch per example, all ranks together
+        if stats.per_example:  # one small batch per example, all ranks together
             n_small, inv_size_sum, examples = batch_size, float(batch_size), batch_size
         else:
             n_small, inv_size_sum, examples = world * stats.n_small, world * stats.inv_size_sum, None
         if not self._checked or total.device.type == "cpu":
-            self._check(total[-3:], collector.source, batch_size, n_small, inv_size_sum)
+            self._check(total[-3:], stats.per_example, batch_size, n_small, inv_size_sum)
         out = dataclasses.replace(
-            stats, small_sq_sum=total[:n_params], n_small=n_small, inv_size_sum=inv_size_sum, examples=examples
+            stats,
+            small_sq_sum=ParamSums(total[:n_params]),
+            n_small=n_small,
+            inv_size_sum=inv_size_sum,
+            examples=examples,
         )
-        return out, total[:n_params], big
+        return out, big_sums
 
     def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         """The element-wise maximum of ``flags`` over the ranks (a blocking all-reduce): the same on every rank."""
@@ -257,11 +262,13 @@ class DataParallelSync:
         dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
         return out
 
-    def _check(self, counts: torch.Tensor, source: str, batch_size: int, n_small: int, inv_size_sum: float) -> None:
+    def _check(
+        self, counts: torch.Tensor, per_example: bool, batch_size: int, n_small: int, inv_size_sum: float
+    ) -> None:
         got_n, got_inv, got_examples = counts.tolist()  # host sync: first step only on an accelerator
         self._checked = True
         world = self.world_size
-        if source == "example":
+        if per_example:
             if got_examples != batch_size:
                 raise StepError(
                     f"batch_size={batch_size} was passed to step(), but the hooks of the {world} ranks saw "
@@ -276,11 +283,12 @@ class DataParallelSync:
                 "number of micro-batches of the same sizes, and batch_size must count all ranks' examples"
             )
 
-    def _has_sharded_grads(self, params: list[nn.Parameter]) -> bool:
+    def has_sharded_grads(self, params: Sequence[nn.Parameter]) -> bool:
+        """Whether some of ``params`` have gradients sharded over the ranks (FSDP2's ``DTensor``)."""
         dtensor = _dtensor_type()
         return dtensor is not None and any(isinstance(p.grad, dtensor) for p in params)
 
-    def _big_sq_contributions(self, params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    def big_sq_contributions(self, params: Sequence[nn.Parameter], device: torch.device) -> torch.Tensor:
         """This rank's part of ``|p.grad|^2`` per parameter, float64 ``(P,)``; summed over ranks it is the whole.
 
         A replicated gradient (DDP, or a DTensor replicated over a mesh dimension) counts on one rank only, so the

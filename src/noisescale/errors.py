@@ -6,12 +6,17 @@ Every message says what was expected, what came, and how to fix it.
 from __future__ import annotations
 
 __all__ = [
+    "FALLBACK_HINT",
     "ConfigError",
     "NoiseScaleError",
     "SharedParameterError",
     "StepError",
     "UnsupportedLayerError",
 ]
+
+
+FALLBACK_HINT = "source='microbatch' (one norm per micro-batch under gradient accumulation)"
+"""Where to turn when per-example or per-rank statistics are refused: named here, once, for every message."""
 
 
 class NoiseScaleError(Exception):

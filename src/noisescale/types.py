@@ -7,11 +7,10 @@ is read, so a training loop that does not look at every step pays no host synchr
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import torch
 
 from noisescale.columns import COLUMNS
 
@@ -22,6 +21,29 @@ Status = Literal["ok", "skipped", "undefined"]
 
 def _clean(v: float) -> float | None:
     return None if math.isnan(v) else v
+
+
+_NAN = float("nan")
+_NO_SIGNAL = "this step's gradients are all zero: there is no signal to measure"
+_ZERO_SIGNAL = "no B_simple yet: the smoothed |G|^2 is exactly zero"
+_BROKEN_BAND = (
+    "the smoothed |G|^2 is negative beyond its own noise, so no B_simple agrees with the data (the gradient noise "
+    "is far above the signal, or the statistics drift faster than the half-life): more examples per step or a "
+    "longer halflife bring it back"
+)
+
+
+def _band_broken(row: Sequence[float]) -> bool:
+    """Whether a row breaks ``b_simple_low <= b_simple <= b_simple_high`` (a defined value outside its band)."""
+    b, low, high = row[0], row[1], row[2]
+    if math.isnan(b):
+        return False
+    return not (low <= b <= high)  # NaN ends compare false: broken as well
+
+
+def _without_band(row: Sequence[float]) -> list[float]:
+    """The row with B_simple and its band undefined; the components stay (they are what the data say)."""
+    return [_NAN, _NAN, _NAN, *row[3:]]
 
 
 @dataclass(frozen=True)
@@ -63,15 +85,18 @@ class Measurement:
         layers: per parameter tensor (``"encoder.0.weight"``), empty unless ``per_layer``.
         modules: the same grouped per module (``"encoder.0"``).
         status: ``"ok"``; ``"skipped"`` when the step had a non-finite gradient or statistic and was left out of
-            the averages; ``"undefined"`` when it carried no signal (zero gradient) or too few small batches.
+            the averages; ``"undefined"`` when it carried no signal (zero gradient), too few small batches, or
+            B_simple has no value consistent with its band (``undefined_reason`` says which).  Whenever
+            ``b_simple`` is a number, ``b_simple_low <= b_simple <= b_simple_high`` holds, for every layer too.
         skipped_steps: steps skipped so far for non-finite values.
+        wall_time: Unix time the step was measured.
     """
 
     def __init__(
         self,
         *,
-        table: Callable[[], torch.Tensor | Sequence[list[float]]],
-        flags: Callable[[], torch.Tensor | list[int]],
+        table: Callable[[], Sequence[list[float]]],
+        flags: Callable[[], Sequence[int]],
         layer_names: Sequence[str],
         module_names: Sequence[str],
         step: int,
@@ -80,6 +105,7 @@ class Measurement:
         source: str,
         coverage: float,
         undefined_reason: str | None = None,
+        wall_time: float | None = None,
     ) -> None:
         self._table = table
         self._flags = flags
@@ -94,27 +120,36 @@ class Measurement:
         self.source = source
         self.coverage = coverage
         self.undefined_reason = undefined_reason
+        self.wall_time = time.time() if wall_time is None else wall_time
         self._layers: dict[str, LayerMeasurement] | None = None
         self._modules: dict[str, LayerMeasurement] | None = None
 
     def _materialize(self) -> Sequence[list[float]]:
         if self._rows is None:
-            table = self._table()
-            # The single host sync of a measurement: one small copy, only when a number is read.
-            self._rows = table.detach().to("cpu", torch.float64).tolist() if isinstance(table, torch.Tensor) else table
-            flags = self._flags()
-            nonfinite, undefined, skipped = flags.to("cpu").tolist() if isinstance(flags, torch.Tensor) else flags
+            # The single host sync of a measurement (on an accelerator), only when a number is read.
+            self._rows = self._table()
+            nonfinite, undefined, skipped = self._flags()
             self._skipped = int(skipped)
+            total = self._rows[0]
             if nonfinite:
                 self._status = "skipped"
-            elif undefined or self.undefined_reason:
-                self._status = "undefined"
             else:
-                self._status = "ok"
+                if undefined and self.undefined_reason is None:
+                    self.undefined_reason = _NO_SIGNAL
+                elif math.isnan(total[0]) and self.undefined_reason is None:
+                    self.undefined_reason = _ZERO_SIGNAL
+                elif _band_broken(total) and self.undefined_reason is None:
+                    self.undefined_reason = _BROKEN_BAND
+                self._status = "undefined" if self.undefined_reason is not None else "ok"
         return self._rows
 
+    def _checked(self, i: int) -> list[float]:
+        """Row ``i`` with the band invariant applied (the one place it is checked)."""
+        row = self._materialize()[i]
+        return _without_band(row) if _band_broken(row) else row
+
     def _value(self, col: int) -> float | None:
-        return _clean(self._materialize()[0][col])
+        return _clean(self._checked(0)[col])
 
     @property
     def b_simple(self) -> float | None:
@@ -157,7 +192,7 @@ class Measurement:
         return self._value(7)
 
     def _row(self, i: int) -> LayerMeasurement:
-        return LayerMeasurement(*(_clean(v) for v in self._materialize()[i]))
+        return LayerMeasurement(*(_clean(v) for v in self._checked(i)))
 
     @property
     def total(self) -> LayerMeasurement:

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PerExampleLoss", "double_model", "microbatch_mean_grad_sq_norms", "per_example_sq_norms"]
+__all__ = [
+    "PerExampleLoss",
+    "double_model",
+    "microbatch_mean_grad_sq_norms",
+    "per_example_sq_norms",
+    "torch_func_sq_norms",
+]
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(output, target) -> (B,)`` loss of each example."""
@@ -41,9 +47,12 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def per_example_sq_norms(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerExampleLoss
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: PerExampleLoss, *, batch_dim: int = 0
 ) -> dict[str, torch.Tensor]:
     """``|d loss_fn(model(x_i), y_i) / d p|^2`` for every example ``i`` and trainable parameter ``p``.
+
+    Args:
+        batch_dim: the dimension of ``x`` and ``y`` that holds the examples (1 for positions-first inputs).
 
     Returns:
         ``{param_name: (B,) float64}``, in ``model.named_parameters()`` order.
@@ -51,8 +60,9 @@ def per_example_sq_norms(
     ref = double_model(model)
     params = _trainable(ref)
     rows: list[list[torch.Tensor]] = []
-    for i in range(x.shape[0]):
-        loss = loss_fn(ref(_double(x[i : i + 1])), _double(y[i : i + 1])).sum()
+    for i in range(x.shape[batch_dim]):
+        xi, yi = x.narrow(batch_dim, i, 1), y.narrow(batch_dim, i, 1)
+        loss = loss_fn(ref(_double(xi)), _double(yi)).sum()
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         rows.append([_sq_norm(g) for g in grads])
     return {name: torch.stack([r[j] for r in rows]) for j, (name, _) in enumerate(params)}
@@ -74,3 +84,33 @@ def microbatch_mean_grad_sq_norms(
         grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
         rows.append([_sq_norm(g) for g in grads])
     return {name: torch.stack([r[j] for r in rows]) for j, (name, _) in enumerate(params)}
+
+
+def torch_func_sq_norms(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    loss_of: Callable[[object], torch.Tensor] = lambda out: out.loss,  # type: ignore[attr-defined]
+) -> dict[str, torch.Tensor]:
+    """Each example's share of the batch loss's squared gradient norm, per parameter, from ``torch.func``.
+
+    ``inputs`` are keyword arguments of ``model`` whose first dimension is the batch; ``loss_of(output)`` is the
+    example's mean loss (a Hugging Face model's ``.loss``).  The batch loss is the mean over examples (equal
+    numbers of tokens), so example ``i``'s share of ``p.grad`` is its gradient divided by ``B``.
+
+    Returns:
+        ``{param_name: (B,) float64}`` for every trainable parameter.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    names = list(inputs)
+    b = next(iter(inputs.values())).shape[0]
+
+    def loss_of_one(p: dict[str, torch.Tensor], *one: torch.Tensor) -> torch.Tensor:
+        kwargs = {n: t[None] for n, t in zip(names, one)}
+        return loss_of(functional_call(model, ({**p, **frozen}, buffers), args=(), kwargs=kwargs))
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, *([0] * len(names))))(params, *inputs.values())
+    return {n: g.reshape(b, -1).to(torch.float64).square().sum(1) / b**2 for n, g in per_example.items()}

@@ -38,6 +38,7 @@ EXCLUDED = {
 }
 EXCLUDED_PYTHON = {
     "model = DDP(model)": "a fragment of examples/ddp_train.py (no process group outside torchrun)",
+    "monitor = ns.GNSMonitor(model, sinks=": "one line showing the sinks argument (docs/sinks.md has whole examples)",
 }
 
 pytestmark = [

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from tests.helpers.reference import torch_func_sq_norms
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import noisescale as ns
 from noisescale.collectors.example import ExampleCollector
@@ -58,17 +58,8 @@ def _build(name: str) -> nn.Module:
 
 
 def _torch_func_sq_norms(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each example's share of the batch loss's squared gradient norm, ``|grad of its mean loss / B|^2``, per
-    parameter (``model.named_parameters()`` names), from ``torch.func`` per-example gradients."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def loss_of_one(p: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        one = {"input_ids": ids[None], "labels": ids[None], "position_ids": positions[None]}
-        return functional_call(model, (p, buffers), args=(), kwargs=one).loss
-
-    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["position_ids"])
-    return {n: g.reshape(B, -1).square().sum(1) / B**2 for n, g in per_example.items()}
+    """Each example's share of the batch loss's squared gradient norm (``tests.helpers.reference``)."""
+    return torch_func_sq_norms(model, batch)
 
 
 def _inputs(seed: int) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ def test_microbatch_matches_explicit_micro_batch_gradients(loss: str, sizes: lis
         losses = sq_loss(model(xj), yj)
         value = {"step_mean": losses.sum() / batch, "sum": losses.sum(), "micro_mean": losses.mean() / k}[loss]
         (scaler.scale(value) if scaler is not None else value).backward()
-    assert collector.micro_batches_seen() == k
+    assert collector.backward_passes() == k
     stats = collector.collect(batch, micro_batch_sizes=None if len(set(sizes)) == 1 else sizes)
 
     # SmallBatchStats units: p.grad read as the step's mean gradient, so a sum loss counts B times, and the
@@ -98,7 +98,7 @@ def test_microbatch_matches_explicit_micro_batch_gradients(loss: str, sizes: lis
     unit = (float(batch) if loss == "sum" else 1.0) * (SCALE if use_scaler else 1.0)
     ref = microbatch_mean_grad_sq_norms(model, x, y, sq_loss, sizes)
     expected = torch.stack([ref[n].sum() for n, _ in collector.params]) * unit**2
-    torch.testing.assert_close(stats.small_sq_tensor().double(), expected, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(stats.small_sq_sum.tensor().double(), expected, rtol=1e-10, atol=0.0)
     assert stats.n_small == k
     assert stats.inv_size_sum == pytest.approx(sum(1.0 / s for s in sizes))
     assert stats.examples is None
@@ -122,7 +122,7 @@ def test_microbatch_squares_kept_as_tensors_sum_like_host_floats(sizes: list[int
             (sq_loss(model(xj), yj).sum() / sum(sizes)).backward()
         kinds = {type(v) for v in collector._vals}
         assert kinds == ({float} if host else {torch.Tensor} if host is False else {float, torch.Tensor})
-        results.append(collector.collect(sum(sizes), micro_batch_sizes=sizes).small_sq_tensor().double())
+        results.append(collector.collect(sum(sizes), micro_batch_sizes=sizes).small_sq_sum.tensor().double())
         collector.close()
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=0.0)
@@ -140,8 +140,8 @@ def test_example_sums_on_the_host_equal_the_tensor_path(sizes: list[int]) -> Non
         _train_step(model, x, y, sizes)
         stats = collector.collect(sum(sizes))
         # Floats only where every layer's norms have one shape (one batch size); else the tensor path.
-        assert isinstance(stats.small_sq_sum, list) == (host is None and len(set(sizes)) == 1)
-        results.append(stats.small_sq_tensor().double())
+        assert stats.small_sq_sum.on_host == (host is None and len(set(sizes)) == 1)
+        results.append(stats.small_sq_sum.tensor().double())
         collector.close()
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=0.0)
     assert results[0].abs().min() > 0
@@ -189,7 +189,7 @@ def test_both_collectors_together_leave_gradients_and_each_other_exact() -> None
     for name, got in per_example.items():
         torch.testing.assert_close(got, ref[name] / 36, rtol=1e-10, atol=1e-14)  # shares: grad l_i / B
     mref = microbatch_mean_grad_sq_norms(model, x, y, sq_loss, [2, 4])
-    got = micro.collect(6, micro_batch_sizes=[2, 4]).small_sq_tensor()
+    got = micro.collect(6, micro_batch_sizes=[2, 4]).small_sq_sum.tensor()
     torch.testing.assert_close(got, torch.stack([mref[n].sum() for n, _ in micro.params]), rtol=1e-10, atol=0.0)
 
 
@@ -250,7 +250,7 @@ def test_collect_scales_shares_to_the_step_mean_and_checks_the_batch_size() -> N
         collector.collect(8)
     stats = collector.collect(6)
     ref = per_example_sq_norms(model, x, y, sq_loss)  # |grad l_i|^2: shares are grad l_i / 6
-    torch.testing.assert_close(stats.small_sq_tensor(), torch.stack([ref[n].sum() for n, _ in collector.params]))
+    torch.testing.assert_close(stats.small_sq_sum.tensor(), torch.stack([ref[n].sum() for n, _ in collector.params]))
     assert (stats.n_small, stats.inv_size_sum, stats.examples) == (6, 6.0, 6)
     collector.reset()
     with pytest.raises(StepError):
@@ -556,14 +556,14 @@ def test_a_layer_that_returns_a_leaf_tensor_is_still_measured() -> None:
         torch.testing.assert_close(seen[0], x.grad)
         stats = collector.collect(4)
         torch.testing.assert_close(
-            stats.small_sq_tensor(), x.grad.square().sum() * 16 * torch.ones(1, dtype=torch.float64)
+            stats.small_sq_sum.tensor(), x.grad.square().sum() * 16 * torch.ones(1, dtype=torch.float64)
         )
     finally:
         del _RULES[_PassThrough]
 
 
 def test_device_index_is_rebuilt_only_when_the_layout_changes() -> None:
-    from noisescale.collectors.base import DeviceIndex
+    from noisescale.device_index import DeviceIndex
 
     cache = DeviceIndex()
     cpu = torch.device("cpu")

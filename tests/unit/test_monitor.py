@@ -27,8 +27,8 @@ def batch(seed, n=B, dtype=torch.float64):
 
 def use_device_path(monitor):
     """Make a monitor on a CPU take the path an accelerator takes: statistics kept as tensors, never read back."""
-    monitor._host_path = False
-    for collector in monitor._collectors.values():
+    monitor._engine.path = "device"
+    for collector in monitor._sources.collectors.values():
         for knob in ("_host_floats", "_host_sums"):  # the collectors' own choice of Python floats
             if hasattr(collector, knob):
                 setattr(collector, knob, False)
@@ -219,11 +219,35 @@ def test_auto_picks_microbatch_under_accumulation_and_example_otherwise():
         assert mon.source == "example"
 
 
-def test_auto_says_why_it_fell_back_when_the_example_source_refuses_the_model():
+def test_auto_measures_the_supported_layers_with_one_short_warning():
+    """BatchNorm has no per-example gradients: auto without accumulation measures the rest, says so once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    with ns.GNSMonitor(model) as mon:
+        with pytest.warns(RuntimeWarning, match="source='auto' measures per example") as caught:
+            for _ in range(3):
+                x = torch.randn(16, 4)
+                y = x[:, :2].argmax(1)  # a clear signal
+                nn.functional.cross_entropy(model(x), y).backward()
+                m = mon.step(16)
+                model.zero_grad()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert (
+        "'1' (BatchNorm1d" in message
+        and "shares of the batch gradient" in message
+        and "22% of the parameters" in message
+    )
+    assert mon.source == "example" and m.status == "ok" and m.b_simple is not None, m.undefined_reason
+    assert m.coverage == pytest.approx((4 * 8 + 8 + 8 * 2 + 2) / (4 * 8 + 8 + 16 + 8 * 2 + 2))
+    assert set(m.layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_auto_with_an_explicit_error_policy_falls_back_and_says_why():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    with ns.GNSMonitor(model) as mon:
+    with ns.GNSMonitor(model, on_unsupported="error") as mon:
         nn.functional.cross_entropy(model(x), y).backward()
         with pytest.warns(RuntimeWarning, match="example source cannot measure this model") as caught:
             m = mon.step(16)
@@ -231,6 +255,29 @@ def test_auto_says_why_it_fell_back_when_the_example_source_refuses_the_model():
     message = str(caught[0].message)
     assert "BatchNorm1d" in message and "on_unsupported='warn'" in message
     assert m.undefined_reason == message
+
+
+def test_a_loss_that_couples_the_examples_refuses_the_example_source():
+    model = make_model()
+    with pytest.raises(ns.ConfigError, match=r"loss_couples_examples=True.*no per-example gradients"):
+        ns.GNSMonitor(model, source="example", loss_couples_examples=True)
+    with ns.GNSMonitor(model, loss_couples_examples=True) as mon:
+        x, y = batch(0)
+        m = run_step(model, mon, x, y, k=2)
+        assert mon.source == "microbatch" and m.status == "ok"
+    model.zero_grad()
+    with ns.GNSMonitor(model, loss_couples_examples=True) as mon:
+        with pytest.warns(RuntimeWarning, match="couples the examples"):
+            m = run_step(model, mon, *batch(1), k=1)
+        assert mon.source == "microbatch" and m.status == "undefined"
+
+
+def test_one_example_per_step_says_so_without_suggesting_the_source_in_use():
+    model = make_model()
+    with ns.GNSMonitor(model, source="example") as mon:
+        with pytest.warns(RuntimeWarning, match="only 1 example in this step") as caught:
+            m = run_step(model, mon, *batch(0, n=1))
+    assert m.status == "undefined" and "source='example'" not in str(caught[0].message)
 
 
 @pytest.mark.parametrize(
@@ -412,11 +459,11 @@ def test_create_graph_backward_measures_the_same_and_builds_no_graph(source, hos
             (nn.functional.cross_entropy(model(xs), ys) / k).backward(create_graph=create_graph)
         assert all(p.grad.requires_grad == create_graph for p in model.parameters())
         # What the hooks keep until step() must not hold on to the graph.
-        kept = [v for c in mon._collectors.values() for v in c._vals if isinstance(v, torch.Tensor)]
+        kept = [v for c in mon._sources.collectors.values() for v in c._vals if isinstance(v, torch.Tensor)]
         assert kept or host
         assert not any(v.requires_grad for v in kept)
         m = mon.step(batch_size=len(x))
-        sums = getattr(mon._ema, "sums", None)  # the device path's smoothing state is a tensor
+        sums = getattr(mon._engine._state, "sums", None)  # the device path's smoothing state is a tensor
         assert sums is None or (sums.grad_fn is None and not sums.requires_grad)
         rows = [m.grad_sq_raw, m.trace_cov_raw] + [
             x for v in m.layers.values() for x in (v.grad_sq_raw, v.trace_cov_raw)

@@ -19,9 +19,11 @@ EXPECTED_ALL = {
     "TwoBatchEstimate",
     "UnsupportedLayerError",
     "__version__",
+    "alerts",
     "list_runs",
     "open_run",
     "register_norm_rule",
+    "sinks",
     "two_batch_estimate",
 }
 
@@ -62,3 +64,4 @@ def test_import_loads_only_torch_and_the_standard_library_and_patches_nothing():
     assert foreign == [], foreign
     assert result["changed"] == []
     assert "noisescale.store" not in result["new"]  # exported lazily
+    assert "noisescale.alerts" not in result["new"] and "noisescale.sinks" not in result["new"]

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import noisescale.cli.demo as demo_cmd
+import noisescale.cli.export as export_cmd
 import noisescale.cli.report as report_cmd
 import noisescale.cli.runs as runs_cmd
 import noisescale.cli.show as show_cmd
@@ -21,7 +22,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from noisescale import __version__
+    from noisescale.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="noisescale",
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noisescale {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd):
+    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, export_cmd):
         module.register(sub)
     return parser
 

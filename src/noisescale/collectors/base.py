@@ -1,50 +1,25 @@
-"""What every collector hands the estimators: additive statistics of one optimizer step's small batches.
+"""The interface of every source of small batches, and what their hooks share.
 
-A collector never returns a ratio.  Everything it returns is a sum (of squared norms, of counts, of inverse
-sizes), so statistics from several micro-batches or several ranks combine by addition before any estimate is
-computed (STYLE.md rule 1).
+A collector installs hooks on the user's model and returns additive statistics (``noisescale.stats``), never a
+ratio.  The monitor and the data-parallel sync talk to every collector through ``Collector`` alone, so a new
+source needs no change to either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Collector", "DeviceIndex", "SmallBatchStats", "equal_split"]
+from noisescale.stats import SmallBatchStats
 
+__all__ = ["AnyRank", "BackwardWatch", "Collector", "HookOwner", "equal_split"]
 
-@dataclass(frozen=True)
-class SmallBatchStats:
-    """Sufficient statistics of the small batches of one optimizer step.
-
-    Units: gradients are measured in the units of ``p.grad`` *as if* ``p.grad`` held the mean gradient over the
-    step's ``B`` examples.  A small batch ``j`` of ``b_j`` examples whose share of ``p.grad`` is ``c_j`` has the
-    mean gradient ``G_j = (B / b_j) c_j``.  This makes B_simple independent of whether the loss is a mean or a
-    sum and of any 1/k accumulation scaling: both only rescale ``p.grad`` and every ``G_j`` alike.
-
-    Attributes:
-        small_sq_sum: ``sum_j |G_{j,p}|^2`` for each monitored parameter tensor ``p``: a ``(P,)`` tensor, or a list
-            of ``P`` Python floats when the collector summed on the host (gradients in host memory), which spares
-            the CPU path a tensor it would only read back.
-        n_small: number of small batches ``k``.
-        inv_size_sum: ``sum_j 1 / b_j``.
-        examples: examples the hooks saw in this step, or ``None`` when the source cannot count them.
-    """
-
-    small_sq_sum: torch.Tensor | list[float]
-    n_small: int
-    inv_size_sum: float
-    examples: int | None
-
-    def small_sq_tensor(self, device: torch.device | None = None) -> torch.Tensor:
-        """``small_sq_sum`` as a tensor (float64 when it was a list, built on ``device``)."""
-        if isinstance(self.small_sq_sum, torch.Tensor):
-            return self.small_sq_sum
-        return torch.tensor(self.small_sq_sum, dtype=torch.float64, device=device)
+AnyRank = Callable[[torch.Tensor], torch.Tensor]
+"""The element-wise maximum of a tensor over the data-parallel ranks (a collective every rank calls together)."""
 
 
 class Collector(Protocol):
@@ -52,11 +27,6 @@ class Collector(Protocol):
 
     A collector owns its buffers and hook handles; it never sets attributes on the user's modules or tensors.
     """
-
-    @property
-    def source(self) -> str:
-        """Name of the source: ``"example"``, ``"microbatch"``, ``"rank"``."""
-        ...
 
     @property
     def params(self) -> Sequence[tuple[str, nn.Parameter]]:
@@ -68,11 +38,27 @@ class Collector(Protocol):
         """Fraction of the model's trainable parameter entries that ``params`` covers."""
         ...
 
+    def examples_seen(self) -> int | None:
+        """Examples the hooks saw since the last reset (on this rank), or ``None`` when they cannot count them."""
+        ...
+
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
         """Return the statistics gathered since the last ``reset()``.
 
+        Args:
+            batch_size: examples of the step on this process (all its micro-batches).
+            micro_batch_sizes: the sizes of the micro-batches, in backward order, when they are unequal.
+
         Raises:
             StepError: if no backward pass reached the hooks, or ``batch_size`` contradicts what they saw.
+        """
+        ...
+
+    def check_first_step(self, any_rank: AnyRank | None) -> None:
+        """After the first step's ``collect``: raise ``StepError`` if the hooks missed something they must see.
+
+        Args:
+            any_rank: under data parallelism, pools a flag tensor over the ranks (every rank calls this together).
         """
         ...
 
@@ -85,6 +71,66 @@ class Collector(Protocol):
         ...
 
 
+class BackwardWatch:
+    """Tells its listeners when a backward pass that reached a collector's hooks has ended.
+
+    Every collector calls ``touch()`` from its backward hooks; the first touch of a pass queues one callback on
+    autograd's engine, which runs when the whole pass is done (every gradient accumulated).  Costs a flag test per
+    hook call.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+        self._queued = False
+
+    def __deepcopy__(self, memo: dict[int, object]) -> BackwardWatch:
+        # A deep copy of a hooked model gets hooks of its own, which tell a watch of their own: the listeners
+        # (the monitor's big-batch capture) belong to the original, not to what its hooks state.
+        return BackwardWatch()
+
+    def listen(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` at the end of every backward pass from now on."""
+        self._listeners.append(fn)
+
+    def touch(self) -> None:
+        """A hook of this backward pass ran (called from backward hooks)."""
+        if not self._queued and self._listeners:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._ended)
+
+    def _ended(self) -> None:
+        self._queued = False
+        for fn in self._listeners:
+            fn()
+
+
+class HookOwner:
+    """What every collector does with its hooks: keep the handles, switch them off, remove them all on ``close``.
+
+    ``enabled`` guards hooks on autograd graphs built before ``close()``, which cannot be removed from them.
+    """
+
+    def __init__(self, watch: BackwardWatch | None = None) -> None:
+        self.enabled = True
+        self._handles: list[RemovableHandle] = []
+        self.watch = watch if watch is not None else BackwardWatch()
+
+    def reset(self) -> None:  # pragma: no cover - every collector overrides it
+        raise NotImplementedError
+
+    def check_first_step(self, any_rank: AnyRank | None) -> None:
+        """Nothing to check by default."""
+        return None
+
+    def close(self) -> None:
+        """Remove every hook and forget what was gathered.  Idempotent."""
+        self.enabled = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+
 def equal_split(batch_size: int, n: int) -> list[int]:
     """Sizes of ``n`` micro-batches that split ``batch_size`` examples as evenly as possible.
 
@@ -92,25 +138,3 @@ def equal_split(batch_size: int, n: int) -> list[int]:
     """
     base, rem = divmod(batch_size, n)
     return [base + (1 if i < rem else 0) for i in range(n)]
-
-
-class DeviceIndex:
-    """An integer index tensor kept on a device, rebuilt only when its content changes.
-
-    Hooks fire in the same order every step, so a collector's slot layout repeats from step to step: building the
-    index once spares an accelerator a blocking host-to-device copy per step.  One layout is remembered.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple[tuple[int, ...], tuple[int, ...] | None, torch.device] | None = None
-        self._index: torch.Tensor | None = None
-
-    def get(self, slots: Sequence[int], device: torch.device, repeats: Sequence[int] | None = None) -> torch.Tensor:
-        """``slots`` as a long tensor on ``device``, each entry repeated ``repeats[i]`` times if given."""
-        key = (tuple(slots), None if repeats is None else tuple(repeats), device)
-        if self._index is None or key != self._key:
-            index = torch.tensor(key[0], dtype=torch.long)
-            if key[1] is not None:
-                index = torch.repeat_interleave(index, torch.tensor(key[1], dtype=torch.long))
-            self._key, self._index = key, index.to(device)
-        return self._index

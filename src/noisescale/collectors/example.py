@@ -1,4 +1,4 @@
-"""The ``example`` source: per-example squared gradient norms from module hooks.
+"""Per-example statistics: squared gradient norms of each example, from module hooks.
 
 Each layer with a registered norm rule gets one forward hook.  When the layer runs with autograd on, the hook
 registers a pre-hook on the autograd node that produced the layer's output; in the backward pass that hook
@@ -16,48 +16,64 @@ import functools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.attention import AttentionProjections, attention_param_names, unsupported_attention
-from noisescale.collectors.base import DeviceIndex, SmallBatchStats
-from noisescale.collectors.rules import find_norm_rule, is_norm_layer
-from noisescale.collectors.rules.embedding import refuse_positions_shared_by_the_batch
-from noisescale.collectors.rules.registry import ForwardCheck, NormRule, forward_check
+from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
+from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
+from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_inputs, flattened_from
+from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
+from noisescale.collectors.rules.linear import GramCache, use_gram_cache
+from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
-from noisescale.collectors.tied import TiedEmbeddingHead
-from noisescale.errors import SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.device_index import DeviceIndex
+from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
+from noisescale.stats import ParamSums, SmallBatchStats
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
 Policy = Literal["error", "warn", "ignore"]
-Scope = Literal["all", "norm"]
 
 
-class ExampleCollector:
+@dataclass
+class _Layer:
+    """A measured module's rule, slots and what its first call must still prove."""
+
+    name: str
+    rule: NormRule
+    slots: dict[str, int]
+    tie: TiedWeights | None
+    checks: tuple[ForwardCheck, ...]
+
+
+class ExampleCollector(HookOwner):
     """Per-example squared gradient norms through the rule registry.
 
     Args:
         model: the model whose layers are hooked.
-        on_unsupported: what to do with trainable parameters that no rule covers (a layer without a rule, or a
-            parameter tied between layers other than an ``nn.Embedding`` and its ``nn.Linear`` output head,
-            which is measured exactly): ``"error"`` raises at construction, ``"warn"`` warns once and leaves
-            them out, ``"ignore"`` leaves them out silently.  Left-out parameters are excluded from the big-batch
-            norm as well, so the estimate stays unbiased on the parameters it covers; see ``coverage``.
+        on_unsupported: what to do with trainable parameters that cannot be measured per example: a layer
+            without a rule, a parameter tied between layers in a way no registered form covers (an
+            ``nn.Embedding`` tied to its ``nn.Linear`` head is measured exactly), and, on the first step, a layer
+            whose first call or example count refuses it (a position embedding broadcast over the batch, a
+            look-alike layer, an example axis that cannot be told).  ``"error"`` raises (at construction, or
+            from the first call or step that finds it); ``"warn"`` warns once and leaves them out; ``"ignore"``
+            leaves them out silently.  Left-out parameters are excluded from the big-batch norm as well, so the
+            estimate stays unbiased on the parameters it covers; see ``coverage``.
         scope: ``"all"`` measures every supported layer; ``"norm"`` only normalisation layers (LayerNorm,
             RMSNorm, ...), the cheap proxy of Gray et al. 2024.
         keep_per_example: also keep the per-example vectors (for tests and diagnostics; costs memory).
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
+        on_left_out: called once, after the first step, with everything left out (if anything), the coverage
+            and the number of trainable parameter entries: a caller's own way of saying so.
 
     Raises:
         UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
         SharedParameterError: with ``on_unsupported="error"``, for a parameter used by two layers.
     """
-
-    source = "example"
 
     def __init__(
         self,
@@ -66,173 +82,98 @@ class ExampleCollector:
         on_unsupported: Policy = "error",
         scope: Scope = "all",
         keep_per_example: bool = False,
+        watch: BackwardWatch | None = None,
+        on_left_out: Callable[[list[LeftOut], float, int], None] | None = None,
     ) -> None:
+        super().__init__(watch)
+        self._on_left_out = on_left_out
         self.keep_per_example = keep_per_example
-        self.enabled = True
-        self._handles: list[RemovableHandle] = []
-        owners: dict[int, list[str]] = {}
-        users: dict[int, list[nn.Module]] = {}
-        for mname, module in model.named_modules(remove_duplicate=False):
-            for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append(_join(mname, pname))
-                    users.setdefault(id(p), []).append(module)
-        # An input embedding tied to the output head is measured exactly, with the cross term (collectors.tied).
-        self._tied: dict[nn.Module, TiedEmbeddingHead] = {}
-        tied_slots: dict[int, int] = {}
-        for mods in users.values():
-            pair = _tied_pair(mods)
-            if pair is not None:
-                tie = TiedEmbeddingHead(*pair)
-                self._tied[pair[0]] = self._tied[pair[1]] = tie
-
-        covered: list[tuple[str, nn.Parameter]] = []
-        self._slots: dict[nn.Module, tuple[NormRule, dict[str, int]]] = {}
-        self._names: dict[nn.Module, str] = {}
-        problems: list[str] = []
-        shared: list[str] = []
-        seen_modules: set[int] = set()
-        never_called: dict[int, str] = {}  # submodules whose parent uses their parameters instead: id -> why
-        self._attention: dict[nn.Module, AttentionProjections] = {}
-        self.attention_params: set[str] = set()  # measured from inside nn.MultiheadAttention's forward
-        by_parent: set[int] = set()  # submodules measured by their parent's hooks (nn.MultiheadAttention.out_proj)
-        for mname, module in model.named_modules(remove_duplicate=False):
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            attention = isinstance(module, nn.MultiheadAttention) and find_norm_rule(module) is None
-            if attention:  # its out_proj's parameters are its own too (used by its forward, not out_proj's)
-                own = [(n, module.get_parameter(n)) for n in attention_param_names(module)]
-            if not own or id(module) in by_parent:
-                continue
-            if scope == "norm" and not is_norm_layer(module):
-                continue  # out of scope: not measured on purpose, so neither "unsupported" nor "shared"
-            if id(module) in seen_modules:
-                shared.append(f"module '{mname}' is registered twice in the model")
-                continue
-            seen_modules.add(id(module))
-            if attention:
-                assert isinstance(module, nn.MultiheadAttention)
-                why = unsupported_attention(module)
-                if why is not None:
-                    problems.append(f"'{mname}' (MultiheadAttention with {why}, params {[n for n, _ in own]})")
-                    # Its forward hands out_proj's parameters to a function: out_proj's own hooks would never fire.
-                    never_called[id(module.out_proj)] = (
-                        "used inside nn.MultiheadAttention's functional forward, never called itself"
-                    )
-                    continue
-                by_parent.add(id(module.out_proj))
-                self._measure_attention(mname, module, covered)
-                continue
-            if id(module) in never_called:
-                # Its hooks would never fire while its parameters get gradients: measured as zero, silently wrong.
-                problems.append(f"'{mname}' ({never_called[id(module)]}, params {[n for n, _ in own]})")
-                continue
-            rule = find_norm_rule(module)
-            if rule is None and all(_also_in_a_submodule(mname, owners[id(p)]) for _, p in own):
-                # Every parameter is also registered in a submodule that uses it (BERT's LM head registers its
-                # decoder's bias as its own): reported there, as a shared parameter, not here as a missing rule.
-                continue
-            if rule is None:
-                why = _BATCH_COUPLED if isinstance(module, nn.modules.batchnorm._BatchNorm) else ""
-                problems.append(f"'{mname}' ({type(module).__name__}{why}, params {[n for n, _ in own]})")
-                continue
-            index: dict[str, int] = {}
-            for pname, p in own:
-                names = owners[id(p)]
-                if len(names) > 1 and module in self._tied and pname == "weight":
-                    if id(p) not in tied_slots:
-                        tied_slots[id(p)] = len(covered)
-                        covered.append((_join(mname, pname), p))
-                    index[pname] = tied_slots[id(p)]
-                    continue
-                if len(names) > 1:
-                    shared.append(f"parameter shared by {names}")
-                    continue
-                index[pname] = len(covered)
-                covered.append((_join(mname, pname), p))
-            if index:
-                self._slots[module] = (rule, index)
-                self._names[module] = mname
-        if problems and on_unsupported != "ignore":
-            msg = (
-                "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
-                "Register one with @noisescale.register_norm_rule(LayerClass), use source='microbatch', or pass "
-                "on_unsupported='warn' to measure the other layers (coverage is reported)."
-            )
-            if on_unsupported == "error":
-                raise UnsupportedLayerError(msg)
-            warnings.warn(msg, stacklevel=3)
-        if shared and on_unsupported != "ignore":
-            msg = (
-                "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear "
-                "head is): "
-                + "; ".join(sorted(set(shared)))
-                + ". Pass on_unsupported='warn' to leave them out (coverage is reported), or use source='microbatch'."
-            )
-            if on_unsupported == "error":
-                raise SharedParameterError(msg)
-            warnings.warn(msg, stacklevel=3)
-        if scope == "norm" and not covered:
+        self.policy: Policy = on_unsupported
+        plan = plan_example_statistics(model, scope)
+        _apply_policy(plan, on_unsupported)
+        if scope == "norm" and not plan.params:
             raise UnsupportedLayerError(
                 "scope='norm' found no trainable normalisation layer (LayerNorm, RMSNorm, ...) in the model; "
                 "use scope='all'"
             )
-
-        self.params: list[tuple[str, nn.Parameter]] = covered
-        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.coverage = (sum(p.numel() for _, p in covered) / total) if total else 0.0
-        self._device = covered[0][1].device if covered else torch.device("cpu")
+        self.plan = plan
+        self.params: list[tuple[str, nn.Parameter]] = list(plan.params)
+        self.coverage = plan.coverage
+        self.left_out: list[LeftOut] = list(plan.left_out)  # what is not measured, and why
+        self.attention_params = set(plan.hooked_params)  # measured by a layer's own hooks, from inside its forward
+        self.gram_cache = GramCache()  # Gram matrices shared by layers that read one input
+        self._layers: dict[nn.Module, _Layer] = {layer.module: _layer(layer) for layer in plan.rule_layers}
+        self._names: dict[nn.Module, str] = {layer.module: layer.name for layer in plan.rule_layers}
+        self._hooked_slots: dict[nn.Module, dict[str, int]] = {}
+        self._ties = plan.ties
+        self._device = self.params[0][1].device if self.params else torch.device("cpu")
         self._idx: list[int] = []
         self._vals: list[torch.Tensor] = []
         self._per_example: dict[int, list[torch.Tensor]] = {}
         self._tied_parts: dict[int, torch.Tensor] = {}
         self._examples: dict[nn.Module, int] = {}
+        self._shapes: dict[nn.Module, tuple[int, ...]] = {}  # each layer's last input shape, for the messages
+        self._refused: dict[nn.Module, str] = {}  # layers refused in this step: why
+        self._calls: dict[nn.Module, int] = {}  # backward calls per layer in this step
+        self._dropped: set[nn.Module] = set()  # layers left out since a step refused them
+        self._flat_outputs: dict[int, tuple[int, ...]] = {}  # output nodes of flattened layers -> (B, T, ...)
+        # (tie, module) -> the module's last forward inputs and flattened shape, handed to the tie in backward
+        self._tie_inputs: dict[tuple[int, int], tuple[nn.Module, tuple[object, ...], tuple[int, ...] | None]] = {}
+        self._steps = 0
+        self._checking = False
+        self._evidence = LayoutEvidence()
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
-        # Layers recognised by structure (not registered by class) prove their maths on their first forward pass.
-        self._first_checks: dict[nn.Module, ForwardCheck] = {
-            m: check for m in self._slots if (check := forward_check(m)) is not None
-        }
-        # Embeddings check their first index for positions shared by the batch (silently wrong when T == B).
-        for m in self._slots:
-            if isinstance(m, nn.Embedding):
-                self._first_checks.setdefault(m, refuse_positions_shared_by_the_batch)
-        for module in self._slots:
-            self._handles.append(module.register_forward_hook(self._on_forward))
-        for projections in self._attention.values():
-            self._handles += projections.install()
-
-    def _measure_attention(
-        self, mname: str, module: nn.MultiheadAttention, covered: list[tuple[str, nn.Parameter]]
-    ) -> None:
-        """Measured from inside its functional forward (``collectors.attention``), ``out_proj`` included."""
-        index: dict[str, int] = {}
-        for pname in attention_param_names(module):
-            index[pname] = len(covered)
-            covered.append((_join(mname, pname), module.get_parameter(pname)))
-            self.attention_params.add(_join(mname, pname))
-        self._attention[module] = AttentionProjections(
-            module,
-            list(index),
-            emit=functools.partial(self._on_attention_norms, index),
-            examples=functools.partial(self._count_examples, module),
-        )
-        self._names[module] = mname
+        for module in self._layers:
+            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        for hooked in plan.hooked_layers:
+            self._names[hooked.module] = hooked.name
+            slots = dict(hooked.slots)
+            self._hooked_slots[hooked.module] = slots  # kept: dropping layers renumbers the slots in place
+            hooks = hooked.form.hooks(  # type: ignore[attr-defined]
+                hooked.module,
+                list(hooked.slots),
+                functools.partial(self._on_hooked_norms, slots),
+                functools.partial(self._count_examples, hooked.module),
+            )
+            self._handles += hooks.install()
+        self._handles += self._evidence.install(model)
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
 
-    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+    def _on_forward(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+    ) -> None:
         if not (self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
             return
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or module in self._dropped or self._checking:
             return
-        if self._first_checks:
-            check = self._first_checks.get(module)
-            if check is not None:
-                check(module, inputs, output)  # raises UnsupportedLayerError for a look-alike, on every call
-                del self._first_checks[module]
-        tie = self._tied.get(module)
-        if tie is not None and module is tie.embedding:
-            tie.saw_ids(inputs[0])  # type: ignore[arg-type]
+        inputs = bind_inputs(module, args, kwargs)
+        layer = self._layers[module]
+        while layer.checks:  # the first call proves what the rule assumes
+            self._checking = True  # a check may run the layer again (on probes): not a call to measure
+            try:
+                replacement = layer.checks[0](module, inputs, output)
+            except UnsupportedLayerError as e:
+                if self.policy == "error":
+                    raise  # every call, until the layer is fixed
+                self._refused[module] = str(e)
+                return
+            finally:
+                self._checking = False
+            if replacement is not None:
+                layer.rule = replacement
+            layer.checks = layer.checks[1:]
+        x = inputs[0] if inputs else None
+        lead = None
+        if isinstance(x, torch.Tensor):
+            self._shapes[module] = tuple(x.shape)
+            if x.dim() <= 2 and (self._flat_outputs or x._base is not None or _is_reshape(x.grad_fn)):
+                lead = flattened_from(x, self._flat_outputs)
+                if lead is not None and output.grad_fn is not None:
+                    self._flat_outputs[id(output.grad_fn)] = lead
+        if layer.tie is not None:
+            self._tie_inputs[(id(layer.tie), id(module))] = (module, inputs, lead)
         # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
         # to register than a tensor hook, and keeps firing with the gradient of the value the layer returned when
         # a later operation modifies the output in place (nn.ReLU(inplace=True)): the node stays in the graph.
@@ -251,67 +192,90 @@ class ExampleCollector:
             else:
                 node, nr, shape = base.grad_fn, base.output_nr, output.shape
         if node is None:  # the layer returned a leaf (a parameter or an input as is): hook the tensor itself
-            output.register_hook(functools.partial(self._on_leaf_grad, module, kept))
+            output.register_hook(functools.partial(self._on_leaf_grad, module, kept, lead))
             return
-        node.register_prehook(functools.partial(self._on_node_grad, module, kept, nr, shape))
+        node.register_prehook(functools.partial(self._on_node_grad, module, kept, lead, nr, shape))
 
-    def _on_leaf_grad(self, module: nn.Module, inputs: tuple[object, ...] | SavedInputs, grad: torch.Tensor) -> None:
-        self._on_node_grad(module, inputs, 0, None, (grad,))
+    def _on_leaf_grad(
+        self,
+        module: nn.Module,
+        inputs: tuple[object, ...] | SavedInputs,
+        lead: tuple[int, ...] | None,
+        grad: torch.Tensor,
+    ) -> None:
+        self._on_node_grad(module, inputs, lead, 0, None, (grad,))
 
     def _on_node_grad(
         self,
         module: nn.Module,
         inputs: tuple[object, ...] | SavedInputs,
+        lead: tuple[int, ...] | None,
         nr: int,
         shape: torch.Size | None,
         grad_outputs: tuple[torch.Tensor | None, ...],
     ) -> None:
         grad = grad_outputs[nr]
-        if grad is None or not self.enabled:
+        if grad is None or not self.enabled or module in self._dropped:
             return
+        self.watch.touch()
         if isinstance(inputs, SavedInputs):
             inputs = inputs.unpack()
         if shape is not None:
             grad = grad.reshape(shape)
         if torch.is_grad_enabled():  # backward(create_graph=True): keep the statistics out of the graph
             with torch.no_grad():
-                self._on_grad_output(module, inputs, grad)
+                self._on_grad_output(module, inputs, lead, grad)
         else:
-            self._on_grad_output(module, inputs, grad)
+            self._on_grad_output(module, inputs, lead, grad)
 
-    def _on_grad_output(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> None:
-        rule, index = self._slots[module]
-        norms = rule(module, inputs, grad_output)
-        tie = self._tied.get(module)
+    def _on_grad_output(
+        self, module: nn.Module, inputs: tuple[object, ...], lead: tuple[int, ...] | None, grad_output: torch.Tensor
+    ) -> None:
+        layout = Layout.of(inputs[0] if inputs else None, self._evidence.positions_first, lead)
+        if layout.ambiguous:
+            self._refused[module] = _AMBIGUOUS.format(shape=self._shapes.get(module))
+            return
+        if layout.transpose or layout.lead is not None:
+            inputs, grad_output = layout.apply(inputs, grad_output)
+        layer = self._layers[module]
+        with use_gram_cache(self.gram_cache):
+            norms = layer.rule(module, inputs, grad_output)
+        index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
             slot = index.get(pname)
             if slot is None:
                 continue
-            if tie is not None and pname == "weight":  # one part of three: wait for the others
+            if tie is not None and pname == tie.weight:  # one part of three: wait for the others
                 self._record(slot, sq, keep=False)
                 if self.keep_per_example:
                     self._tied_parts[slot] = self._tied_parts.get(slot, 0) + sq
             else:
                 self._record(slot, sq)
         if tie is not None:
-            cross = (
-                tie.on_head_grad(inputs[0], grad_output)  # type: ignore[arg-type]
-                if module is tie.head
-                else tie.on_embedding_grad(grad_output)
-            )
+            self._tie_forward(tie)
+            cross = tie.backward(module, inputs, grad_output)
             if cross is not None:
-                slot = index["weight"]
+                slot = index[tie.weight]
                 self._record(slot, cross, keep=False)
                 if self.keep_per_example:
                     total = self._tied_parts.pop(slot) + cross
                     self._per_example.setdefault(slot, []).append(total.detach())
         self._count_examples(module, grad_output.shape[0])
 
+    def _tie_forward(self, tie: TiedWeights) -> None:
+        """Hand the tie the inputs of its layers' forward passes, laid out as their rules see them."""
+        for key in [k for k in self._tie_inputs if k[0] == id(tie)]:
+            module, inputs, lead = self._tie_inputs.pop(key)
+            layout = Layout.of(inputs[0] if inputs else None, self._evidence.positions_first, lead)
+            tie.forward(module, layout.apply_inputs(inputs))
+
     def _count_examples(self, module: nn.Module, n: int) -> None:
         self._examples[module] = self._examples.get(module, 0) + n
+        self._calls[module] = self._calls.get(module, 0) + 1
 
-    def _on_attention_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
-        if self.enabled:
+    def _on_hooked_norms(self, index: dict[str, int], name: str, sq: torch.Tensor) -> None:
+        if self.enabled and name in index:
+            self.watch.touch()
             self._record(index[name], sq)
 
     def _record(self, slot: int, sq: torch.Tensor, *, keep: bool = True) -> None:
@@ -324,45 +288,48 @@ class ExampleCollector:
     # -- step interface ----------------------------------------------------------------------------------------
 
     def examples_seen(self) -> int | None:
-        """Examples whose output gradients reached the hooks since the last reset (checked consistent)."""
-        if not self._examples:
+        """Examples whose output gradients reached the hooks since the last reset.
+
+        With ``on_unsupported="error"`` every layer must agree; otherwise the count most layers saw (those that
+        disagree are left out by ``collect``).
+        """
+        counts = {m: n for m, n in self._examples.items() if m not in self._refused}
+        if not counts:
             return None
-        counts = set(self._examples.values())
-        if len(counts) > 1:
-            usual = Counter(self._examples.values()).most_common(1)[0][0]
-            detail = ", ".join(
-                f"'{self._names[m]}' ({type(m).__name__}): {n}" for m, n in self._examples.items() if n != usual
-            )
-            raise StepError(
-                f"layers saw different numbers of examples in this step: most saw {usual}, but {detail}. A layer "
-                "whose output is broadcast over the batch (a position embedding looked up with (1, T) or (T,) "
-                "positions) has no per-example gradient: give it one index row per example (Hugging Face models: "
-                "pass position_ids=torch.arange(T).expand(B, T)). A layer called several times per example "
-                "(shared weights, recurrence) cannot be measured per example either. Or use source='microbatch'."
-            )
-        return counts.pop()
+        usual = Counter(counts.values()).most_common(1)[0][0]
+        if self.policy == "error" and (len(set(counts.values())) > 1 or self._refused):
+            raise StepError(self._disagreement(usual))
+        return usual
 
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
         """Sum the per-example squared norms gathered since the last reset; see ``SmallBatchStats``."""
         seen = self.examples_seen()
         if seen is None or not self._vals:
+            if self._refused and self.policy != "error":
+                self._leave_out(dict(self._refused), batch_size)
             raise StepError(
                 "monitor.step() was called but no backward pass reached the monitored layers since the last "
                 "step; call loss.backward() (for every micro-batch) before monitor.step()"
+                if not self._refused
+                else "every measured layer was refused in this step: " + "; ".join(self._refused.values())
             )
-        if seen != batch_size:
-            raise StepError(
-                f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the "
-                "last step; pass the number of examples of the whole optimizer step (all micro-batches). The hooks "
-                "read the first dimension of each layer's input as the batch: sequence-first layers "
-                "(batch_first=False, inputs of shape (T, B, ...)) and packed sequences ((1, B*T, ...)) cannot be "
-                "measured per example; use batch-first inputs or source='microbatch'"
-            )
+        odd = {m: n for m, n in self._examples.items() if n != batch_size and m not in self._refused}
+        if odd or self._refused:
+            if self.policy == "error":
+                if seen != batch_size and len(set(self._examples.values())) == 1:
+                    raise StepError(self._wrong_batch_size(batch_size, seen))
+                raise StepError(self._disagreement(batch_size))
+            reasons = {m: f"saw {self._why_count(m, n, batch_size)}" for m, n in odd.items()}
+            self._leave_out({**reasons, **self._refused}, batch_size)
+        if self._steps == 0 and self._on_left_out is not None and self.left_out:
+            self._on_left_out(self.left_out, self.coverage, self.plan.trainable_numel)
+        self._steps += 1
         # Each example's share of p.grad is a_i; its mean-gradient is B * a_i (SmallBatchStats units): times B^2.
         scale = float(batch_size) ** 2
+        if not self._vals:
+            raise StepError("every measured layer was left out in this step; nothing is left to measure")
         first = self._vals[0]
         host = first.device.type == "cpu" if self._host_sums is None else self._host_sums
-        sums: torch.Tensor | list[float]
         if host and all(v.shape == first.shape for v in self._vals):
             # Straight to floats in three operations: right after a backward pass each costs tens of microseconds
             # on a CPU (cold caches), more than the arithmetic.
@@ -370,20 +337,177 @@ class ExampleCollector:
             host_sums = [0.0] * len(self.params)
             for slot, value in zip(self._idx, per_entry):
                 host_sums[slot] += value
-            sums = [scale * v for v in host_sums]
+            sums = ParamSums([scale * v for v in host_sums])
         else:
             vals = torch.cat(self._vals)  # every layer's per-example norms, (sum of B,)
-            sums = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
+            summed = torch.zeros(len(self.params), dtype=vals.dtype, device=vals.device)
             segments = self._segments.get(self._idx, vals.device, repeats=[v.shape[0] for v in self._vals])
-            sums.index_add_(0, segments, vals, alpha=scale)
+            summed.index_add_(0, segments, vals, alpha=scale)
+            sums = ParamSums(summed)
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=batch_size,
             inv_size_sum=float(batch_size),
-            examples=seen,
+            examples=batch_size,
+            per_example=True,
         )
 
-    def unmeasured_with_gradients(self, any_rank: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
+    def _leave_out(self, reasons: dict[nn.Module, str], batch_size: int) -> None:
+        """Leave ``reasons``' layers out from now on (policy ``warn`` / ``ignore``), on the first step only."""
+        names = ", ".join(f"'{self._names.get(m, type(m).__name__)}'" for m in reasons)
+        if self._steps:
+            # The measured parameters are fixed after the first step (the estimate's rows and the big batch).
+            raise StepError(
+                f"these layers could not be measured per example in step {self._steps + 1}, after the first step "
+                f"had measured them: {names} ({'; '.join(reasons.values())}); measure from a first step that runs "
+                f"every layer, or use {FALLBACK_HINT}"
+            )
+        total = self.plan.trainable_numel or 1
+        entries = []
+        for module, why in reasons.items():
+            slots = self._slots_of(module)
+            numel = sum(self.params[i][1].numel() for i in slots)
+            entries.append(
+                LeftOut(
+                    self._names.get(module, type(module).__name__),
+                    "no_rule",
+                    why,
+                    tuple(self.params[i][0] for i in slots),
+                    numel,
+                )
+            )
+        self._drop(set(reasons))
+        self.left_out += entries
+        if self.policy == "warn":
+            detail = "; ".join(
+                f"'{e.layer}' ({100 * e.numel / total:.2g}% of the parameters): {e.reason}" for e in entries
+            )
+            warnings.warn(
+                f"noisescale: left out of the per-example measurement, which now covers {100 * self.coverage:.3g}% "
+                f"of the trainable parameters: {detail}",
+                stacklevel=4,
+            )
+
+    def _slots_of(self, module: nn.Module) -> list[int]:
+        if module in self._layers:
+            return sorted(set(self._layers[module].slots.values()))
+        return sorted(set(self._hooked_slots.get(module, {}).values()))
+
+    def _drop(self, modules: set[nn.Module]) -> None:
+        """Stop measuring ``modules``: their slots leave ``params`` and everything is renumbered in place."""
+        gone = {i for m in modules for i in self._slots_of(m)}
+        keep = [i for i in range(len(self.params)) if i not in gone]
+        new = {old: j for j, old in enumerate(keep)}
+        self.params = [self.params[i] for i in keep]
+        for slots in [*(layer.slots for layer in self._layers.values()), *self._hooked_slots.values()]:
+            for name, old in list(slots.items()):
+                if old in gone:
+                    del slots[name]
+                else:
+                    slots[name] = new[old]
+        kept = [(new[i], v) for i, v in zip(self._idx, self._vals) if i not in gone]
+        self._idx, self._vals = [i for i, _ in kept], [v for _, v in kept]
+        self._per_example = {new[i]: v for i, v in self._per_example.items() if i not in gone}
+        self._dropped |= modules
+        for m in modules:
+            self._examples.pop(m, None)
+        measured = sum(p.numel() for _, p in self.params)
+        self.coverage = measured / self.plan.trainable_numel if self.plan.trainable_numel else 0.0
+        self._device = self.params[0][1].device if self.params else self._device
+
+    def _why_count(self, module: nn.Module, n: int, batch_size: int) -> str:
+        """Why a layer saw ``n`` examples in a step of ``batch_size``, from its input's shape and its calls."""
+        shape = self._shapes.get(module)
+        calls = self._calls.get(module, 1)
+        if shape and (shape[0] == 1 or (len(shape) == 1 and isinstance(module, nn.Embedding))):
+            return (
+                f"{n}. Its output is broadcast over the batch (an index of shape {shape}), so it has no per-example "
+                "gradient: give it one index row per example (Hugging Face models: pass "
+                "position_ids=torch.arange(T).expand(B, T))"
+            )
+        if calls > 1 and n == calls * batch_size:
+            return f"{n}. It ran {calls} times per example (shared weights, recurrence)"
+        if shape and len(shape) >= 2 and shape[1] == batch_size and shape[0] != batch_size:
+            return (
+                f"{n}. Its input of shape {shape} has the examples second (positions first), which no module of "
+                "the model declares with batch_first=False: pass batch-first inputs"
+            )
+        if shape and batch_size not in shape[:2] and n % batch_size:
+            return (
+                f"{n}. Its input of shape {shape} has no dimension of the batch's size: it is shared by the examples "
+                "(broadcast, like relative position buckets), so it has no per-example gradient"
+            )
+        if shape and len(shape) <= 2 and n > batch_size and n % batch_size == 0:
+            return (
+                f"{n}. Its {n} rows look like flattened tokens whose grouping into examples could not be traced to a "
+                "(B, T, ...) reshape: reshape a batch-first tensor right before the layer, or register a rule for it"
+            )
+        return str(n)
+
+    def _disagreement(self, batch_size: int) -> str:
+        parts = [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {self._why_count(m, n, batch_size)}"
+            for m, n in self._examples.items()
+            if n != batch_size and m not in self._refused
+        ]
+        parts += [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): refused: {why}"
+            for m, why in self._refused.items()
+        ]
+        return (
+            f"layers saw different numbers of examples in this step of {batch_size}, or were refused: "
+            + "; ".join(parts)
+            + ". Pass on_unsupported='warn' to measure the other layers (coverage is reported), or use "
+            + FALLBACK_HINT
+        )
+
+    def _wrong_batch_size(self, batch_size: int, seen: int) -> str:
+        message = (
+            f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the last step; "
+            "pass the number of examples of the whole optimizer step (all micro-batches)"
+        )
+        hints = [
+            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {why}"
+            for m, n in self._examples.items()
+            if (why := self._why_count(m, n, batch_size)) != str(n)
+        ]
+        shapes = [s for s in self._shapes.values() if len(s) >= 2]
+        if hints and not (shapes and all(s[1] == batch_size for s in shapes)):
+            message += ". " + "; ".join(hints)
+        if shapes and all(s[1] == batch_size for s in shapes):
+            message += (
+                f". The layers' inputs have {batch_size} second ({shapes[0]}, ...): sequence-first layers "
+                "(batch_first=False, inputs of shape (T, B, ...)) are measured when a module of the model declares "
+                "batch_first=False (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.LSTM); otherwise pass "
+                "batch-first inputs"
+            )
+        return message
+
+    def check_first_step(self, any_rank: AnyRank | None) -> None:
+        """Refuse measured parameters whose gradients no hook of their layer saw (first step only).
+
+        Under DDP and FSDP2 the ranks pool what they saw (one small all-reduce): a layer that ran on one rank only
+        gets the averaged gradient on the others (conditional computation), which is no error.
+
+        Raises:
+            StepError: naming those parameters and why their layer's hooks could miss them.
+        """
+        names = self.unmeasured_with_gradients(any_rank)
+        if not names:
+            return
+        attention = [n for n in names if n in self.attention_params]
+        why = (
+            "Those of nn.MultiheadAttention are measured from the matrix products inside its forward, which a "
+            "torch.compile'd graph hides: keep its forward eager (attn.forward = torch.compiler.disable(attn.forward)"
+            f"), or use {FALLBACK_HINT}."
+            if attention
+            else "Some code uses them without calling their module (a parent passing the weights to a function), so "
+            "their per-example norms are unknown and the estimate would be biased. Register a norm rule for the "
+            f"module that uses them, or use {FALLBACK_HINT}."
+        )
+        raise StepError(f"these measured parameters got gradients, but no hook of their layer saw them: {names}. {why}")
+
+    def unmeasured_with_gradients(self, any_rank: AnyRank | None = None) -> list[str]:
         """Measured parameters with a non-zero gradient that no hook of their layer saw since the last reset.
 
         Such a parameter is used by code other than its layer's forward (a parent passing the weight to a
@@ -427,32 +551,13 @@ class ExampleCollector:
         self._per_example = {}
         self._tied_parts = {}
         self._examples = {}
-        for tie in self._tied.values():
+        self._calls = {}
+        self._refused = {}
+        self._flat_outputs = {}
+        self._tie_inputs = {}
+        self._evidence.reset()
+        for tie in self._ties:
             tie.reset()
-
-    def close(self) -> None:
-        self.enabled = False
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()
-
-
-def _also_in_a_submodule(mname: str, names: list[str]) -> bool:
-    """Whether one of a parameter's registered ``names`` lies in a submodule of the module ``mname``."""
-    prefix = f"{mname}." if mname else ""
-    return any(n.startswith(prefix) and n.rpartition(".")[0] != mname for n in names)
-
-
-def _tied_pair(modules: list[nn.Module]) -> tuple[nn.Embedding, nn.Linear] | None:
-    """``(embedding, head)`` when a weight is used by exactly one ``nn.Embedding`` and one ``nn.Linear``."""
-    if len(modules) != 2:
-        return None
-    emb = [m for m in modules if isinstance(m, nn.Embedding)]
-    head = [m for m in modules if isinstance(m, nn.Linear)]
-    if len(emb) != 1 or len(head) != 1 or emb[0].weight is not head[0].weight:
-        return None
-    return emb[0], head[0]
 
 
 def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
@@ -467,8 +572,42 @@ def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[objec
     return base
 
 
-_BATCH_COUPLED = ": batch statistics couple the examples, so per-example gradients are undefined"
+_AMBIGUOUS = (
+    "its input of shape {shape} starts with as many positions as examples in a model that puts positions first "
+    "(batch_first=False), so which dimension holds the examples cannot be told; use batch_first=True, or a "
+    "sequence length different from the batch size"
+)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _is_reshape(node: object) -> bool:
+    return node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
+def _layer(planned: RuleLayer) -> _Layer:
+    return _Layer(planned.name, planned.rule.rule, dict(planned.slots), planned.tie, planned.rule.checks)
+
+
+def _apply_policy(plan: ExamplePlan, on_unsupported: Policy) -> None:
+    """Raise or warn, as ``on_unsupported`` says, about what the plan leaves out."""
+    if on_unsupported == "ignore":
+        return
+    problems = [p.describe() for p in plan.left_out if p.kind == "no_rule"]
+    if problems:
+        msg = (
+            "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
+            f"Register one with @noisescale.register_norm_rule(LayerClass), use {FALLBACK_HINT}, or pass "
+            "on_unsupported='warn' to measure the other layers (coverage is reported)."
+        )
+        if on_unsupported == "error":
+            raise UnsupportedLayerError(msg)
+        warnings.warn(msg, stacklevel=4)
+    shared = sorted({p.reason for p in plan.left_out if p.kind == "shared"})
+    if shared:
+        msg = (
+            "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear head is): "
+            + "; ".join(shared)
+            + f". Pass on_unsupported='warn' to leave them out (coverage is reported), or use {FALLBACK_HINT}."
+        )
+        if on_unsupported == "error":
+            raise SharedParameterError(msg)
+        warnings.warn(msg, stacklevel=4)

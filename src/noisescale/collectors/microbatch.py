@@ -1,4 +1,4 @@
-"""The ``microbatch`` source: the squared norm of each micro-batch's gradient under gradient accumulation.
+"""Micro-batch statistics: the squared norm of each micro-batch's gradient under gradient accumulation.
 
 A tensor hook on every parameter receives the gradient of each backward pass *before* it is added to
 ``p.grad``, so each micro-batch's share ``c_{j,p}`` is seen without copying any gradient.  Only
@@ -19,16 +19,17 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.base import DeviceIndex, SmallBatchStats, equal_split
+from noisescale.collectors.base import BackwardWatch, HookOwner, equal_split
+from noisescale.device_index import DeviceIndex
 from noisescale.errors import StepError
 from noisescale.grad_norms import tensor_sq_norm
+from noisescale.stats import ParamSums, SmallBatchStats
 
 __all__ = ["MicrobatchCollector"]
 
 
-class MicrobatchCollector:
+class MicrobatchCollector(HookOwner):
     """Squared norms of the micro-batch gradients of one optimizer step.
 
     Each ``backward()`` between two ``step()`` calls is one micro-batch.  Their sizes default to an even split
@@ -38,17 +39,14 @@ class MicrobatchCollector:
 
     Args:
         model: the model whose trainable parameters are hooked.
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
     """
 
-    source = "microbatch"
-
-    def __init__(self, model: nn.Module) -> None:
-        self.enabled = True
+    def __init__(self, model: nn.Module, *, watch: BackwardWatch | None = None) -> None:
+        super().__init__(watch)
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.coverage = 1.0 if self.params else 0.0
-        self._handles: list[RemovableHandle] = [
-            p.register_hook(functools.partial(self._on_grad, i)) for i, (_, p) in enumerate(self.params)
-        ]
+        self._handles = [p.register_hook(functools.partial(self._on_grad, i)) for i, (_, p) in enumerate(self.params)]
         self._idx: list[int] = []
         self._vals: list[float | torch.Tensor] = []  # floats for gradients in host memory
         self._counts = [0] * len(self.params)
@@ -58,19 +56,24 @@ class MicrobatchCollector:
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not self.enabled:
             return
+        self.watch.touch()
         sq = tensor_sq_norm(grad)  # detached under create_graph=True
         self._idx.append(slot)
         host = grad.is_cpu if self._host_floats is None else self._host_floats
         self._vals.append(sq.item() if host else sq)  # see the module docstring
         self._counts[slot] += 1
 
-    def micro_batches_seen(self) -> int:
+    def backward_passes(self) -> int:
         """Backward passes seen since the last reset (the most any one parameter received)."""
         return max(self._counts, default=0)
 
+    def examples_seen(self) -> None:
+        """A micro-batch's gradient does not tell how many examples it holds."""
+        return None
+
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
         """Micro-batch statistics since the last reset; see ``SmallBatchStats``."""
-        k = self.micro_batches_seen()
+        k = self.backward_passes()
         if k == 0:
             raise StepError(
                 "monitor.step() was called but no backward pass reached the model's parameters since the last "
@@ -91,13 +94,13 @@ class MicrobatchCollector:
                     f"sum to batch_size={batch_size}"
                 )
         weights = self._weights(batch_size, sizes)
-        sums: torch.Tensor | list[float]
         if all(isinstance(v, float) for v in self._vals):
-            sums = [0.0] * len(self.params)
+            host = [0.0] * len(self.params)
             for slot, value, weight in zip(self._idx, self._vals, weights):
-                sums[slot] += weight * float(value)
+                host[slot] += weight * float(value)
+            sums = ParamSums(host)
         else:
-            sums = self._device_sums(weights)
+            sums = ParamSums(self._device_sums(weights))
         return SmallBatchStats(
             small_sq_sum=sums,
             n_small=k,
@@ -138,10 +141,3 @@ class MicrobatchCollector:
         self._idx = []
         self._vals = []
         self._counts = [0] * len(self.params)
-
-    def close(self) -> None:
-        self.enabled = False
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()

@@ -1,4 +1,4 @@
-"""The ``rank`` source: each data-parallel rank's local gradient, read just before DDP averages it.
+"""Data-parallel rank statistics: each rank's local gradient, read just before DDP averages it.
 
 Each measured parameter gets a post-accumulate-grad hook.  PyTorch runs it inside the parameter's
 ``AccumulateGrad`` node, right after ``p.grad`` has taken in this backward's gradient and before the node's
@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.base import DeviceIndex, SmallBatchStats
+from noisescale.collectors.base import BackwardWatch, HookOwner
+from noisescale.device_index import DeviceIndex
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
-from noisescale.errors import ConfigError, StepError
+from noisescale.errors import FALLBACK_HINT, ConfigError, StepError
 from noisescale.grad_norms import tensor_sq_norm
+from noisescale.stats import ParamSums, PendingSum, SmallBatchStats
 
 __all__ = ["RankCollector"]
 
 
-class RankCollector:
+class RankCollector(HookOwner):
     """This rank's local gradient norms, per parameter, read as DDP receives each gradient.
 
     Assumes DDP averages the ranks' gradients, as it does by default and with its built-in communication hooks
@@ -44,22 +44,26 @@ class RankCollector:
         sync: the monitor's ``DataParallelSync``: at the end of each synchronising backward pass, the gather of
             this rank's sums is launched (asynchronously, behind DDP's all-reduces), so ``monitor.step()`` adds no
             round trip of its own.
+        watch: told of every backward pass the hooks see (``BackwardWatch``).
 
     Raises:
         ConfigError: ``model`` is not DDP, or ``comm_hook`` is malformed or cannot be registered.
     """
 
-    source = "rank"
-
     def __init__(
-        self, model: nn.Module, *, comm_hook: CommHook | None = None, sync: DataParallelSync | None = None
+        self,
+        model: nn.Module,
+        *,
+        comm_hook: CommHook | None = None,
+        sync: DataParallelSync | None = None,
+        watch: BackwardWatch | None = None,
     ) -> None:
         if not is_ddp(model):
             raise ConfigError(
-                "source='rank' reads each rank's gradient before DistributedDataParallel averages it, so it needs "
-                f"the DDP-wrapped model, got {type(model).__name__}: "
-                "GNSMonitor(DistributedDataParallel(model), source='rank'); under FSDP2 use source='example'"
+                "the rank statistics read each rank's gradient before DistributedDataParallel averages it, so they "
+                f"need the DDP-wrapped model, got {type(model).__name__}: pass DistributedDataParallel(model)"
             )
+        super().__init__(watch)
         if comm_hook is not None:
             register_comm_hook(model, comm_hook)
         ignored = ddp_ignored_parameter_names(model)
@@ -68,7 +72,6 @@ class RankCollector:
         ]
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.coverage = (sum(p.numel() for _, p in self.params) / total) if total else 0.0
-        self.enabled = True
         self._ddp = model
         self._sync = sync
         self._device = self.params[0][1].device if self.params else torch.device("cpu")
@@ -77,8 +80,8 @@ class RankCollector:
         self._sync_passes = 0
         self._with_grads = DeviceIndex()  # the slots of the parameters that got a gradient
         self._sums: torch.Tensor | None = None
-        self._pending: tuple[Any, torch.Tensor] | None = None
-        self._handles: list[RemovableHandle] = [
+        self._pending: PendingSum | None = None
+        self._handles = [
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, slot))
             for slot, (_, p) in enumerate(self.params)
         ]
@@ -88,6 +91,7 @@ class RankCollector:
     def _on_grad_ready(self, slot: int, param: nn.Parameter) -> None:
         if not self.enabled:
             return
+        self.watch.touch()
         # DDP decides at forward time whether this backward synchronises (False under no_sync()): only then is
         # p.grad this rank's whole local gradient of the step.
         if not getattr(self._ddp, "require_forward_param_sync", True):
@@ -120,10 +124,9 @@ class RankCollector:
             sums.index_copy_(0, index, torch.stack(list(latest.values())).to(torch.float64))
         return sums
 
-    def take_pending_sum(self) -> tuple[Any, torch.Tensor] | None:
-        """The gather started at the end of this step's backward (``DataParallelSync.start_sum``), once."""
-        pending, self._pending = self._pending, None
-        return pending
+    def examples_seen(self) -> None:
+        """A rank's gradient does not tell how many examples it holds."""
+        return None
 
     # -- step interface ----------------------------------------------------------------------------------------
 
@@ -142,21 +145,19 @@ class RankCollector:
         if self._sync_passes > 1:
             raise StepError(
                 f"DDP all-reduced the gradients {self._sync_passes} times in this step, so p.grad no longer holds one "
-                "rank's gradient: run all micro-batches but the last under ddp_model.no_sync(), or use "
-                "source='microbatch'"
+                "rank's gradient: run all micro-batches but the last under ddp_model.no_sync(), or use " + FALLBACK_HINT
             )
         sums = self._sums if self._sums is not None else self._local_sums()
-        return SmallBatchStats(small_sq_sum=sums, n_small=1, inv_size_sum=1.0 / batch_size, examples=None)
+        return SmallBatchStats(
+            small_sq_sum=ParamSums(sums),
+            n_small=1,
+            inv_size_sum=1.0 / batch_size,
+            examples=None,
+            in_flight=self._pending,
+        )
 
     def reset(self) -> None:
         self._latest = {}
         self._sync_passes = 0
         self._sums = None
         self._pending = None
-
-    def close(self) -> None:
-        self.enabled = False
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.reset()

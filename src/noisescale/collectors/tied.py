@@ -13,12 +13,15 @@ the head's output gradients at the token ids and a ``(B, S, T)`` batched product
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from noisescale.collectors.rules.common import as_float
+from noisescale.collectors.rules.registry import register_tied_weights
 
-__all__ = ["TiedEmbeddingHead"]
+__all__ = ["TiedEmbeddingHead", "tied_embedding_head"]
 
 
 class TiedEmbeddingHead:
@@ -29,12 +32,30 @@ class TiedEmbeddingHead:
         head: the output projection whose ``weight`` is ``embedding.weight``.
     """
 
+    weight = "weight"
+
     def __init__(self, embedding: nn.Embedding, head: nn.Linear) -> None:
         self.embedding = embedding
         self.head = head
+        self.modules: tuple[nn.Module, nn.Module] = (embedding, head)
         self._ids: torch.Tensor | None = None
         self._pending_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (u at the ids (B, S, T), h (B, S, D))
         self._pending_embedding: torch.Tensor | None = None  # g (B, T, D), zero at padding positions
+
+    def forward(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
+        """The embedding's forward pass gives the token ids; the head's needs nothing."""
+        if module is self.embedding:
+            ids = inputs[0]
+            assert isinstance(ids, torch.Tensor)
+            self.saw_ids(ids)
+
+    def backward(self, module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> torch.Tensor | None:
+        """``2 <A_i, H_i>`` once both layers' output gradients arrived, else ``None``."""
+        if module is self.head:
+            h = inputs[0]
+            assert isinstance(h, torch.Tensor)
+            return self.on_head_grad(h, grad_output)
+        return self.on_embedding_grad(grad_output)
 
     def saw_ids(self, ids: torch.Tensor) -> None:
         """Called on the embedding's forward: the token ids of the current forward pass."""
@@ -79,3 +100,15 @@ class TiedEmbeddingHead:
         self._ids = None
         self._pending_head = None
         self._pending_embedding = None
+
+
+@register_tied_weights
+def tied_embedding_head(modules: Sequence[nn.Module]) -> TiedEmbeddingHead | None:
+    """The form for a weight used by exactly one ``nn.Embedding`` and one ``nn.Linear`` (its output head)."""
+    if len(modules) != 2:
+        return None
+    emb = [m for m in modules if isinstance(m, nn.Embedding)]
+    head = [m for m in modules if isinstance(m, nn.Linear)]
+    if len(emb) != 1 or len(head) != 1 or emb[0].weight is not head[0].weight:
+        return None
+    return TiedEmbeddingHead(emb[0], head[0])

@@ -243,7 +243,12 @@ class RunReader:
         return _series(key, rows)
 
     def events(self) -> list[dict[str, Any]]:
-        rows = self._query("SELECT step, examples, wall_time, kind, message, data FROM events ORDER BY id")
+        # An event may be written before its step's measurement (they travel on different threads): the
+        # measurement's examples fill in.
+        rows = self._query(
+            "SELECT e.step, COALESCE(e.examples, s.examples), e.wall_time, e.kind, e.message, e.data FROM events e "
+            "LEFT JOIN measurements s ON s.step = e.step ORDER BY e.id"
+        )
         out = []
         for step, examples, wall, kind, message, data in rows:
             try:

@@ -13,7 +13,6 @@ method a no-op), so the same code runs everywhere.
 from __future__ import annotations
 
 import atexit
-import importlib.metadata
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import torch
 
 from noisescale.columns import COLUMNS
 from noisescale.errors import ConfigError
+from noisescale.events import Event, Metrics
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
 from noisescale.store.schema import apply_migrations
@@ -122,7 +122,29 @@ class Run:
         if not self.active:
             return
         self._check_open()
-        self._queue.put(("m", time.time(), measurement))
+        self._queue.put(("m", getattr(measurement, "wall_time", None) or time.time(), measurement))
+
+    # -- the sink interface (noisescale.sink.Sink): GNSMonitor(model, sinks=[run]) ------------------------------
+
+    def on_measurement(self, measurement: Any) -> None:
+        """Record a measurement (``noisescale.sink.Sink``); the same as ``log_measurement``."""
+        self.log_measurement(measurement)
+
+    def on_metrics(self, metrics: Metrics) -> None:
+        """Record the numbers logged with ``GNSMonitor.log`` (``noisescale.sink.Sink``)."""
+        if not self.active:
+            return
+        self._check_open()
+        items = [(k, v) for k, v in metrics.values.items()]
+        self._queue.put(("log", metrics.wall_time, metrics.step, metrics.examples, items))
+
+    def on_event(self, event: Event) -> None:
+        """Record an event from the monitor, a controller or an alert rule (``noisescale.sink.Sink``)."""
+        if not self.active:
+            return
+        self._check_open()
+        data = None if event.data is None else json.dumps(dict(event.data), sort_keys=True, default=str)
+        self._queue.put(("event", event.wall_time, event.step, event.kind, event.message, data, event.examples))
 
     def log(self, step: int, metrics: Mapping[str, Any], *, examples: int | None = None) -> None:
         """Queue your own numbers for ``step``, e.g. ``run.log(m.step, {"loss": loss})`` after ``m = monitor.step()``.
@@ -164,7 +186,7 @@ class Run:
         if step is not None:
             step = _check_int("step", step)
         data_json = None if data is None else json.dumps(data, sort_keys=True, default=str)
-        self._queue.put(("event", time.time(), step, kind, str(message), data_json))
+        self._queue.put(("event", time.time(), step, kind, str(message), data_json, None))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until everything queued so far is committed; ``False`` if ``timeout`` seconds passed first."""
@@ -373,11 +395,12 @@ class Run:
                 for key, value in items
             ]
         if tag == "event":
-            _, _, step, kind, message, data = item
+            _, _, step, kind, message, data, given_examples = item
+            at = given_examples if given_examples is not None or step is None else step_examples.get(step)
             return [
                 (
                     "INSERT INTO events (step, examples, wall_time, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (step, step_examples.get(step) if step is not None else None, wall, kind, message, data),
+                    (step, at, wall, kind, message, data),
                 )
             ]
         raise ValueError(f"unknown item {tag!r}")
@@ -453,11 +476,6 @@ def _num(value: Any) -> float | None:
 
 
 def _version() -> str:
-    """The installed noisescale's version, as its package metadata says (what ``pip show noisescale`` prints)."""
-    try:
-        return importlib.metadata.version("noisescale")
-    except importlib.metadata.PackageNotFoundError:
-        # A source tree put on sys.path without being installed has no metadata: take the version it declares.
-        from noisescale import __version__
+    from noisescale.version import __version__
 
-        return __version__
+    return __version__

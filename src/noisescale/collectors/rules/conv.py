@@ -30,7 +30,7 @@ from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
-__all__ = ["conv_patches", "conv_rule", "conv_weight_sq_norms"]
+__all__ = ["conv_patches", "conv_reference", "conv_rule", "conv_weight_sq_norms"]
 
 
 def _pad_amounts(
@@ -108,7 +108,19 @@ def conv_weight_sq_norms(patches: torch.Tensor, grad_output: torch.Tensor, *, gr
     return sq_norm_of_sum_over_positions(u, gg).view(b, groups).sum(dim=1)
 
 
-@register_norm_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.Conv{1,2,3}d.forward`` outputs for ``inputs``, in float64, and the size of the terms it sums."""
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    bias = None if module.bias is None else module.bias.double()
+    out = module._conv_forward(x.double(), module.weight.double(), bias)
+    terms = module._conv_forward(x.double().abs(), module.weight.double().abs(), None)
+    return out, float(terms.max()) + (float(bias.abs().max()) if bias is not None else 0.0)
+
+
+@register_norm_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, reference=conv_reference)
 def conv_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of ``nn.Conv{1,2,3}d`` (see the module docstring).
 

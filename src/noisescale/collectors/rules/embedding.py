@@ -29,11 +29,12 @@ from torch import nn
 
 from noisescale.collectors.rules.common import as_float
 from noisescale.collectors.rules.registry import register_norm_rule
-from noisescale.errors import UnsupportedLayerError
+from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = [
     "EmbeddingForm",
     "embedding_form",
+    "embedding_reference",
     "embedding_rule",
     "embedding_sq_norms",
     "refuse_positions_shared_by_the_batch",
@@ -120,7 +121,6 @@ def embedding_sq_norms(
     return sums.view(b, t, d).square().sum(dim=(1, 2))
 
 
-@register_norm_rule(nn.Embedding)
 def embedding_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norm of ``weight`` of an ``nn.Embedding`` (see the module docstring).
 
@@ -134,7 +134,7 @@ def embedding_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: t
         raise UnsupportedLayerError(
             "nn.Embedding(scale_grad_by_freq=True) divides each token's gradient by its frequency in the whole "
             "batch, so per-example gradients are not defined; construct it with scale_grad_by_freq=False, or "
-            "use source='microbatch'"
+            f"use {FALLBACK_HINT}"
         )
     idx = inputs[0]
     assert isinstance(idx, torch.Tensor)
@@ -171,6 +171,23 @@ def refuse_positions_shared_by_the_batch(module: nn.Module, inputs: tuple[object
             f"an nn.Embedding({module.num_embeddings}, {module.embedding_dim}) was called with the positions "
             f"0..{idx.numel() - 1} as one (T,) index shared by the whole batch: its output is broadcast over the "
             "examples, so it has no per-example gradient (and its T rows would be counted as examples). Look the "
-            "positions up once per example, shape (B, T), e.g. torch.arange(T).expand(B, T), or use "
-            "source='microbatch'"
+            "positions up once per example, shape (B, T), e.g. torch.arange(T).expand(B, T), or use " + FALLBACK_HINT
         )
+
+
+def embedding_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.Embedding.forward`` outputs for ``inputs`` (rows of the weight at the indices), and their size.
+
+    The weight is read as it is: ``max_norm`` has renormalised it in place already, if the layer asked for that.
+    """
+    idx = inputs[0] if inputs else None
+    weight = module.weight
+    if not (isinstance(idx, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        raise TypeError("the first input is not an index tensor")
+    out = torch.nn.functional.embedding(idx, weight.double())
+    return out, float(weight.abs().max())
+
+
+register_norm_rule(nn.Embedding, check=refuse_positions_shared_by_the_batch, reference=embedding_reference)(
+    embedding_rule
+)

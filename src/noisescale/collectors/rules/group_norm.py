@@ -19,7 +19,7 @@ from noisescale.collectors.rules.common import affine_rule, as_float
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
-__all__ = ["group_norm_rule", "group_norm_sq_norms"]
+__all__ = ["group_norm_reference", "group_norm_rule", "group_norm_sq_norms"]
 
 
 def group_norm_sq_norms(
@@ -41,7 +41,19 @@ def group_norm_sq_norms(
     return grad_w.square().sum(dim=1), grad_b.square().sum(dim=1)
 
 
-@register_norm_rule(nn.GroupNorm, normalization=True)
+def group_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.GroupNorm.forward`` outputs for ``inputs``, in float64, and its size."""
+    assert isinstance(module, nn.GroupNorm)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    w = None if module.weight is None else module.weight.double()
+    b = None if module.bias is None else module.bias.double()
+    out = torch.nn.functional.group_norm(x.double(), module.num_groups, w, b, module.eps)
+    return out, float(out.abs().max()) if out.numel() else 0.0
+
+
+@register_norm_rule(nn.GroupNorm, normalization=True, reference=group_norm_reference)
 def group_norm_rule(
     module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
 ) -> dict[str, torch.Tensor]:

@@ -10,13 +10,17 @@ gradients ``g_t``, the weight gradient is ``W_i = sum_t g_t x_t^T`` and the bias
   one is chosen per call from the shapes.
 
 Layers that read the same input (separate query, key and value projections; gate and up projections) share its
-Gram matrix ``X_i X_i^T`` in the ghost form: the last one computed is kept, keyed by the input tensor itself
-(object and version), until that tensor is freed or another input's Gram replaces it.
+Gram matrix ``X_i X_i^T`` in the ghost form: the last one computed is kept in the collector's ``GramCache``
+(made current around its hooks with ``use_gram_cache``), keyed by the input tensor itself (object and version),
+until that tensor is freed or another input's Gram replaces it.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -25,15 +29,17 @@ from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequ
 from noisescale.collectors.rules.registry import register_norm_rule
 
 __all__ = [
-    "SHARED_GRAM",
+    "GramCache",
     "affine_map_sq_norms",
+    "linear_reference",
     "linear_rule",
     "sequence_linear_sq_norms",
     "sq_norm_of_sum_over_positions",
+    "use_gram_cache",
 ]
 
 
-class _SharedGram:
+class GramCache:
     """The input Gram matrix of the last ghost-form call, for the next layer that reads the same input tensor.
 
     In a backward pass the layers that read one input run one after the other, so one entry is enough.  The key
@@ -66,7 +72,17 @@ class _SharedGram:
         return self._entry is not None
 
 
-SHARED_GRAM = _SharedGram()
+_CURRENT: ContextVar[GramCache | None] = ContextVar("noisescale_gram_cache", default=None)
+
+
+@contextmanager
+def use_gram_cache(cache: GramCache) -> Iterator[None]:
+    """Make ``cache`` the one the ghost forms share Gram matrices through (a collector, around its hooks)."""
+    token = _CURRENT.set(cache)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def sq_norm_of_sum_over_positions(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -87,7 +103,7 @@ def sequence_linear_sq_norms(
         g: ``(B, T, n)`` output gradients.
         with_bias: also return the bias term; otherwise the second value is ``None``.
         shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix is shared
-            with the next layer that reads the same tensor (``SHARED_GRAM``).
+            with the next layer that reads the same tensor, through the current ``GramCache`` if there is one.
 
     The weight term takes the ghost form when ``T^2 (m + n) <= T m n`` (no more multiply-adds), else the
     materialised one.  With a ghost form the bias term comes from its output-gradient Gram matrix,
@@ -101,11 +117,12 @@ def sequence_linear_sq_norms(
     # Half-precision inputs (autocast) go into the products as they are, summed in float32 (bmm_float).
     if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
-        gram_x = SHARED_GRAM.get(shared_input) if shared_input is not None else None
+        cache = _CURRENT.get() if shared_input is not None else None
+        gram_x = cache.get(shared_input) if cache is not None and shared_input is not None else None
         if gram_x is None:
             gram_x = bmm_float(x, x.transpose(1, 2))
-            if shared_input is not None:
-                SHARED_GRAM.put(shared_input, gram_x)
+            if cache is not None and shared_input is not None:
+                cache.put(shared_input, gram_x)
         gram_g = bmm_float(g, g.transpose(1, 2))
         bias = gram_g.sum(dim=(1, 2)) if with_bias else None
         return gram_g.mul_(gram_x).sum(dim=(1, 2)), bias  # gram_x stays intact for a layer that shares it
@@ -146,7 +163,26 @@ def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias:
     return out
 
 
-@register_norm_rule(nn.Linear)
+def linear_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.Linear.forward`` outputs for ``inputs``, in float64, and the size of the terms it sums."""
+    x = _first_tensor(inputs)
+    weight, bias = module.weight, module.bias
+    assert isinstance(weight, torch.Tensor)
+    xw, w = x.double(), weight.double()
+    b = bias.double() if isinstance(bias, torch.Tensor) else None
+    out = torch.nn.functional.linear(xw, w, b)
+    scale = float((xw.abs() @ w.abs().T).max()) if x.numel() else 0.0
+    return out, scale + (float(b.abs().max()) if b is not None else 0.0)
+
+
+def _first_tensor(inputs: tuple[object, ...]) -> torch.Tensor:
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    return x
+
+
+@register_norm_rule(nn.Linear, reference=linear_reference)
 def linear_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norms of ``weight`` and ``bias`` of an ``nn.Linear`` (see the module docstring)."""
     assert isinstance(module, nn.Linear)

@@ -12,6 +12,11 @@ normalised ones) and output gradients ``g_t``:
 * RMSNorm: ``x_hat = x / sqrt(mean(x^2) + eps)``; ``eps=None`` is the machine epsilon of the computation type
   (float64 for float64 inputs, float32 otherwise), as in ``torch.nn.functional.rms_norm``.
 
+Other hand-written norms (nanoGPT's ``LayerNorm``, which calls ``F.layer_norm`` with a fixed epsilon and an
+optional bias; T5's ``T5LayerNorm``, an RMSNorm by another name) are recognised as a childless module named
+``*Norm*`` with a ``weight`` and at most a matching ``bias``: their first call tells which maths they compute
+(LayerNorm, RMSNorm, or RMSNorm with ``1 + weight``) and with which epsilon, and anything else is refused.
+
 These layers are registered with ``normalization=True``: ``scope="norm"`` measures only them (Gray et al.
 2024).  Hand-written RMSNorms, as every Hugging Face decoder has (``LlamaRMSNorm``, ``Qwen2RMSNorm``,
 ``MistralRMSNorm``, ``GemmaRMSNorm``, ...), are recognised: a class whose name ends in ``RMSNorm``, with one
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,8 +42,10 @@ from noisescale.collectors.rules.registry import Recognized, recognize_layers, r
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = [
+    "layer_norm_reference",
     "layer_norm_rule",
     "layer_norm_sq_norms",
+    "rms_norm_reference",
     "rms_norm_rule",
     "rms_norm_sq_norms",
 ]
@@ -108,7 +116,35 @@ def rms_norm_sq_norms(
     return x_hat.mul_(g3).sum(dim=1).square_().sum(dim=1)
 
 
-@register_norm_rule(nn.LayerNorm, normalization=True)
+def layer_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.LayerNorm.forward`` outputs for ``inputs``, in float64, and its size."""
+    assert isinstance(module, nn.LayerNorm)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    w = None if module.weight is None else module.weight.double()
+    b = None if module.bias is None else module.bias.double()
+    out = torch.nn.functional.layer_norm(x.double(), module.normalized_shape, w, b, module.eps)
+    return out, float(out.abs().max()) if out.numel() else 0.0
+
+
+def rms_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
+    """What ``nn.RMSNorm.forward`` outputs for ``inputs``, in float64, and its size."""
+    assert isinstance(module, nn.RMSNorm)
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    w = None if module.weight is None else module.weight.double()
+    eps = (
+        module.eps
+        if module.eps is not None
+        else torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    )
+    out = torch.nn.functional.rms_norm(x.double(), module.normalized_shape, w, eps)
+    return out, float(out.abs().max()) if out.numel() else 0.0
+
+
+@register_norm_rule(nn.LayerNorm, normalization=True, reference=layer_norm_reference)
 def layer_norm_rule(
     module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -120,7 +156,7 @@ def layer_norm_rule(
     )
 
 
-@register_norm_rule(nn.RMSNorm, normalization=True)
+@register_norm_rule(nn.RMSNorm, normalization=True, reference=rms_norm_reference)
 def rms_norm_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared norm of ``weight`` of ``nn.RMSNorm`` or of a hand-written RMSNorm.
 
@@ -195,4 +231,137 @@ def _check_rms_norm_output(module: nn.Module, inputs: tuple[object, ...], output
 
 recognize_layers(
     Recognized(matches=_looks_like_rms_norm, rule=rms_norm_rule, check=_check_rms_norm_output, normalization=True)
+)
+
+
+# -- hand-written norms of other names (nanoGPT's LayerNorm, T5's T5LayerNorm, ...) -------------------------------
+
+_EPS_CANDIDATES = (1e-5, 1e-6, 1e-12, 1e-8)
+
+
+def _looks_like_hand_written_norm(module: nn.Module) -> bool:
+    """A childless module named ``*Norm*`` holding a ``weight`` and at most a matching ``bias``.
+
+    Not torch's own layers (``BatchNorm``'s statistics couple the examples; the others have rules), nor a batch
+    norm of another library.
+    """
+    cls = type(module)
+    if "Norm" not in cls.__name__ or "Batch" in cls.__name__ or cls.__module__.startswith("torch."):
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    weight = own.get("weight")
+    if weight is None or not set(own) <= {"weight", "bias"}:
+        return False
+    return "bias" not in own or own["bias"].shape == weight.shape
+
+
+def _hand_written_norm_rule(
+    module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    raise RuntimeError("a hand-written norm is measured by the rule its first call identified")  # pragma: no cover
+
+
+def _identify_hand_written_norm(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Tell which maths a hand-written norm computes, and return the rule for it.
+
+    The layer is run once more on its first input with its parameters perturbed (``torch.func.functional_call``:
+    the module itself is not touched), so a ``bias`` still at zero, or a weight at one, cannot hide how they are
+    used.  Tried, for the layer's own epsilon (``eps``, ``variance_epsilon``, ``epsilon``) or else the usual
+    ones: ``layer_norm(x) * w (+ b)``, ``x / sqrt(mean(x^2) + eps) * w (+ b)`` and the same with ``1 + w`` (RMSNorm
+    forms; T5's ``T5LayerNorm`` is one).  A layer that computes none of them is refused.
+    """
+    x = inputs[0] if inputs else None
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    assert isinstance(weight, torch.Tensor)
+    own_eps = next(
+        (
+            float(v)
+            for n in ("eps", "variance_epsilon", "epsilon")
+            if isinstance(v := getattr(module, n, None), (int, float)) and not isinstance(v, bool)
+        ),
+        None,
+    )
+    candidates = (own_eps,) if own_eps is not None else _EPS_CANDIDATES
+    worst = float("nan")
+    if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.shape == output.shape:
+        nd = weight.dim()
+        with torch.no_grad():
+            gen = torch.Generator(device=weight.device).manual_seed(0)
+            w = weight + 0.5 * torch.rand(weight.shape, generator=gen, device=weight.device, dtype=weight.dtype)
+            probe = {"weight": w}
+            b = None
+            if bias is not None:
+                b = bias + 0.5 * torch.rand(bias.shape, generator=gen, device=bias.device, dtype=bias.dtype)
+                probe["bias"] = b
+            out = torch.func.functional_call(module, probe, (x,))
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                out = None
+        if out is not None:
+            with torch.no_grad():
+                wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+                xf, outf, wf = x.to(wide), out.to(wide), w.to(wide)
+                bf = None if b is None else b.to(wide)
+                tol = rounding_tolerance(out.dtype, float(outf.abs().max()) if outf.numel() else 0.0)
+                dims = tuple(range(x.dim() - nd, x.dim()))
+                for eps in candidates:
+                    x_hat = xf * torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps)
+                    forms = {
+                        "layer": torch.nn.functional.layer_norm(xf, tuple(weight.shape), wf, bf, eps),
+                        "rms": x_hat * wf if bf is None else x_hat * wf + bf,
+                        "rms1": x_hat * (1.0 + wf) if bf is None else x_hat * (1.0 + wf) + bf,
+                    }
+                    for kind, expected in forms.items():
+                        err = float((outf - expected).abs().max())
+                        worst = err if math.isnan(worst) else min(worst, err)
+                        if err <= tol:
+                            return _identified_rule(kind, nd, eps)
+    held = "a weight and a bias" if bias is not None else "a weight"
+    raise UnsupportedLayerError(
+        f"{type(module).__name__} looks like a normalisation layer ({held}), "
+        f"but its output is neither a LayerNorm nor an RMSNorm of its input, with every parameter used (smallest "
+        f"largest difference {worst:.3g}); register a rule of its own with "
+        f"@noisescale.register_norm_rule({type(module).__name__})"
+    )
+
+
+def _identified_rule(kind: str, normalized_ndim: int, eps: float) -> Callable[..., dict[str, torch.Tensor]]:
+    if kind == "layer":
+
+        def layer_rule(
+            module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor
+        ) -> dict[str, torch.Tensor]:
+            return affine_rule(
+                module,
+                inputs,
+                lambda x: layer_norm_sq_norms(x, grad_output, normalized_ndim=normalized_ndim, eps=eps),
+            )
+
+        return layer_rule
+
+    def rms_rule(module: nn.Module, inputs: tuple[object, ...], grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = inputs[0]
+        assert isinstance(x, torch.Tensor)
+        out: dict[str, torch.Tensor] = {}
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            out["weight"] = rms_norm_sq_norms(x, grad_output, normalized_ndim=normalized_ndim, eps=eps)
+        if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            g = _positions(as_float(grad_output), normalized_ndim)
+            out["bias"] = g.sum(dim=1).square().sum(dim=1)
+        return out
+
+    return rms_rule
+
+
+recognize_layers(
+    Recognized(
+        matches=_looks_like_hand_written_norm,
+        rule=_hand_written_norm_rule,
+        check=_identify_hand_written_norm,
+        normalization=True,
+    )
 )

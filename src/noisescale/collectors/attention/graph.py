@@ -6,7 +6,7 @@ operand leads, through a transpose, possibly a split along rows and autocast's d
 ``AccumulateGrad`` node, and
 which saves its first operand (the input rows).  Walking the call's part of the graph, from the layer's output
 back to its inputs, finds every product, its weight block, the bias block added to it (inside ``addmm``, or by
-the ``AddBackward0`` right after an ``mm``) and its saved input: all that ``collectors.attention`` needs, at no
+the ``AddBackward0`` right after an ``mm``) and its saved input: all that ``collectors.attention.hooks`` needs, at no
 cost in the forward pass.  The dispatch mode of that module checks this walk on the layer's first call.
 """
 

@@ -1,7 +1,7 @@
 """The checks that keep ``nn.MultiheadAttention``'s per-example norms from being silently wrong.
 
-On the layer's first call, what the dispatch mode saw (``collectors.attention_dispatch``) is held to the layout
-``collectors.attention`` assumes, and the autograd-graph walk (``collectors.attention_graph``) to the dispatch
+On the layer's first call, what the dispatch mode saw (``collectors.attention.dispatch``) is held to the layout
+``collectors.attention.hooks`` assumes, and the autograd-graph walk (``collectors.attention.graph``) to the dispatch
 mode; on every call, the walk's blocks must tile each measured parameter.  A mismatch raises
 ``UnsupportedLayerError``: another torch may compute the layer another way.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisescale.collectors.attention_dispatch import DispatchedProduct, ProductSpy, storage_address
-from noisescale.collectors.attention_graph import GraphProduct
-from noisescale.errors import UnsupportedLayerError
+from noisescale.collectors.attention.dispatch import DispatchedProduct, ProductSpy, storage_address
+from noisescale.collectors.attention.graph import GraphProduct
+from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["check_first_call", "check_walk", "uncovered"]
 
@@ -67,7 +67,7 @@ def check_first_call(
         raise UnsupportedLayerError(
             f"nn.MultiheadAttention computes its projections in a way noisescale does not recognise in this "
             f"torch version ({'; '.join(problems)}); pass on_unsupported='warn' to leave the layer out "
-            "(coverage is reported), or use source='microbatch'"
+            f"(coverage is reported), or use {FALLBACK_HINT}"
         )
 
 
@@ -80,7 +80,7 @@ def check_walk(spy: ProductSpy, walked: list[GraphProduct] | None) -> None:
     if walked is None or _blocks(walked) != _blocks(spy.products):
         raise UnsupportedLayerError(
             "nn.MultiheadAttention's autograd graph does not show the projection products its forward computed "
-            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use source='microbatch'"
+            "in this torch version; pass on_unsupported='warn' to leave the layer out, or use " + FALLBACK_HINT
         )
 
 

@@ -5,7 +5,7 @@ Below autograd, ``ProductSpy`` sees every ATen operation of the layer's forward.
 their first operand and result, and the bias added to each (inside ``addmm``, or by the ``add`` right after an
 ``mm``).  Autocast first copies a weight, or a row block of it, to another dtype: the copy is followed as
 standing for those rows.  It computes nothing itself and changes nothing computed, but the operations go through
-Python, which slows the forward (``collectors.attention`` uses it to check the first call only).
+Python, which slows the forward (``collectors.attention.hooks`` uses it to check the first call only).
 """
 
 from __future__ import annotations

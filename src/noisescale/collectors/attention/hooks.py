@@ -3,7 +3,7 @@
 ``nn.MultiheadAttention`` hands its weights to ``F.multi_head_attention_forward``: no submodule runs (not even
 ``out_proj``), so no module hook sees a projection's input or output gradient.  The products by the projection
 weights (``mm`` / ``addmm``) are found instead in the autograd graph the call records
-(``collectors.attention_graph``): each product's node saves its first operand (the projection's input), and a
+(``collectors.attention.graph``): each product's node saves its first operand (the projection's input), and a
 pre-hook on it receives the product's gradient (the projection's output gradient).
 
 The function lays its inputs out as ``(L, N, E)`` (positions, batch, features) and multiplies them flattened to
@@ -32,13 +32,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from noisescale.collectors.attention_checks import check_first_call, check_walk, uncovered
-from noisescale.collectors.attention_dispatch import ProductSpy, storage_address
-from noisescale.collectors.attention_graph import walk_products
+from noisescale.collectors.attention.checks import check_first_call, check_walk, uncovered
+from noisescale.collectors.attention.dispatch import ProductSpy, storage_address
+from noisescale.collectors.attention.graph import walk_products
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
+from noisescale.collectors.rules.registry import register_layer_hooks
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs, saved_tensor_hooks_active
-from noisescale.errors import UnsupportedLayerError
+from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
 
@@ -46,14 +48,15 @@ Emit = Callable[[str, torch.Tensor], None]
 """``(parameter name relative to the layer, per-example squared norms (N,))``."""
 
 
-def unsupported_attention(module: nn.MultiheadAttention) -> str | None:
+def unsupported_attention(module: nn.Module) -> str | None:
     """Why this ``nn.MultiheadAttention`` cannot be measured per example, or ``None`` when it can."""
+    assert isinstance(module, nn.MultiheadAttention)
     if module.bias_k is not None or module.bias_v is not None:
         return "add_bias_kv=True: its bias_k and bias_v have no per-example rule"
     return None
 
 
-def attention_param_names(module: nn.MultiheadAttention) -> list[str]:
+def attention_param_names(module: nn.Module) -> list[str]:
     """The layer's trainable projection parameters, as named from the layer (``out_proj.weight`` included)."""
     return [n for n, p in module.named_parameters() if p.requires_grad]
 
@@ -80,9 +83,8 @@ class AttentionProjections:
         UnsupportedLayerError: from the first forward call, when the products found do not match the layout.
     """
 
-    def __init__(
-        self, module: nn.MultiheadAttention, names: list[str], emit: Emit, examples: Callable[[int], None]
-    ) -> None:
+    def __init__(self, module: nn.Module, names: list[str], emit: Emit, examples: Callable[[int], None]) -> None:
+        assert isinstance(module, nn.MultiheadAttention)
         self.module = module
         self.names = names
         self._emit = emit
@@ -92,7 +94,7 @@ class AttentionProjections:
         self._spy: ProductSpy | None = None
         self._params: dict[str, nn.Parameter] = {}
 
-    def install(self) -> list[Any]:
+    def install(self) -> list[RemovableHandle]:
         """Register the forward hooks; returns their handles."""
         m = self.module
         # Both hooks run eagerly even inside a torch.compile'd model (a graph break at each), and so does the
@@ -148,7 +150,7 @@ class AttentionProjections:
                 raise UnsupportedLayerError(
                     "nn.MultiheadAttention recorded an autograd graph noisescale does not recognise in this call "
                     "(its first call was recognised); pass on_unsupported='warn' to leave the layer out, or use "
-                    "source='microbatch'"
+                    + FALLBACK_HINT
                 )
             products = [(p.weight, p.bias, p.x, p.node) for p in walked]
         call = _Call(n=n, pending={})
@@ -218,3 +220,8 @@ def _qkv(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, t
     names = ("query", "key", "value")
     got = list(args[:3]) + [kwargs[k] for k in names[len(args[:3]) :]]
     return got[0], got[1], got[2]
+
+
+register_layer_hooks(
+    nn.MultiheadAttention, hooks=AttentionProjections, params=attention_param_names, refuse=unsupported_attention
+)
