@@ -280,7 +280,7 @@ def test_the_commands_default_folder_is_the_stores():
     from noisescale.store import DEFAULT_DIR as STORE_DEFAULT_DIR
 
     assert DEFAULT_DIR == STORE_DEFAULT_DIR
-    for command in (["show", "x"], ["report", "x"], ["runs"], ["demo"]):
+    for command in (["show", "x"], ["report", "x"], ["runs"], ["demo"], ["export", "x", "--to", "csv"]):
         assert build_parser().parse_args(command).dir == DEFAULT_DIR
 
 
