@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HF_STAMP := $(VENV)/.installed-hf
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv demo test lint typecheck bench clean
 
@@ -23,9 +24,14 @@ $(HF_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report,tensorboard,wandb,mlflow,dashboard,dashboard-test]"
 	touch $(HF_STAMP)
 
+# What the commands the demo and the README print need besides the core: matplotlib for `report --png`.
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo,report]"
+	touch $(DEMO_STAMP)
+
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/noisescale demo
 
 test: $(HF_STAMP)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from noisescale.cli.args import positive_float, positive_int
+from noisescale.cli.args import add_dir_argument, positive_float, positive_int
 
 __all__ = ["register", "run"]
 
@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", choices=("digits", "charlm"), default="digits", help="what to train (default: digits)")
-    p.add_argument("--dir", default="runs", help="folder for the run file (default: ./runs)")
+    add_dir_argument(p, positional=False, help="folder for the run file")
     p.add_argument("--name", default=None, help="run name (default: the task name)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 800 digits, 300 charlm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
