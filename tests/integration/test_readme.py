@@ -29,6 +29,9 @@ EXCLUDED = {
     "make TORCH=torch==2.5.1 test": "installs another torch (network, minutes) and runs this test suite",
     "pip install -e '.[demo,report]'": "installs packages (network); would change the environment under test",
     "pip install -c <(pip freeze | grep '^torch==') -e '.[demo,report]'": "installs packages (network), as above",
+    "pip install 'noisescale[dashboard]'": "installs packages (network); the tests run with the dashboard installed",
+    "noisescale dashboard runs": "serves until stopped; tests/integration/test_dashboard_cli.py starts the server "
+    "and reads its pages",
     "noisescale demo --task charlm": "about a minute of training on 2 cores; test_cli.py trains it for 3 steps",
     "torchrun --standalone --nproc-per-node 2 examples/ddp_train.py": "torchrun: two processes training for "
     "minutes; tests/distributed/ run the rank source on 2 gloo processes",
