@@ -122,7 +122,7 @@ def create_app(
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    from noisescale import __version__
+    from noisescale.version import __version__
 
     directory = RunDirectory(dir)
     stop = stopping if stopping is not None else threading.Event()
