@@ -142,6 +142,9 @@ class LiveTraining:
     def fire_alert(self, message: str, *, state: str = "firing") -> int:
         with self._lock:
             step = self._training.step
+            # The monitor hands measurements to the run through its sink queue; drain it first so the alert
+            # lands after the measurement of its step, as it does when the alert engine is a sink on that queue.
+            self._training.monitor.flush()
             self.run.event("alert", message, step=step, data=alert_data(state))
         self.run.flush(timeout=10)
         return step
