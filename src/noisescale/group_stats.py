@@ -28,7 +28,7 @@ from noisescale.collectors.example import ExampleCollector
 from noisescale.collectors.groups import GroupObserver, Taken, unsupported_for_groups
 from noisescale.errors import ConfigError, GroupsError, NoiseScaleError
 from noisescale.estimators.band import z_for
-from noisescale.estimators.groups import FEATURES, GroupSmoother, group_rows, part_sums
+from noisescale.estimators.groups import FEATURES, GroupSmoother, part_sums
 from noisescale.estimators.smoothing import decay_for
 from noisescale.group_types import ExampleScores, GroupMeasurement
 from noisescale.types import Measurement
@@ -276,9 +276,7 @@ class GroupStats:
         if ids:
             index = torch.tensor([self._slots[i] for i in ids], device=sums.device)
             full.index_copy_(1, index, sums)
-        g, t, used = group_rows(full)
-        self._smoother.update(g, t, used, decay_for(batch_size, halflife))
-        build = self._smoother.summary(g, t, used)
+        build = self._smoother.step(full, decay_for(batch_size, halflife))
         order = sorted(self._slots, key=self._slots.__getitem__)
         counts = full[0]
 
@@ -288,7 +286,7 @@ class GroupStats:
             return {gid: GroupMeasurement.from_row(int(n[s]), table[s]) for s, gid in enumerate(order)}
 
         # On the host the counts are free to read; on an accelerator that waits until a number is read.
-        reason = _NO_SIGNAL if used.device.type == "cpu" and not bool(used.any()) else None
+        reason = _NO_SIGNAL if full.device.type == "cpu" and not bool((full[3] > 0).any()) else None
         measurement.set_groups(groups, reason)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import noisescale as ns
 from noisescale.errors import GroupsError
-from noisescale.estimators.groups import GroupSmoother, group_rows, part_sums
+from noisescale.estimators.groups import GroupSmoother, part_sums
 
 RAW = ("share_raw", "grad_sq_raw", "trace_cov_raw", "alignment_raw")
 
@@ -158,10 +158,7 @@ def test_host_and_device_paths_agree():
         v = torch.randn(b, 5, generator=gen, dtype=torch.float64) + 0.5
         slots = torch.randint(0, n_groups, (b,), generator=gen)
         sums = part_sums(v @ v.T, slots, n_groups, b)
-        g, t, used = group_rows(sums)
-        host.update(g, t, used, 0.8)
-        device.update(g, t, used, 0.8)
-        a, b_ = host.summary(g, t, used)(), device.summary(g, t, used)()
+        a, b_ = host.step(sums, 0.8)(), device.step(sums, 0.8)()
         assert len(a) == len(b_) == n_groups
         for ra, rb in zip(a, b_, strict=True):
             for x, y in zip(ra, rb, strict=True):
@@ -246,7 +243,10 @@ def test_bad_ids_raise_at_the_step_and_the_step_is_still_measured(bad, message):
         else:
             assert err is None
         assert ma.step == mb.step == step
-        assert ma.b_simple_raw == mb.b_simple_raw and ma.b_simple == mb.b_simple  # nothing of the step was lost
+        # Nothing of the step was lost.  (While groups are measured the per-example norms are the diagonals of the
+        # Gram matrices, which differ from the norm rules' in float32 rounding only.)
+        assert math.isclose(ma.trace_cov_raw, mb.trace_cov_raw, rel_tol=1e-5)
+        assert math.isclose(ma.grad_sq_raw, mb.grad_sq_raw, rel_tol=1e-4, abs_tol=1e-6 * mb.trace_cov_raw)
     assert ma.groups  # groups work again after the bad step
 
 

@@ -242,8 +242,13 @@ class ExampleCollector(HookOwner):
         if layout.transpose or layout.lead is not None:
             inputs, grad_output = layout.apply(inputs, grad_output)
         layer = self._layers[module]
-        with use_gram_cache(self.gram_cache):
-            norms = layer.rule(module, inputs, grad_output)
+        # An armed observer (per-group statistics) computes the per-example Gram matrices: their diagonals are the
+        # norms, so the rule's own pass is skipped.
+        observer = self.observer
+        norms = None if observer is None else observer.on_layer(module, layer.rule, inputs, grad_output, layer.slots)
+        if norms is None:
+            with use_gram_cache(self.gram_cache):
+                norms = layer.rule(module, inputs, grad_output)
         index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
             slot = index.get(pname)
@@ -264,8 +269,6 @@ class ExampleCollector(HookOwner):
                 if self.keep_per_example:
                     total = self._tied_parts.pop(slot) + cross
                     self._per_example.setdefault(slot, []).append(total.detach())
-        if self.observer is not None:
-            self.observer.on_layer(module, layer.rule, inputs, grad_output, index)
         self._count_examples(module, grad_output.shape[0])
 
     def _tie_forward(self, tie: TiedWeights) -> None:

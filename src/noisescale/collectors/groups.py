@@ -9,7 +9,9 @@ per-example scores (``example_ids=``), the diagonal's parts as the norm rules gi
 need every example's gradient kept until the step ends.
 
 Nothing runs unless armed: the collector calls ``on_layer``/``on_norms`` only while it holds an observer, and
-``GroupObserver.arm`` installs or removes it between steps.
+``GroupObserver.arm`` installs or removes it between steps.  While armed for Gram matrices the collector takes
+each layer's per-example norms from their diagonals instead of running its norm rule as well (the Gram form is
+never cheaper than the norm, so this halves nothing but saves the norm rule's whole pass).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class ExampleObserver(Protocol):
         inputs: tuple[object, ...],
         grad_output: torch.Tensor,
         slots: Mapping[str, int],
-    ) -> None:
-        """A layer's rule ran on ``(inputs, grad_output)``, laid out batch-first; ``slots`` are its measured params."""
+    ) -> Mapping[str, torch.Tensor] | None:
+        """A layer's output gradient arrived (``inputs`` and ``grad_output`` laid out batch-first; ``slots`` are its
+        measured parameters): return its per-example squared norms, to be used instead of ``rule``'s, or ``None``
+        to let the rule run."""
         ...
 
     def on_norms(self, sq: torch.Tensor) -> None:
@@ -55,8 +59,8 @@ class PassRecord:
 
     Attributes:
         size: its examples.
-        gram: ``(size, size)`` float64 per-example Gram matrix over the measured parameters (shares of ``p.grad``),
-            or ``None`` when not armed for it.
+        gram: ``(size, size)`` per-example Gram matrix over the measured parameters (shares of ``p.grad``; at
+            least float32), or ``None`` when not armed for it.
         norms: ``(size,)`` float64 per-example squared norms, or ``None`` when not armed for them.
     """
 
@@ -142,17 +146,20 @@ class GroupObserver:
         inputs: tuple[object, ...],
         grad_output: torch.Tensor,
         slots: Mapping[str, int],
-    ) -> None:
+    ) -> Mapping[str, torch.Tensor] | None:
         if not self.gram_armed:
-            return
+            return None
         form = find_gram_rule(rule)
         if form is None:
             self._taken.problem = f"no per-example Gram form for the layer {type(module).__name__} (rule {rule!r})"
-            return
+            return None
         grams = form(module, inputs, grad_output)
+        norms = {}
         for name, k in grams.items():
             if name in slots:
                 self._add_gram(k)
+            norms[name] = k.diagonal()  # the norm rule's values: K_ii = |g_i|^2
+        return norms
 
     def on_norms(self, sq: torch.Tensor) -> None:
         if not self.norms_armed:
@@ -167,8 +174,9 @@ class GroupObserver:
     def _add_gram(self, k: torch.Tensor) -> None:
         if not self._same_size(int(k.shape[0])):
             return
+        # Summed in the forms' own precision (at least float32), over a few dozen terms at most.
         if self._gram is None:
-            self._gram = k.detach().to(torch.float64, copy=True)
+            self._gram = k.detach().clone()
         else:
             self._gram.add_(k.detach())
 

@@ -31,6 +31,7 @@ two rows' bands, each at the confidence that makes the pair's joint coverage the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -132,6 +133,27 @@ def group_rows(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return g, t, used
 
 
+def _group_rows_host(sums: list[list[float]]) -> tuple[list[float], list[float], list[bool]]:
+    """``group_rows`` on Python floats (the host path: a few dozen numbers, cheaper than tensor operations)."""
+    n, sq, within, within_pairs, cross, cross_pairs, spread = sums
+    all_pairs = sum(cross_pairs)
+    mean_sq = sum(cross) / all_pairs if all_pairs > 0 else _NAN
+    spread_total = sum(spread)
+    g: list[float] = []
+    t: list[float] = []
+    used: list[bool] = []
+    for s in range(len(n)):
+        pairs = within_pairs[s] > 0
+        grad_sq = within[s] / within_pairs[s] if pairs else _NAN
+        trace = sq[s] / n[s] - grad_sq if pairs else _NAN
+        dot = cross[s] / cross_pairs[s] if cross_pairs[s] > 0 else _NAN
+        g += [grad_sq, spread_total, mean_sq, mean_sq]
+        t += [trace, spread[s], dot, grad_sq]
+        used += [pairs, all_pairs > 0, cross_pairs[s] > 0 and all_pairs > 0, pairs and all_pairs > 0]
+    used = [u and math.isfinite(a) and math.isfinite(b) for u, a, b in zip(used, g, t, strict=True)]
+    return g, t, used
+
+
 class GroupSmoother:
     """The smoothing state of every group's rows, on the host (floats) or on a device (``EMAState``).
 
@@ -155,42 +177,41 @@ class GroupSmoother:
     def n_rows(self) -> int:
         return self._device.n.shape[0] if self._device is not None else len(self._host)
 
-    def update(self, g: torch.Tensor, t: torch.Tensor, used: torch.Tensor, beta: float) -> None:
-        """Fold one step's rows in (``group_rows``), growing the state to their number."""
-        rows = g.shape[0]
-        if self.path == "host" or (self.path == "auto" and g.device.type == "cpu"):
+    def step(self, sums: torch.Tensor, beta: float) -> Callable[[], list[list[float]]]:
+        """Fold one step's per-group sums (``part_sums`` totals, one column per group slot) into the rows, growing
+        the state as new groups appear; returns a thunk that builds the ``(S, len(GROUP_COLUMNS))`` table of the
+        state as it is now (a device state is read back, one copy, only when the thunk runs)."""
+        if self.path == "host" or (self.path == "auto" and sums.device.type == "cpu"):
+            g, t, used = _group_rows_host(sums.tolist())
             if self._device is not None:
                 self._host = _to_rows(self._device)
                 self._device = None
-            self._host += [RowState() for _ in range(rows - len(self._host))]
-            for i, (gi, ti, ui) in enumerate(zip(g.tolist(), t.tolist(), used.tolist(), strict=True)):
+            self._host += [RowState() for _ in range(len(g) - len(self._host))]
+            for i, (gi, ti, ui) in enumerate(zip(g, t, used, strict=True)):
                 if ui:
                     self._host[i] = update_row(self._host[i], gi, ti, beta)
-            return
+            host = list(self._host)
+            return functools.partial(self._table, host, g, t, used)
+        g_t, t_t, used_t = group_rows(sums)
+        rows = g_t.shape[0]
         state = self._device
         if state is None:
-            state = _to_state(self._host, g.device) if self._host else ema_init(0, device=g.device)
+            state = _to_state(self._host, sums.device) if self._host else ema_init(0, device=sums.device)
             self._host = []
         if state.n.shape[0] < rows:
-            grow = ema_init(rows - state.n.shape[0], device=g.device)
+            grow = ema_init(rows - state.n.shape[0], device=sums.device)
             state = EMAState(sums=torch.cat([state.sums, grow.sums], 1), n=torch.cat([state.n, grow.n]))
-        self._device = ema_update(state, torch.nan_to_num(g), torch.nan_to_num(t), beta, used)
-
-    def summary(self, g_raw: torch.Tensor, t_raw: torch.Tensor, used: torch.Tensor) -> Callable[[], list[list[float]]]:
-        """A thunk building the ``(S, len(GROUP_COLUMNS))`` table of the state as it is now, with this step's raw
-        rows; a device state is read back (one copy) only when the thunk runs."""
-        device = self._device
-        host = list(self._host)
+        self._device = state = ema_update(state, g_t, t_t, beta, used_t)
 
         def build() -> list[list[float]]:
-            rows = _to_rows(device) if device is not None else host
-            g_list, t_list, u_list = g_raw.tolist(), t_raw.tolist(), used.tolist()
-            return [
-                self._group(rows[i : i + 4], g_list[i : i + 4], t_list[i : i + 4], u_list[i : i + 4])
-                for i in range(0, len(rows), 4)
-            ]
+            return self._table(_to_rows(state), g_t.tolist(), t_t.tolist(), used_t.tolist())
 
         return build
+
+    def _table(self, rows: Sequence[RowState], g: list[float], t: list[float], used: list[bool]) -> list[list[float]]:
+        return [
+            self._group(rows[i : i + 4], g[i : i + 4], t[i : i + 4], used[i : i + 4]) for i in range(0, len(rows), 4)
+        ]
 
     def _group(
         self, rows: Sequence[RowState], g: Sequence[float], t: Sequence[float], used: Sequence[bool]
