@@ -51,6 +51,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also measure with 4 micro-batches on the same steps and check that both sources agree (exit 1 if not)",
     )
+    p.add_argument(
+        "--noisy-labels",
+        type=positive_float,
+        default=None,
+        metavar="FRACTION",
+        help="digits: flip this fraction of the training labels and show that their examples' gradients stand out",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
     p.set_defaults(handler=run)
 
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         halflife=args.halflife,
         compare_sources=args.compare_sources,
         progress=not args.quiet,
+        noisy_labels=args.noisy_labels,
     )
     try:
         result = run_demo(options)
@@ -85,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.path)
     else:
         print(explain(result))
+    if result.data is not None and not args.quiet:
+        from noisescale.demo.noisy import noisy_report
+
+        print("\n" + noisy_report(result.data))
     if args.compare_sources and not sources_agree(result):
         return fail("--compare-sources: the per-example and micro-batch sources disagree (see the table above)")
     return 0

@@ -13,6 +13,7 @@ import time
 from html import escape
 from typing import Any
 
+from noisescale.report.groups_section import groups_section
 from noisescale.report.svg import PALETTE, Band, Line, heatmap, line_chart
 from noisescale.store.reader import RunReader
 from noisescale.store.summary import summarize
@@ -42,6 +43,7 @@ def render_html(reader: RunReader) -> str:
         metrics = {k: reader.metric(k) for k in reader.metric_names()}
         matrix = reader.layer_matrix("b_simple", kind="param", max_steps=HEATMAP_COLUMNS)
         events = reader.events()
+        groups_html = groups_section(reader)
     ex = [float(r["examples"]) for r in rows]
     parts = [
         "<!DOCTYPE html>",
@@ -147,6 +149,8 @@ def render_html(reader: RunReader) -> str:
         )
     else:
         parts.append('<p class="note">No per-layer values were recorded (per_layer=False).</p>')
+
+    parts.append(groups_html)  # data sources and examples, if the run measured them
 
     # 5. config and events
     parts.append("<h2>Config</h2>")
