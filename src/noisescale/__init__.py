@@ -4,7 +4,14 @@
 """
 
 from noisescale.collectors.rules.registry import register_norm_rule
-from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.errors import (
+    ConfigError,
+    GroupsError,
+    NoiseScaleError,
+    SharedParameterError,
+    StepError,
+    UnsupportedLayerError,
+)
 from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
 from noisescale.monitor import GNSMonitor
 from noisescale.types import LayerMeasurement, Measurement
@@ -35,6 +42,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "ConfigError",
     "GNSMonitor",
+    "GroupsError",
     "LayerMeasurement",
     "Measurement",
     "NoiseScaleError",

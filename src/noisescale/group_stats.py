@@ -314,7 +314,8 @@ def _checked_ids(
         if item.is_floating_point() or item.is_complex() or item.dtype == torch.bool:
             problems.append(f"{where} must hold integers, got dtype {item.dtype}; {how}")
             return None
-        parts.append(item.detach().to("cpu", torch.int64))  # a copy from an accelerator waits for it
+        # Our own copy (the caller may reuse the tensor; the sinks read it later); from an accelerator it waits.
+        parts.append(item.detach().to("cpu", torch.int64, copy=True))
     if not parts:
         problems.append(f"{what} is an empty list; {how}")
         return None
