@@ -167,8 +167,17 @@ class GroupStats:
         ) and all(p.norms is not None for p in taken.passes)
         invalid = bool(pending.problems)
         if sync is not None:
+            params = getattr(collector, "params", None)
+            device = params[0][1].device if params else torch.device("cpu")  # where the backend's collectives run
             local, reason, invalid, sampled = _exchange(
-                sync, self.max_groups, local, reason, invalid, sampled, requested=pending.groups is not None
+                sync,
+                self.max_groups,
+                local,
+                reason,
+                invalid,
+                sampled,
+                requested=pending.groups is not None,
+                device=device,
             )
         problems = list(pending.problems)
         if local is not None:
@@ -383,6 +392,7 @@ def _exchange(
     sampled: bool,
     *,
     requested: bool,
+    device: torch.device,
 ) -> tuple[tuple[list[int], torch.Tensor] | None, str | None, bool, bool]:
     """Every rank's per-group sums, merged by id in rank order, and the ranks' flags: one all-gather.
 
@@ -399,7 +409,6 @@ def _exchange(
         ids, sums = local
         table = torch.cat([torch.tensor(ids, dtype=torch.float64).unsqueeze(0), sums.cpu()], 0).T  # (S, width)
         vec[head : head + table.numel()] = table.reshape(-1)
-    device = local[1].device if local is not None else torch.device("cpu")
     work, gathered = sync.start_sum(vec.to(device))
     work.wait()
     rows = gathered.view(sync.world_size, -1).to("cpu").tolist()  # the one host read of the step's group sums

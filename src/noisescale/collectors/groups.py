@@ -158,7 +158,7 @@ class GroupObserver:
         for name, k in grams.items():
             if name in slots:
                 self._add_gram(k)
-            norms[name] = k.diagonal()  # the norm rule's values: K_ii = |g_i|^2
+            norms[name] = k.diagonal().clone()  # the norm rule's values, K_ii = |g_i|^2 (not a view: K is freed)
         return norms
 
     def on_norms(self, sq: torch.Tensor) -> None:
