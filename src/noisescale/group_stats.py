@@ -28,7 +28,7 @@ from noisescale.collectors.example import ExampleCollector
 from noisescale.collectors.groups import GroupObserver, Taken, unsupported_for_groups
 from noisescale.errors import ConfigError, GroupsError, NoiseScaleError
 from noisescale.estimators.band import z_for
-from noisescale.estimators.groups import FEATURES, GroupSmoother, part_sums
+from noisescale.estimators.groups import FEATURES, GroupSmoother, part_sums, part_sums_host
 from noisescale.estimators.smoothing import decay_for
 from noisescale.group_types import ExampleScores, GroupMeasurement
 from noisescale.types import Measurement
@@ -40,6 +40,8 @@ __all__ = ["DEFAULT_MAX_GROUPS", "DEFAULT_SCORE_EVERY", "GroupStats"]
 
 DEFAULT_MAX_GROUPS = 16
 DEFAULT_SCORE_EVERY = 10
+Sums = list[list[float]] | torch.Tensor
+"""Per-group sums, ``(len(FEATURES), S)``: Python floats (host path) or a float64 tensor (device path)."""
 _SCALED = (1, 2, 4, 6)  # FEATURES that are sums of gradient products (times the units' scale); the rest count
 _ARMING = (
     "per-group statistics start at the step after the first one with groups=: the hooks learn from that call "
@@ -151,7 +153,7 @@ class GroupStats:
         scale = (batch_size / world) ** 2  # a share of p.grad times B / W is an example's gradient (DDP averages)
         taken = pending.taken
         reason: str | None = None
-        local: tuple[list[int], torch.Tensor] | None = None
+        local: tuple[list[int], Sums] | None = None
         refusal = self._refusal(collector) if pending.groups is not None else None
         if refusal is not None:
             pending.problems.append(refusal)
@@ -276,26 +278,32 @@ class GroupStats:
         self._refused = (collector, reason)
         return reason
 
-    def _update(
-        self, measurement: Measurement, ids: list[int], sums: torch.Tensor, batch_size: int, halflife: float
-    ) -> None:
+    def _update(self, measurement: Measurement, ids: list[int], sums: Sums, batch_size: int, halflife: float) -> None:
         """Fold this step's per-group sums (columns in ``ids``' order) into every known group's rows."""
         n_slots = len(self._slots)
-        full = sums.new_zeros(len(FEATURES), n_slots)
-        if ids:
-            index = torch.tensor([self._slots[i] for i in ids], device=sums.device)
-            full.index_copy_(1, index, sums)
+        columns = [self._slots[i] for i in ids]
+        full: Sums
+        if isinstance(sums, list):
+            full = [[0.0] * n_slots for _ in FEATURES]
+            for f, row in enumerate(sums):
+                for c, v in zip(columns, row, strict=True):
+                    full[f][c] = v
+            counts: list[float] | torch.Tensor = full[0]
+            reason = None if any(p > 0 for p in full[3]) else _NO_SIGNAL
+        else:
+            full = sums.new_zeros(len(FEATURES), n_slots)
+            if ids:
+                full.index_copy_(1, torch.tensor(columns, device=sums.device), sums)
+            counts = full[0]
+            reason = None  # reading the counts would wait for the device
         build = self._smoother.step(full, decay_for(batch_size, halflife))
         order = sorted(self._slots, key=self._slots.__getitem__)
-        counts = full[0]
 
         def groups() -> dict[int, GroupMeasurement]:
             table = build()
-            n = counts.tolist()
+            n = counts if isinstance(counts, list) else counts.tolist()
             return {gid: GroupMeasurement.from_row(int(n[s]), table[s]) for s, gid in enumerate(order)}
 
-        # On the host the counts are free to read; on an accelerator that waits until a number is read.
-        reason = _NO_SIGNAL if full.device.type == "cpu" and not bool((full[3] > 0).any()) else None
         measurement.set_groups(groups, reason)
 
 
@@ -352,21 +360,30 @@ def _checked_ids(
     return _Ids(parts)
 
 
-def _local_sums(taken: Taken, groups: _Ids, batch_size: int, scale: float) -> tuple[list[int], torch.Tensor]:
-    """This rank's per-group sums over its backward passes: ``(ids, (len(FEATURES), len(ids)))``."""
-    flat = groups.flat
-    unique = torch.unique(flat)  # sorted
+def _local_sums(taken: Taken, groups: _Ids, batch_size: int, scale: float) -> tuple[list[int], Sums]:
+    """This rank's per-group sums over its backward passes: ``(ids, (len(FEATURES), len(ids)))``, as Python floats
+    for Gram matrices in host memory, else a float64 tensor on their device."""
+    unique = torch.unique(groups.flat)  # sorted
     ids = [int(v) for v in unique.tolist()]
+    host: list[list[float]] | None = None
     total: torch.Tensor | None = None
     for record, part in zip(taken.passes, groups.parts, strict=True):
         assert record.gram is not None
         slots = torch.searchsorted(unique, part)
-        sums = part_sums(record.gram, slots, len(ids), batch_size)
-        total = sums if total is None else total + sums
-    assert total is not None
-    scaled = total.clone()
-    scaled[list(_SCALED)] *= scale
-    return ids, scaled
+        if record.gram.device.type == "cpu":
+            sums = part_sums_host(record.gram, slots, len(ids), batch_size)
+            host = sums if host is None else [[a + b for a, b in zip(r, q, strict=True)] for r, q in zip(host, sums)]
+        else:
+            t = part_sums(record.gram, slots.to(record.gram.device), len(ids), batch_size)
+            total = t if total is None else total + t
+    if total is not None:
+        if host is not None:  # passes in host memory and on a device: sum on the device
+            total = total + torch.tensor(host, dtype=torch.float64, device=total.device)
+        scaled = total.clone()
+        scaled[list(_SCALED)] *= scale
+        return ids, scaled
+    assert host is not None
+    return ids, [[v * scale for v in row] if f in _SCALED else row for f, row in enumerate(host)]
 
 
 def _scores(taken: Taken, pending: Pending, scale: float, sync: DataParallelSync | None) -> ExampleScores:
@@ -386,14 +403,14 @@ def _scores(taken: Taken, pending: Pending, scale: float, sync: DataParallelSync
 def _exchange(
     sync: DataParallelSync,
     max_groups: int,
-    local: tuple[list[int], torch.Tensor] | None,
+    local: tuple[list[int], Sums] | None,
     reason: str | None,
     invalid: bool,
     sampled: bool,
     *,
     requested: bool,
     device: torch.device,
-) -> tuple[tuple[list[int], torch.Tensor] | None, str | None, bool, bool]:
+) -> tuple[tuple[list[int], Sums] | None, str | None, bool, bool]:
     """Every rank's per-group sums, merged by id in rank order, and the ranks' flags: one all-gather.
 
     Layout per rank: ``[invalid, undefined, sampled, requested, then max_groups rows of (id or -1, FEATURES...)]``.
@@ -407,7 +424,8 @@ def _exchange(
     vec[3] = float(requested)
     if local is not None:
         ids, sums = local
-        table = torch.cat([torch.tensor(ids, dtype=torch.float64).unsqueeze(0), sums.cpu()], 0).T  # (S, width)
+        dense = sums.cpu() if isinstance(sums, torch.Tensor) else torch.tensor(sums, dtype=torch.float64)
+        table = torch.cat([torch.tensor(ids, dtype=torch.float64).unsqueeze(0), dense.reshape(len(FEATURES), -1)], 0).T
         vec[head : head + table.numel()] = table.reshape(-1)
     work, gathered = sync.start_sum(vec.to(device))
     work.wait()
@@ -431,8 +449,8 @@ def _exchange(
             for j, v in enumerate(row[1:]):
                 acc[j] += v
     ids = sorted(merged)
-    sums = torch.tensor([merged[i] for i in ids], dtype=torch.float64).T.reshape(len(FEATURES), len(ids))
-    return (ids, sums), None, False, all_sampled
+    totals: Sums = [[merged[i][f] for i in ids] for f in range(len(FEATURES))]  # read on the host already
+    return (ids, totals), None, False, all_sampled
 
 
 def _gathered_scores(

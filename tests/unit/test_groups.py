@@ -12,7 +12,7 @@ from torch import nn
 
 import noisescale as ns
 from noisescale.errors import GroupsError
-from noisescale.estimators.groups import GroupSmoother, part_sums
+from noisescale.estimators.groups import GroupSmoother, part_sums, part_sums_host
 
 RAW = ("share_raw", "grad_sq_raw", "trace_cov_raw", "alignment_raw")
 
@@ -170,6 +170,16 @@ def test_host_and_device_paths_agree():
         for r1, r2 in zip(restored.state_dict()["rows"], host.state_dict()["rows"], strict=True)  # type: ignore[arg-type]
         for p, q in zip(r1, r2, strict=True)
     )
+
+
+@pytest.mark.parametrize("b", [1, 7])
+def test_host_part_sums_are_the_tensor_ones(b):
+    gen = torch.Generator().manual_seed(18)
+    v = torch.randn(b, 4, generator=gen, dtype=torch.float64)
+    slots = torch.randint(0, 3, (b,), generator=gen)
+    want = part_sums(v @ v.T, slots, 3, 20)
+    got = torch.tensor(part_sums_host((v @ v.T).float(), slots, 3, 20), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_example_scores_are_each_examples_squared_gradient_norm():

@@ -48,6 +48,7 @@ __all__ = [
     "GroupSmoother",
     "group_rows",
     "part_sums",
+    "part_sums_host",
 ]
 
 FEATURES = ("n", "sq", "within", "within_pairs", "cross", "cross_pairs", "spread")
@@ -103,6 +104,29 @@ def part_sums(gram: torch.Tensor, slots: torch.Tensor, n_groups: int, batch_size
     else:
         spread = torch.zeros_like(n)
     return torch.stack([n, sq, own - sq, n * (n - 1), to_all - sq, n * (b - 1), spread])
+
+
+def part_sums_host(gram: torch.Tensor, slots: torch.Tensor, n_groups: int, batch_size: int) -> list[list[float]]:
+    """``part_sums`` for a Gram matrix in host memory, as Python floats: three products, then a few dozen floats
+    (tiny tensor operations cost more than that arithmetic on a CPU)."""
+    k = gram.to(torch.float64)
+    onehot = torch.nn.functional.one_hot(slots, n_groups).to(torch.float64)  # (b, S)
+    cross = (onehot.T @ (k @ onehot)).tolist()  # (S, S): <sum_{i in s} g_i, sum_{j in t} g_j>
+    sq = (k.diagonal() @ onehot).tolist()
+    n = onehot.sum(0).tolist()
+    b = k.shape[0]
+    to_all = [sum(row) for row in cross]
+    total = sum(to_all)
+    weight = b / batch_size / (b - 1) if b >= 2 else 0.0
+    return [
+        n,
+        sq,
+        [cross[s][s] - sq[s] for s in range(n_groups)],
+        [m * (m - 1) for m in n],
+        [to_all[s] - sq[s] for s in range(n_groups)],
+        [m * (b - 1) for m in n],
+        [(sq[s] - 2.0 * to_all[s] / b + n[s] * total / (b * b)) * weight for s in range(n_groups)],
+    ]
 
 
 def group_rows(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,12 +201,12 @@ class GroupSmoother:
     def n_rows(self) -> int:
         return self._device.n.shape[0] if self._device is not None else len(self._host)
 
-    def step(self, sums: torch.Tensor, beta: float) -> Callable[[], list[list[float]]]:
+    def step(self, sums: torch.Tensor | list[list[float]], beta: float) -> Callable[[], list[list[float]]]:
         """Fold one step's per-group sums (``part_sums`` totals, one column per group slot) into the rows, growing
         the state as new groups appear; returns a thunk that builds the ``(S, len(GROUP_COLUMNS))`` table of the
         state as it is now (a device state is read back, one copy, only when the thunk runs)."""
-        if self.path == "host" or (self.path == "auto" and sums.device.type == "cpu"):
-            g, t, used = _group_rows_host(sums.tolist())
+        if isinstance(sums, list) or self.path == "host" or (self.path == "auto" and sums.device.type == "cpu"):
+            g, t, used = _group_rows_host(sums if isinstance(sums, list) else sums.tolist())
             if self._device is not None:
                 self._host = _to_rows(self._device)
                 self._device = None
@@ -192,7 +216,9 @@ class GroupSmoother:
                     self._host[i] = update_row(self._host[i], gi, ti, beta)
             host = list(self._host)
             return functools.partial(self._table, host, g, t, used)
-        g_t, t_t, used_t = group_rows(sums)
+        g_t, t_t, used_t = group_rows(
+            sums if isinstance(sums, torch.Tensor) else torch.tensor(sums, dtype=torch.float64)
+        )
         rows = g_t.shape[0]
         state = self._device
         if state is None:
