@@ -1,6 +1,7 @@
 """What ``monitor.step(groups=..., example_ids=...)`` adds to a measurement: each group's noise, each example's score.
 
 Numbers are Python floats (``None`` where undefined), built when first read, like the rest of a ``Measurement``.
+A shared leaf without torch at import: the run store and the command line read ``GROUP_FIELDS`` from here.
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["GROUP_FIELDS", "ExampleScores", "GroupMeasurement"]
 
@@ -113,7 +115,7 @@ class ExampleScores:
     @property
     def scores(self) -> list[float]:
         s = self._scores() if callable(self._scores) else self._scores
-        return [float(v) for v in s.detach().to("cpu", torch.float64).tolist()]
+        return [float(v) for v in s.detach().cpu().double().tolist()]
 
     @property
     def groups(self) -> list[int] | None:

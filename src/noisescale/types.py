@@ -15,21 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from noisescale.group_types import ExampleScores, GroupMeasurement
 
+from noisescale.columns import COLUMNS
+
 __all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
 
 Status = Literal["ok", "skipped", "undefined"]
-
-COLUMNS = (
-    "b_simple",
-    "b_simple_low",
-    "b_simple_high",
-    "b_simple_raw",
-    "grad_sq",
-    "trace_cov",
-    "grad_sq_raw",
-    "trace_cov_raw",
-)
-"""The columns of a measurement table, in order; one row for the whole model, then one per layer/module."""
 
 
 def _clean(v: float) -> float | None:

@@ -13,9 +13,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from noisescale.columns import COLUMNS
 from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
-from noisescale.types import COLUMNS
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration", "apply_migrations", "read_schema_version"]
 
