@@ -380,3 +380,42 @@ def test_the_noisier_source_has_the_larger_share_with_separate_bands():
     assert noisy.share > clean.share
     assert noisy.share_low > clean.share_high  # the bands do not overlap
     assert noisy.trace_cov > clean.trace_cov
+
+
+def test_tied_weights_are_named_when_groups_are_asked_for():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(idx)))
+
+    torch.manual_seed(19)
+    model = Tied()
+    monitor = ns.GNSMonitor(model, source="example", per_layer=False)
+    idx = torch.randint(0, 7, (6, 3))
+    F.cross_entropy(model(idx).transpose(1, 2), idx).backward()
+    with pytest.raises(GroupsError, match="a tied weight"):
+        monitor.step(batch_size=6, groups=torch.arange(6) % 2)
+
+
+def test_example_ids_alone_give_scores_without_gram_matrices():
+    torch.manual_seed(20)
+    model = _mlp().double()
+    monitor = ns.GNSMonitor(model, source="example", per_layer=False, score_every=1)
+    gen = torch.Generator().manual_seed(21)
+    for step in range(3):
+        x, y = _batch("mlp", 8, gen)
+        _train_step(model, _mlp_loss, x, y, [8])
+        m = monitor.step(batch_size=8, example_ids=torch.arange(8) + 10 * step)
+        observer = monitor._groups._observer
+        assert observer is not None and not observer.gram_armed  # norms only: the norm rules run as usual
+        if step:
+            grads = flat_per_example_grads(model, x, y, _mlp_loss)
+            assert m.groups == {} and m.example_scores is not None and m.example_scores.groups is None
+            got = torch.tensor(m.example_scores.scores, dtype=torch.float64)
+            torch.testing.assert_close(got, grads.square().sum(1), rtol=1e-9, atol=0)
+        model.zero_grad()

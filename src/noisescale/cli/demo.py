@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(result.path)
     else:
         print(explain(result))
-    if result.data is not None and not args.quiet:
+    if args.noisy_labels and not args.quiet and result.data is not None:
         from noisescale.demo.noisy import noisy_report
 
         print("\n" + noisy_report(result.data))
