@@ -20,7 +20,7 @@ GROUPS = {0: [0, 0, 1, 2, 1, 0], 1: [1, 1, 0, 2, 3, 3]}  # groups 0, 1 and 2 on 
 BAD_STEP = 2  # rank 1 passes one id too few at this step (0-based) in the "bad" scenario
 
 
-def groups_worker(rank: int, world: int, *, bad: bool = False) -> list[dict[str, Any]]:
+def _run(rank: int, world: int, *, bad: bool) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = DDP(make_model().double())
     monitor = ns.GNSMonitor(model, source="example", score_every=1)
@@ -49,5 +49,6 @@ def groups_worker(rank: int, world: int, *, bad: bool = False) -> list[dict[str,
     return records
 
 
-def bad_groups_worker(rank: int, world: int) -> list[dict[str, Any]]:
-    return groups_worker(rank, world, bad=True)
+def groups_worker(rank: int, world: int) -> dict[str, list[dict[str, Any]]]:
+    """The run with good ids, then the same run where rank 1 passes bad ids once (one pair of processes)."""
+    return {"good": _run(rank, world, bad=False), "bad": _run(rank, world, bad=True)}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_harness import run_distributed
 from dist_scenarios import LOCAL, make_model
-from groups_scenarios import BAD_STEP, GROUPS, MICRO, STEPS, bad_groups_worker, groups_worker
+from groups_scenarios import BAD_STEP, GROUPS, MICRO, STEPS, groups_worker
 from tests.helpers.group_reference import flat_per_example_grads, group_reference
 
 pytestmark = [
@@ -29,8 +29,13 @@ RAW = ("share_raw", "grad_sq_raw", "trace_cov_raw", "alignment_raw")
 
 
 @pytest.fixture(scope="module")
-def runs() -> list[list[dict[str, Any]]]:
+def both() -> list[dict[str, list[dict[str, Any]]]]:
     return run_distributed(groups_worker, world=WORLD)
+
+
+@pytest.fixture(scope="module")
+def runs(both) -> list[list[dict[str, Any]]]:
+    return [r["good"] for r in both]
 
 
 def _per_example(state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,8 +84,8 @@ def test_every_ranks_examples_are_scored(runs):
             assert math.isclose(a, b, rel_tol=1e-9)
 
 
-def test_bad_ids_on_one_rank_raise_on_every_rank_without_losing_the_step(runs):
-    bad = run_distributed(bad_groups_worker, world=WORLD)
+def test_bad_ids_on_one_rank_raise_on_every_rank_without_losing_the_step(both, runs):
+    bad = [r["bad"] for r in both]
     for rank in range(WORLD):
         for step in range(STEPS):
             rec, good = bad[rank][step], runs[rank][step]
