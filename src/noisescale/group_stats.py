@@ -199,8 +199,6 @@ class GroupStats:
             measurement.set_groups(None, reason or "per-group statistics are undefined in this step")
         if sampled and pending.example_ids is not None and taken is not None:
             measurement.example_scores = _scores(taken, pending, scale, sync)
-        if pending.groups is None and pending.example_ids is None and not problems:
-            problems.append("groups= and example_ids= could not be used")  # pragma: no cover - always a problem
         next_step = measurement.step + 1
         self._arm(
             collector,
