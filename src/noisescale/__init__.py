@@ -6,7 +6,14 @@ is first used (``ns.GNSMonitor``, ...): the ``noisescale`` command reads runs wi
 
 from typing import TYPE_CHECKING
 
-from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.errors import (
+    ConfigError,
+    GroupsError,
+    NoiseScaleError,
+    SharedParameterError,
+    StepError,
+    UnsupportedLayerError,
+)
 from noisescale.version import __version__
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ConfigError",
     "GNSMonitor",
+    "GroupsError",
     "LayerMeasurement",
     "Measurement",
     "NoiseScaleError",

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "FALLBACK_HINT",
     "ConfigError",
+    "GroupsError",
     "NoiseScaleError",
     "SharedParameterError",
     "StepError",
@@ -37,3 +38,15 @@ class SharedParameterError(NoiseScaleError, ValueError):
 
 class StepError(NoiseScaleError, RuntimeError):
     """``GNSMonitor.step()`` was called in a state that cannot give a measurement (no backward, wrong size)."""
+
+
+class GroupsError(StepError):
+    """``step(groups=..., example_ids=...)`` got ids it cannot use, or a monitor that cannot use them.
+
+    The step itself was measured, recorded and sent to every sink before this was raised: ``measurement`` holds
+    it, so a loop that catches the error loses nothing.
+    """
+
+    def __init__(self, message: str, measurement: object = None) -> None:
+        super().__init__(message)
+        self.measurement = measurement

@@ -33,6 +33,7 @@ from noisescale.estimators.smoothing import decay_for
 from noisescale.estimators.step import StepConstants
 from noisescale.events import Event, Metrics, metric_values
 from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
+from noisescale.group_stats import DEFAULT_MAX_GROUPS, DEFAULT_SCORE_EVERY, GroupStats
 from noisescale.sink import BaseSink, CallbackSink, Sink, is_sink
 from noisescale.sink_queue import SinkQueue
 from noisescale.source_choice import Source, SourceChoice
@@ -94,6 +95,8 @@ class GNSMonitor:
             its owner; any object with ``log_measurement(measurement)`` also works.
         comm_hook: for ``source="rank"``: ``(state, hook)``, a DDP communication hook to register on the model
             (registering it yourself works as well: the monitor does not use DDP's communication).
+        max_groups: at most this many distinct ids in ``step(groups=...)`` over the run (docs/sources.md).
+        score_every: with ``step(example_ids=...)``, keep per-example scores on every ``score_every``-th step.
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -115,6 +118,8 @@ class GNSMonitor:
         callbacks: Sequence[Callable[[Measurement], object]] = (),
         run: Any = None,
         comm_hook: CommHook | None = None,
+        max_groups: int = DEFAULT_MAX_GROUPS,
+        score_every: int = DEFAULT_SCORE_EVERY,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -129,6 +134,7 @@ class GNSMonitor:
             raise ConfigError(f"confidence must be a float in (0, 1), e.g. 0.9, got {confidence!r}")
         if scaler is not None and not hasattr(scaler, "_scale"):
             raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        groups = GroupStats(max_groups=max_groups, score_every=score_every, confidence=confidence)
         sink_queue = _sink_queue(sinks, callbacks, run)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no parameter with requires_grad=True: there is no gradient to measure")
@@ -139,6 +145,7 @@ class GNSMonitor:
         self.scaler = scaler
         self.run = run
         self._sinks = sink_queue
+        self._groups = groups
         self.requested_source: Source = source
         self._closed = False
         self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
@@ -177,13 +184,25 @@ class GNSMonitor:
         active = self._sources.active
         return active.coverage if active is not None else None
 
-    def step(self, batch_size: int, *, micro_batch_sizes: Sequence[int] | None = None) -> Measurement:
+    def step(
+        self,
+        batch_size: int,
+        *,
+        micro_batch_sizes: Sequence[int] | None = None,
+        groups: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        example_ids: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> Measurement:
         """Measure the step whose gradients were just accumulated; call once per optimizer step.
 
         Args:
             batch_size: examples in the whole optimizer step (all micro-batches, all ranks).
             micro_batch_sizes: sizes of the micro-batches, in backward order, when they are unequal
                 (``microbatch`` source); an even split is assumed otherwise.
+            groups: the group (data source) of each example of this step on this rank: a 1-D integer tensor in
+                backward order, or one per micro-batch; gives ``m.groups`` from the step after the first call
+                (example source only; docs/sources.md).
+            example_ids: each example's id, likewise: keeps each example's squared gradient norm on sampled steps
+                (``m.example_scores``).
 
         Returns:
             The ``Measurement`` (smoothed value, band, raw value, per layer).
@@ -191,12 +210,15 @@ class GNSMonitor:
         Raises:
             StepError: no backward pass since the last step, or ``batch_size`` contradicts what the hooks saw.
             ConfigError: ``batch_size`` is not a positive int.
+            GroupsError: ``groups`` or ``example_ids`` cannot be used; the step was measured without them and
+                recorded, and the error's ``measurement`` holds it.
         """
         if self._closed:
             raise StepError("this monitor was closed; create a new GNSMonitor to measure again")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive int (examples in the optimizer step), got {batch_size!r}")
         collector = self._sources.choose()
+        pending = self._groups.begin(collector, groups, example_ids)  # what the hooks kept for groups, ids checked
         try:
             if self._dist is None:
                 stats = collector.collect(batch_size, micro_batch_sizes)
@@ -212,7 +234,12 @@ class GNSMonitor:
         if self.halflife is None:
             self.halflife = float(DEFAULT_HALFLIFE_STEPS * batch_size)
         measurement = self._measure(collector, stats, big, batch_size)  # counts only once this step is measured
+        error = self._groups.finish(
+            pending, measurement, batch_size=batch_size, halflife=self.halflife, sync=self._dist
+        )
         self._sinks.put(measurement)
+        if error is not None:
+            raise error
         return measurement
 
     @property
@@ -262,6 +289,7 @@ class GNSMonitor:
         """Remove every hook (the model is left exactly as it was), deliver what the sinks have queued, flush them
         and close those given in ``sinks=``.  Idempotent."""
         self._sources.close()
+        self._groups.close()
         self._big.close()
         self._closed = True
         self._sinks.close()
@@ -282,6 +310,7 @@ class GNSMonitor:
             "source": self.source,
             "row_names": self._layout.row_names if self._layout is not None else None,
             **self._engine.state_dict(),  # "ema", "skipped"
+            "groups": self._groups.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -297,6 +326,7 @@ class GNSMonitor:
         self._engine.load_state_dict(state)
         self._saved_rows = state["row_names"]
         self._layout = None
+        self._groups.load_state_dict(state.get("groups"), self._sources.active)
 
     # -- internals ---------------------------------------------------------------------------------------------
 

@@ -10,7 +10,10 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from noisescale.group_types import ExampleScores, GroupMeasurement
 
 from noisescale.columns import COLUMNS
 
@@ -90,6 +93,9 @@ class Measurement:
             ``b_simple`` is a number, ``b_simple_low <= b_simple <= b_simple_high`` holds, for every layer too.
         skipped_steps: steps skipped so far for non-finite values.
         wall_time: Unix time the step was measured.
+        groups: with ``step(groups=ids)``, each group's noise (``GroupMeasurement``) by id; empty otherwise or when
+            ``groups_reason`` says why not.
+        example_scores: with ``step(example_ids=ids)`` on a sampled step, each example's squared gradient norm.
     """
 
     def __init__(
@@ -123,6 +129,9 @@ class Measurement:
         self.wall_time = time.time() if wall_time is None else wall_time
         self._layers: dict[str, LayerMeasurement] | None = None
         self._modules: dict[str, LayerMeasurement] | None = None
+        self._groups: Callable[[], Mapping[int, GroupMeasurement]] | Mapping[int, GroupMeasurement] = {}
+        self.groups_reason: str | None = None
+        self.example_scores: ExampleScores | None = None
 
     def _materialize(self) -> Sequence[list[float]]:
         if self._rows is None:
@@ -223,6 +232,17 @@ class Measurement:
             self._modules = {n: self._row(off + i) for i, n in enumerate(self._module_names)}
         return self._modules
 
+    @property
+    def groups(self) -> Mapping[int, GroupMeasurement]:
+        if callable(self._groups):
+            self._groups = self._groups()
+        return self._groups
+
+    def set_groups(self, groups: Callable[[], Mapping[int, GroupMeasurement]] | None, reason: str | None) -> None:
+        """Attach the groups' values (built when first read), or why there are none (``noisescale.group_stats``)."""
+        self._groups = {} if groups is None else groups
+        self.groups_reason = reason
+
     def to_dict(self, *, per_layer: bool = True) -> dict[str, Any]:
         """Plain Python values (JSON-ready; ``inf`` stays a float), for stores and sinks."""
         out: dict[str, Any] = {
@@ -238,6 +258,10 @@ class Measurement:
         if per_layer:
             out["layers"] = {n: v.to_dict() for n, v in self.layers.items()}
             out["modules"] = {n: v.to_dict() for n, v in self.modules.items()}
+        if self.groups:
+            out["groups"] = {g: v.to_dict() for g, v in self.groups.items()}
+        if self.example_scores is not None:
+            out["example_scores"] = self.example_scores.to_dict()
         return out
 
     def __repr__(self) -> str:

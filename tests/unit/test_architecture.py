@@ -20,12 +20,12 @@ PACKAGE = Path(noisescale.__file__).resolve().parent
 
 # Innermost first; each entry is a set of top-level names under noisescale/ (a module or a subpackage).
 LAYERS: list[set[str]] = [
-    {"errors", "events", "stats", "device_index", "grad_norms", "types", "version", "columns"},
+    {"errors", "events", "stats", "device_index", "grad_norms", "types", "group_types", "version", "columns"},
     {"distributed"},
     {"collectors"},
     {"estimators"},
     {"controllers", "alerts"},
-    {"sink", "sink_queue", "source_choice", "monitor"},
+    {"sink", "sink_queue", "source_choice", "group_stats", "monitor"},
     {"store"},
     {"sinks", "report", "planning"},
     {"integrations", "dashboard", "demo"},

@@ -1,4 +1,5 @@
-"""The commands that only read runs start without torch: ``--help``, ``--version``, ``runs``, ``show``, ``report``.
+"""The commands that only read runs start without torch: ``--help``, ``--version``, ``runs``, ``show``, ``report``,
+``data``.
 
 Timing lives in ``benchmarks/cli_startup.py``; this test checks the cause of a slow start instead: which heavy
 modules a command imports (torch alone takes seconds to import).
@@ -63,6 +64,8 @@ def probe(*argv, cwd):
         ["show", "tiny"],
         ["show", "tiny", "--json"],
         ["report", "tiny", "-o", "report.html"],
+        ["data", "tiny"],
+        ["data", "tiny", "--json"],
     ],
     ids=" ".join,
 )

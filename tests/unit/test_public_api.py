@@ -9,6 +9,7 @@ import noisescale as ns
 EXPECTED_ALL = {
     "ConfigError",
     "GNSMonitor",
+    "GroupsError",
     "LayerMeasurement",
     "Measurement",
     "NoiseScaleError",

@@ -51,6 +51,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also measure with 4 micro-batches on the same steps and check that both sources agree (exit 1 if not)",
     )
+    p.add_argument(
+        "--noisy-labels",
+        type=positive_float,
+        default=None,
+        metavar="FRACTION",
+        help="digits: flip this fraction of the training labels and show that their examples' gradients stand out",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
     p.add_argument(
         "--dashboard", action="store_true", help="serve the live dashboard over --dir while training (dashboard extra)"
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         halflife=args.halflife,
         compare_sources=args.compare_sources,
         progress=not args.quiet,
+        noisy_labels=args.noisy_labels,
     )
     server = None
     if args.dashboard:
@@ -98,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.path)
     else:
         print(explain(result))
+    if args.noisy_labels and not args.quiet and result.data is not None:
+        from noisescale.demo.noisy import noisy_report
+
+        print("\n" + noisy_report(result.data))
     if server is not None:
         server.linger()  # serves on until Ctrl+C when a person is at the terminal
     if args.compare_sources and not sources_agree(result):

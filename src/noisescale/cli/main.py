@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import noisescale.cli.dashboard as dashboard_cmd
+import noisescale.cli.data as data_cmd
 import noisescale.cli.demo as demo_cmd
 import noisescale.cli.export as export_cmd
 import noisescale.cli.plan as plan_cmd
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noisescale {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, export_cmd, plan_cmd, dashboard_cmd):
+    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, export_cmd, plan_cmd, dashboard_cmd, data_cmd):
         module.register(sub)
     return parser
 

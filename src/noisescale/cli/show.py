@@ -40,12 +40,14 @@ def run(args: argparse.Namespace) -> int:
                 "series": _series(reader),
                 "metrics": {k: _metric(reader, k) for k in reader.metric_names()},
                 "layers": _last_layers(reader),
+                "groups": {str(g): v for g, v in reader.latest_groups().items()},
                 "events": reader.events(),
             }
             sys.stdout.write(dumps_json(doc) + "\n")
             return 0
         layers = _last_layers(reader)
-    print(text_summary(summary, layers))
+        groups = reader.latest_groups()
+    print(text_summary(summary, layers, groups))
     return 0
 
 
@@ -64,7 +66,9 @@ def _last_layers(reader: Any) -> dict[str, dict[str, Any]]:
     return dict(reader.latest_layers("param"))
 
 
-def text_summary(s: dict[str, Any], layers: dict[str, dict[str, Any]]) -> str:
+def text_summary(
+    s: dict[str, Any], layers: dict[str, dict[str, Any]], groups: dict[int, dict[str, Any]] | None = None
+) -> str:
     b = s["b_simple"]
     status = s["status"]
     if status == "running" and time.time() - s["updated_at"] > STALE_AFTER_S:
@@ -103,4 +107,9 @@ def text_summary(s: dict[str, Any], layers: dict[str, dict[str, Any]]) -> str:
         lines += ["", table(["layer", "B_simple", "band", "|G|^2"], rows, right=[False, True, False, True])]
         if len(layers) > MAX_LAYER_ROWS:
             lines.append(f"... and {len(layers) - MAX_LAYER_ROWS} more (noisescale show --json)")
+    if groups:
+        from noisescale.cli.data import groups_table
+
+        step = next(iter(groups.values()))["step"]
+        lines += ["", f"groups at step {step} (noisescale data RUN for the examples)", groups_table(groups)]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
 from noisescale.stats import ParamSums, SmallBatchStats
+
+if TYPE_CHECKING:
+    from noisescale.collectors.groups import ExampleObserver
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
@@ -124,6 +127,7 @@ class ExampleCollector(HookOwner):
         self._evidence = LayoutEvidence()
         self._segments = DeviceIndex()  # the parameter slot of every entry of the concatenated norms
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
+        self.observer: ExampleObserver | None = None  # told of every layer's call and norms (collectors.groups)
         for module in self._layers:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         for hooked in plan.hooked_layers:
@@ -238,8 +242,13 @@ class ExampleCollector(HookOwner):
         if layout.transpose or layout.lead is not None:
             inputs, grad_output = layout.apply(inputs, grad_output)
         layer = self._layers[module]
-        with use_gram_cache(self.gram_cache):
-            norms = layer.rule(module, inputs, grad_output)
+        # An armed observer (per-group statistics) computes the per-example Gram matrices: their diagonals are the
+        # norms, so the rule's own pass is skipped.
+        observer = self.observer
+        norms = None if observer is None else observer.on_layer(module, layer.rule, inputs, grad_output, layer.slots)
+        if norms is None:
+            with use_gram_cache(self.gram_cache):
+                norms = layer.rule(module, inputs, grad_output)
         index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
             slot = index.get(pname)
@@ -282,6 +291,8 @@ class ExampleCollector(HookOwner):
         """Keep a layer's per-example norms ``(B,)`` of one parameter; summed over all layers in ``collect()``."""
         self._idx.append(slot)
         self._vals.append(sq)
+        if self.observer is not None:
+            self.observer.on_norms(sq)
         if keep and self.keep_per_example:
             self._per_example.setdefault(slot, []).append(sq.detach())
 
@@ -387,6 +398,11 @@ class ExampleCollector(HookOwner):
                 f"of the trainable parameters: {detail}",
                 stacklevel=4,
             )
+
+    def current_rule(self, module: nn.Module) -> NormRule | None:
+        """The norm rule measuring ``module`` now (a first call may have replaced the registered one), or ``None``."""
+        layer = self._layers.get(module)
+        return None if layer is None else layer.rule
 
     def _slots_of(self, module: nn.Module) -> list[int]:
         if module in self._layers:

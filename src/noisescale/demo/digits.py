@@ -34,7 +34,9 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_digits_task(*, seed: int, lr: float | None = None, hidden: int | None = None) -> Task:
+def make_digits_task(
+    *, seed: int, lr: float | None = None, hidden: int | None = None, noisy_labels: float | None = None
+) -> Task:
     lr = DEFAULTS["lr"] if lr is None else lr
     hidden = int(DEFAULTS["hidden"] if hidden is None else hidden)
     x, y = load_digits_tensors()
@@ -42,6 +44,11 @@ def make_digits_task(*, seed: int, lr: float | None = None, hidden: int | None =
     perm = torch.randperm(len(x), generator=g)
     x_train, y_train = x[perm[:N_TRAIN]], y[perm[:N_TRAIN]]
     x_test, y_test = x[perm[N_TRAIN:]], y[perm[N_TRAIN:]]
+    flipped = None
+    if noisy_labels:
+        from noisescale.demo.noisy import flip_labels
+
+        y_train, flipped = flip_labels(y_train, noisy_labels, classes=10, seed=seed)
 
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -58,8 +65,11 @@ def make_digits_task(*, seed: int, lr: float | None = None, hidden: int | None =
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     sampler = EpochSampler(N_TRAIN, g)
 
+    last: list[torch.Tensor] = []
+
     def batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = sampler.next(batch_size)
+        last[:] = [idx]
         return x_train[idx], y_train[idx]
 
     @torch.no_grad()
@@ -80,4 +90,6 @@ def make_digits_task(*, seed: int, lr: float | None = None, hidden: int | None =
         evaluate=evaluate,
         threads=1,
         config={"model": f"mlp-64-{hidden}-{hidden}-10", "optimizer": "sgd", "lr": lr, "train_examples": N_TRAIN},
+        batch_ids=lambda: last[0],
+        flipped=None if flipped is None else flipped.tolist(),
     )

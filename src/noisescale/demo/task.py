@@ -33,6 +33,8 @@ class Task:
         config: settings recorded in the run.
         threads: CPU threads for torch while the task trains (``None``: leave as is).  A model this small runs
             fastest on one thread, and far faster than on several when other processes share the cores.
+        batch_ids: the training-set indices of the last batch ``batch`` returned, if the task tells them.
+        flipped: the indices of training labels flipped on purpose (``--noisy-labels``), if any.
     """
 
     name: str
@@ -45,6 +47,8 @@ class Task:
     on_unsupported: str = "error"
     config: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    batch_ids: Callable[[], torch.Tensor] | None = None
+    flipped: list[int] | None = None
 
 
 class EpochSampler:

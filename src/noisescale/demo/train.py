@@ -14,11 +14,14 @@ from typing import Any, Literal, TextIO
 
 import torch
 
+from noisescale.demo.noisy import SCORE_EVERY
 from noisescale.demo.overhead import measure_overhead
 from noisescale.demo.progress import CheckpointLines, ProgressBar, is_terminal
 from noisescale.demo.task import DemoError, Task
+from noisescale.group_stats import DEFAULT_SCORE_EVERY
 from noisescale.monitor import GNSMonitor
 from noisescale.store import Run, RunReader, check_run_name, summarize
+from noisescale.store.data_summary import LABEL_NOISE_EVENT, data_summary
 
 __all__ = ["Checkpoint", "DemoOptions", "DemoResult", "TaskName", "run_demo"]
 
@@ -42,6 +45,7 @@ class DemoOptions:
     halflife: float | None = None
     compare_sources: bool = False
     progress: bool = True
+    noisy_labels: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class DemoResult:
     overhead: float
     checkpoints: list[Checkpoint] = field(default_factory=list)
     microbatch_window: tuple[float | None, float | None] | None = None
+    data: dict[str, Any] | None = None  # with --noisy-labels: store.data_summary of the run
 
 
 def make_task(options: DemoOptions) -> tuple[Task, dict[str, Any]]:
@@ -82,7 +87,10 @@ def make_task(options: DemoOptions) -> tuple[Task, dict[str, Any]]:
     if options.task == "digits":
         from noisescale.demo import digits
 
-        return digits.make_digits_task(seed=options.seed, lr=options.lr), dict(digits.DEFAULTS)
+        task = digits.make_digits_task(seed=options.seed, lr=options.lr, noisy_labels=options.noisy_labels)
+        return task, dict(digits.DEFAULTS)
+    if options.noisy_labels:
+        raise DemoError("--noisy-labels flips labels of the digits task: leave --task at digits")
     if options.task == "charlm":
         from noisescale.demo import charlm
 
@@ -121,6 +129,10 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO 
         "compare_sources": options.compare_sources,
         **task.config,
     }
+    if options.noisy_labels:
+        config["noisy_labels"] = options.noisy_labels
+        if options.source == "microbatch":
+            raise DemoError("--noisy-labels scores each example: it needs the example source (leave --source at auto)")
     source = options.source
     if options.compare_sources:
         if source == "microbatch":
@@ -143,7 +155,10 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO 
             halflife=options.halflife,
             on_unsupported=task.on_unsupported,  # type: ignore[arg-type]
             run=run,
+            score_every=SCORE_EVERY if task.flipped is not None else DEFAULT_SCORE_EVERY,
         )
+        if task.flipped is not None:
+            run.event(LABEL_NOISE_EVENT, f"{len(task.flipped)} training labels flipped", data={"flipped": task.flipped})
         # A second monitor on the same backward passes, for --compare-sources: same data, other source.
         other = (
             GNSMonitor(model, source="microbatch", per_layer=False, halflife=options.halflife)
@@ -163,7 +178,8 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO 
                     loss = task.loss(model(xm), ym) * (len(xm) / batch_size)
                     loss.backward()
                     loss_sum += loss.detach()
-                m = monitor.step(batch_size=batch_size)
+                ids = task.batch_ids() if task.flipped is not None and task.batch_ids is not None else None
+                m = monitor.step(batch_size=batch_size, example_ids=ids)
                 run.log(step, {"loss": loss_sum})
                 if other is not None:
                     m2 = other.step(batch_size=batch_size)
@@ -217,6 +233,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO 
     with RunReader(path) as reader:
         summary = summarize(reader)
         mb_window = _microbatch_window(reader, steps) if options.compare_sources else None
+        data = data_summary(reader) if task.flipped is not None else None
     return DemoResult(
         path=path,
         task=task,
@@ -230,6 +247,7 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO 
         overhead=overhead,
         checkpoints=checkpoints,
         microbatch_window=mb_window,
+        data=data,
     )
 
 

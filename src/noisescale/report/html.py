@@ -17,6 +17,7 @@ from html import escape
 from typing import Any
 
 from noisescale.errors import ConfigError
+from noisescale.report.groups_section import groups_section
 from noisescale.report.svg import PALETTE, Band, Line, heatmap, line_chart
 from noisescale.report.xaxis import X_AXES, XAxis, XScale, x_scale
 from noisescale.store.reader import RunReader, Series
@@ -54,6 +55,7 @@ def render_html(reader: RunReader, *, x: XAxis = "examples") -> str:
         metrics = {k: reader.metric(k) for k in reader.metric_names()}
         matrix = reader.layer_matrix("b_simple", kind="param", max_steps=HEATMAP_COLUMNS)
         events = reader.events()
+        groups_html = groups_section(reader)
     scales = [x_scale(k, start=s["started_at"], duration=s["duration_s"]) for k in X_AXES]
     wall_of_step = {r["step"]: r["wall_time"] for r in rows}
 
@@ -202,6 +204,8 @@ def render_html(reader: RunReader, *, x: XAxis = "examples") -> str:
             )
     else:
         parts.append('<p class="note">No per-layer values were recorded (per_layer=False).</p>')
+
+    parts.append(groups_html)  # data sources and examples, if the run measured them
 
     # 5. config and events
     parts.append("<h2>Config</h2>")

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from noisescale.columns import COLUMNS
+from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
 from noisescale.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, read_schema_version
 
@@ -31,6 +32,7 @@ MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
 SERIES_COLUMNS = ("step", "examples", "wall_time", "value")
 """The columns of ``Series.to_table()``."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_GROUPS_VERSION = 5  # the migration that adds group_measurements and example_scores
 LayerKind = Literal["param", "module"]
 
 
@@ -326,6 +328,85 @@ class RunReader:
             values=values,
         )
 
+    # -- groups (data sources) and per-example scores ----------------------------------------------------------
+
+    def _has_groups(self) -> bool:
+        return self.schema_version >= _GROUPS_VERSION
+
+    def group_ids(self) -> list[int]:
+        """The ids passed as ``monitor.step(groups=...)`` that have recorded values, in increasing order."""
+        if not self._has_groups():
+            return []
+        return [int(r[0]) for r in self._query("SELECT DISTINCT group_id FROM group_measurements ORDER BY group_id")]
+
+    def group_series(self, group: int, column: str = "share") -> Series:
+        """One group's ``column`` over time (``GROUP_FIELDS``, or ``"examples"``)."""
+        if column not in (*GROUP_FIELDS, "examples"):
+            raise StoreError(f"unknown group column {column!r}; expected one of {['examples', *GROUP_FIELDS]}")
+        if not self._has_groups():
+            return Series(column)
+        rows = self._query(
+            f"SELECT g.step, s.examples, s.wall_time, g.{column} FROM group_measurements g "
+            "JOIN measurements s ON s.step = g.step WHERE g.group_id = ? ORDER BY g.step",
+            (int(group),),
+        )
+        return _series(f"group {group}", rows)
+
+    def latest_groups(self) -> dict[int, dict[str, Any]]:
+        """Each group's values at the last step recorded (``step``, ``examples`` this step, ``GROUP_FIELDS``)."""
+        if not self._has_groups():
+            return {}
+        rows = self._query(
+            f"SELECT group_id, step, examples, {', '.join(GROUP_FIELDS)} FROM group_measurements g WHERE step = "
+            "(SELECT max(step) FROM group_measurements) ORDER BY group_id"
+        )
+        return {int(r[0]): dict(zip(("step", "examples", *GROUP_FIELDS), r[1:], strict=True)) for r in rows}
+
+    def score_steps(self) -> int:
+        """The number of steps with per-example scores."""
+        if not self._has_groups():
+            return 0
+        return int(self._query("SELECT count(DISTINCT step) FROM example_scores")[0][0])
+
+    def scored_examples(self, *, since_step: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Each scored example's persistent score, highest first.
+
+        An example's ``relative`` score is the mean over its sampled steps (from ``since_step`` on) of its squared
+        gradient norm divided by the mean over that step's examples (so early and late steps weigh alike);
+        ``top_decile`` is the fraction of those steps where it was in the step's top 10%; ``group`` is the last
+        group it came with.
+        """
+        if not self._has_groups():
+            return []
+        rows = self._query(
+            "WITH r AS (SELECT example, group_id, step, score, "
+            "score / avg(score) OVER (PARTITION BY step) AS rel, "
+            "percent_rank() OVER (PARTITION BY step ORDER BY score) AS pr "
+            "FROM example_scores WHERE step >= ?) "
+            "SELECT example, avg(rel), count(*), avg(pr >= 0.9), avg(score), "
+            "(SELECT group_id FROM r r2 WHERE r2.example = r.example ORDER BY step DESC LIMIT 1) "
+            "FROM r GROUP BY example ORDER BY avg(rel) DESC, example"
+            + ("" if limit is None else f" LIMIT {int(limit)}"),
+            (int(since_step),),
+        )
+        return [
+            {
+                "example": int(e),
+                "relative": rel,
+                "steps": int(n),
+                "top_decile": top,
+                "mean_score": mean,
+                "group": None if g is None else int(g),
+            }
+            for e, rel, n, top, mean, g in rows
+        ]
+
+    def scored_example_count(self) -> int:
+        """Distinct examples with at least one score."""
+        if not self._has_groups():
+            return 0
+        return int(self._query("SELECT count(DISTINCT example) FROM example_scores")[0][0])
+
     # -- raw SQL -----------------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -375,11 +456,7 @@ class RunReader:
                     f"{_show(self.path)} has an unknown schema history (migration {mig.version} is "
                     f"{names.get(mig.version)!r}, expected {mig.name!r}): it was not written by this noisescale"
                 )
-        if version < SCHEMA_VERSION:
-            raise StoreError(
-                f"{_show(self.path)} has an incomplete schema (version {version} of {SCHEMA_VERSION}): its creation "
-                "was interrupted"
-            )
+        # An older version reads as it is (later tables read as empty); an interrupted creation has no run record.
         return version
 
 

@@ -3,7 +3,8 @@
 Each migration runs in its own transaction together with the row that records it in ``schema_migrations``, so a
 file is always at a well-defined version.  A new schema change is a new entry at the end of ``MIGRATIONS``;
 entries are never edited or reordered once released.  Readers accept files up to ``SCHEMA_VERSION`` and refuse
-newer ones with a message naming both versions (they never migrate: a reader does not write).
+newer ones with a message naming both versions (they never migrate: a reader does not write); a file of an older
+version reads as it is, the tables it lacks as empty.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import time
 from dataclasses import dataclass
 
 from noisescale.columns import COLUMNS
+from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration", "apply_migrations", "read_schema_version"]
 
 APPLICATION_ID = 0x4E53474E  # "NSGN" in the SQLite header: marks the file as a noisescale run
 _VALUES = ", ".join(f"{c} REAL" for c in COLUMNS)
+_GROUP_VALUES = ", ".join(f"{c} REAL" for c in GROUP_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             message TEXT NOT NULL,
             data TEXT                   -- JSON or NULL
         );
+        """,
+    ),
+    Migration(
+        5,
+        "create_groups_and_example_scores",
+        f"""
+        CREATE TABLE group_measurements (
+            group_id INTEGER NOT NULL,  -- the id passed in monitor.step(groups=...)
+            step INTEGER NOT NULL,
+            examples INTEGER NOT NULL,  -- the group's examples in that step
+            {_GROUP_VALUES},
+            PRIMARY KEY (group_id, step)
+        ) WITHOUT ROWID;
+        CREATE TABLE example_scores (
+            step INTEGER NOT NULL,
+            example INTEGER NOT NULL,   -- the id passed in monitor.step(example_ids=...)
+            group_id INTEGER,
+            score REAL NOT NULL         -- the example's squared gradient norm
+        );
+        CREATE INDEX example_scores_step ON example_scores (step);
         """,
     ),
 )

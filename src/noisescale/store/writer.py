@@ -32,6 +32,7 @@ import torch
 from noisescale.columns import COLUMNS
 from noisescale.errors import ConfigError
 from noisescale.events import Event, Metrics, metric_values
+from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
 from noisescale.store.schema import apply_migrations
@@ -45,10 +46,16 @@ _MEASUREMENT_SQL = (
     "INSERT OR REPLACE INTO measurements (step, examples, wall_time, batch_size, source, coverage, status, "
     f"skipped_steps, {', '.join(COLUMNS)}) VALUES ({', '.join('?' * (8 + len(COLUMNS)))})"
 )
+_GROUP_SQL = (
+    f"INSERT OR REPLACE INTO group_measurements (group_id, step, examples, {', '.join(GROUP_FIELDS)}) "
+    f"VALUES ({', '.join('?' * (3 + len(GROUP_FIELDS)))})"
+)
+_SCORE_SQL = "INSERT INTO example_scores (step, example, group_id, score) VALUES (?, ?, ?, ?)"
 _LAYER_SQL = (
     f"INSERT OR REPLACE INTO layer_measurements (layer_id, step, {', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' * (2 + len(COLUMNS)))})"
 )
+_MANY = {"layers": _LAYER_SQL, "groups": _GROUP_SQL, "scores": _SCORE_SQL}  # rows written with executemany
 
 
 class Run:
@@ -327,8 +334,8 @@ class Run:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for sql, params in rows:
-                if sql == "layers":
-                    conn.executemany(_LAYER_SQL, params)
+                if sql in _MANY:
+                    conn.executemany(_MANY[sql], params)
                 else:
                     conn.execute(sql, params)
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
@@ -369,6 +376,25 @@ class Run:
                     layer_rows.append((lid, step, *(_num(vals.get(c)) for c in COLUMNS)))
             if layer_rows:
                 out.append(("layers", layer_rows))
+            groups = d.get("groups") or {}
+            if groups:
+                out.append(
+                    (
+                        "groups",
+                        [
+                            (int(gid), step, int(v["examples"]), *(_num(v.get(c)) for c in GROUP_FIELDS))
+                            for gid, v in groups.items()
+                        ],
+                    )
+                )
+            scores = d.get("example_scores")
+            if scores:
+                grp = scores.get("groups") or [None] * len(scores["ids"])
+                rows_s = [
+                    (step, int(i), None if g is None else int(g), float(v))
+                    for i, g, v in zip(scores["ids"], grp, scores["scores"], strict=True)
+                ]
+                out.append(("scores", rows_s))
             return out
         if tag == "log":
             _, _, step, given, items = item
