@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"collectors"},
     {"estimators"},
     {"controllers", "alerts"},
-    {"sink", "sink_queue", "source_choice", "monitor"},
+    {"sink", "sink_queue", "source_choice", "cadence", "monitor"},
     {"store"},
     {"sinks", "report", "plan"},
     {"integrations", "dashboard", "demo"},

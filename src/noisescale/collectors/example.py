@@ -21,13 +21,14 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
 from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
 from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_inputs, flattened_from
 from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
-from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
+from noisescale.collectors.rules.registry import ForwardCheck, LayerHooks, NormRule, TiedWeights
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
@@ -126,6 +127,7 @@ class ExampleCollector(HookOwner):
         self._host_sums: bool | None = None  # None: sum on the host for host memory (tests force the tensor path)
         for module in self._layers:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        self._layer_hooks: list[tuple[LayerHooks, list[RemovableHandle]]] = []  # hooked layers, their handles
         for hooked in plan.hooked_layers:
             self._names[hooked.module] = hooked.name
             slots = dict(hooked.slots)
@@ -136,7 +138,9 @@ class ExampleCollector(HookOwner):
                 functools.partial(self._on_hooked_norms, slots),
                 functools.partial(self._count_examples, hooked.module),
             )
-            self._handles += hooks.install()
+            installed = hooks.install()
+            self._layer_hooks.append((hooks, installed))
+            self._handles += installed
         self._handles += self._evidence.install(model)
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
@@ -144,7 +148,7 @@ class ExampleCollector(HookOwner):
     def _on_forward(
         self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
     ) -> None:
-        if not (self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (self.armed and self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         if not torch.is_grad_enabled() or module in self._dropped or self._checking:
             return
@@ -286,6 +290,28 @@ class ExampleCollector(HookOwner):
             self._per_example.setdefault(slot, []).append(sq.detach())
 
     # -- step interface ----------------------------------------------------------------------------------------
+
+    def arm(self, armed: bool, *, step: int) -> None:
+        """Arm or disarm the hooks (``Collector.arm``).
+
+        The rule layers' forward hooks and the layout evidence check a flag; the hooks of layers measured from
+        the inside (``register_layer_hooks``: ``nn.MultiheadAttention``), which walk the autograd graph in
+        Python, are removed while disarmed and installed again when armed.
+        """
+        if armed != self.armed and self.enabled:
+            if armed:
+                for i, (hooks, _) in enumerate(self._layer_hooks):
+                    installed = hooks.install()
+                    self._layer_hooks[i] = (hooks, installed)
+                    self._handles += installed
+            else:
+                gone = {id(h) for _, handles in self._layer_hooks for h in handles}
+                for _, handles in self._layer_hooks:
+                    for h in handles:
+                        h.remove()
+                self._handles = [h for h in self._handles if id(h) not in gone]
+        self.armed = armed
+        self._evidence.armed = armed
 
     def examples_seen(self) -> int | None:
         """Examples whose output gradients reached the hooks since the last reset.
