@@ -109,6 +109,11 @@ class GNSMonitor:
             the monitor times its own cost and picks the cadence, denser while B_simple moves
             (``noisescale.cadence``); under DDP rank 0 decides for every rank.  Each chosen cadence is recorded
             as a ``"cadence"`` event.
+        sketch: for the example source: estimate each example's squared norms from ``sketch`` random projections
+            of the layer's inputs (or output gradients), drawn afresh each step, where that costs at most half the
+            exact form: ``nn.Linear`` on sequences (``B T k (d_in + d_out)`` instead of the Gram or materialised
+            forms), convolutions and embeddings.  Unbiased, so the estimator stays unbiased; the band widens by
+            the sketch's variance, which the smoothing sees from step to step (``collectors.rules.sketch``).
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -132,6 +137,7 @@ class GNSMonitor:
         comm_hook: CommHook | None = None,
         every: int = 1,
         budget: float | None = None,
+        sketch: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,6 +153,8 @@ class GNSMonitor:
         if scaler is not None and not hasattr(scaler, "_scale"):
             raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         cadence = Cadence(every, budget)  # checks the options before anything is installed
+        if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
+            raise ConfigError(f"sketch must be a positive int (random projections per layer, e.g. 64), got {sketch!r}")
         sink_queue = _sink_queue(sinks, callbacks, run)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no parameter with requires_grad=True: there is no gradient to measure")
@@ -170,6 +178,7 @@ class GNSMonitor:
             comm_hook=comm_hook,
             sync=self._dist,
             watch=watch,
+            sketch=sketch,
         )
         # |p.grad|^2 read when backward ends, so clipping or unscaling before step() cannot change it.
         trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())

@@ -14,9 +14,11 @@ from noisescale.collectors.rules.conv import (
     conv_grouped_weight_sq_norms,
     conv_layer_weight_sq_norms,
     conv_patches,
+    conv_sketched_sq_norms,
     conv_weight_sq_norms,
 )
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
+from noisescale.collectors.rules.sketch import Sketch, use_sketch
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -47,6 +49,24 @@ def test_forms_in_chunks_equal_the_whole(monkeypatch, t, m, n):
             linear_forms.materialised_sq_norms(x, g), _per_example_weight(x, g), rtol=1e-12, atol=0
         )
     torch.testing.assert_close(whole, _per_example_weight(x, g), rtol=1e-12, atol=0.0)
+
+
+def test_sketch_in_chunks_draws_the_same_projection(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 20, 48, generator=gen, dtype=torch.float64)
+    g = torch.randn(6, 20, 24, generator=gen, dtype=torch.float64)
+    sketch = Sketch(4)
+    sketch.begin(3)
+    whole = linear_forms.sketched_sq_norms(x, g, sketch)
+    monkeypatch.setattr(linear_forms, "MAX_BUFFER", 24 * 4 * 2)  # two examples a chunk
+    sketch.begin(3)
+    torch.testing.assert_close(linear_forms.sketched_sq_norms(x, g, sketch), whole, rtol=1e-12, atol=0.0)
+    # the other side projected (m < n): chunks too
+    sketch.begin(3)
+    other = linear_forms.sketched_sq_norms(g, x, sketch)
+    monkeypatch.setattr(linear_forms, "MAX_BUFFER", 10**9)
+    sketch.begin(3)
+    torch.testing.assert_close(linear_forms.sketched_sq_norms(g, x, sketch), other, rtol=1e-12, atol=0.0)
 
 
 CONVS = [
@@ -91,6 +111,30 @@ def test_conv_without_im2col_equals_the_patches_and_autograd(monkeypatch, case):
     monkeypatch.setattr(linear_forms, "MAX_BUFFER", 1)  # one example at a time, every path
     torch.testing.assert_close(conv_grouped_weight_sq_norms(conv, x, g), exact, rtol=1e-10, atol=0.0)
     torch.testing.assert_close(conv_layer_weight_sq_norms(conv, x, g), exact, rtol=1e-10, atol=0.0)
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c[0].__name__}-{c[4]}")
+def test_conv_sketch_is_unbiased_for_every_layout(case):
+    conv, x, g, exact = _conv_case(*case)
+    sketch = Sketch(3)
+    draws = []
+    for step in range(300):
+        sketch.begin(step)
+        draws.append(conv_sketched_sq_norms(conv, x, g, sketch))
+    samples = torch.stack(draws)
+    z = (samples.mean(0) - exact) / (samples.std(0) / samples.shape[0] ** 0.5)
+    assert bool((z.abs() <= 3.0).all()), z
+
+
+def test_conv_layer_form_with_a_sketch_that_pays():
+    conv, x, g, exact = _conv_case(nn.Conv2d, 16, 32, (3, 3), {"padding": 1})
+    sketch = Sketch(2)
+    sketch.begin(1)
+    with use_sketch(sketch):
+        got = conv_layer_weight_sq_norms(conv, x, g)
+    sketch.begin(1)
+    torch.testing.assert_close(got, conv_sketched_sq_norms(conv, x, g, sketch), rtol=0.0, atol=0.0)
+    assert not torch.allclose(got, exact)
 
 
 def _ops(fn) -> int:

@@ -29,6 +29,7 @@ from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_in
 from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
 from noisescale.collectors.rules.registry import ForwardCheck, LayerHooks, NormRule, TiedWeights
+from noisescale.collectors.rules.sketch import Sketch, use_sketch
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
@@ -70,6 +71,9 @@ class ExampleCollector(HookOwner):
         watch: told of every backward pass the hooks see (``BackwardWatch``).
         on_left_out: called once, after the first step, with everything left out (if anything), the coverage
             and the number of trainable parameter entries: a caller's own way of saying so.
+        sketch: estimate per-example norms from this many random projections where that costs at most half the
+            exact form (``rules.sketch``: Linear on sequences, convolutions, embeddings); ``None``: exact.
+            Unbiased, fresh each step; the layers ``nn.MultiheadAttention`` measures from the inside stay exact.
 
     Raises:
         UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
@@ -85,8 +89,10 @@ class ExampleCollector(HookOwner):
         keep_per_example: bool = False,
         watch: BackwardWatch | None = None,
         on_left_out: Callable[[list[LeftOut], float, int], None] | None = None,
+        sketch: int | None = None,
     ) -> None:
         super().__init__(watch)
+        self.sketch = Sketch(sketch) if sketch is not None else None
         self._on_left_out = on_left_out
         self.keep_per_example = keep_per_example
         self.policy: Policy = on_unsupported
@@ -242,7 +248,7 @@ class ExampleCollector(HookOwner):
         if layout.transpose or layout.lead is not None:
             inputs, grad_output = layout.apply(inputs, grad_output)
         layer = self._layers[module]
-        with use_gram_cache(self.gram_cache):
+        with use_gram_cache(self.gram_cache), use_sketch(self.sketch):
             norms = layer.rule(module, inputs, grad_output)
         index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
@@ -312,6 +318,8 @@ class ExampleCollector(HookOwner):
                 self._handles = [h for h in self._handles if id(h) not in gone]
         self.armed = armed
         self._evidence.armed = armed
+        if armed and self.sketch is not None:
+            self.sketch.begin(step)  # fresh projections, drawn from the step number
 
     def examples_seen(self) -> int | None:
         """Examples whose output gradients reached the hooks since the last reset.

@@ -14,7 +14,10 @@ gradients.  Each group is a 3-D ``nn.Linear`` case over ``L`` positions, and the
   the groups (``groups * B`` groups of one example each), so no im2col copy is made (on the digits CNN's second
   layer this took a third of the time of unfolding the patches and multiplying them); elsewhere, and for the
   ghost form, from the patch matrix;
-* ghost ``sum_{l,m} (u_l . u_m)(g_l . g_m)`` (``O(L^2 (C_in K + C_out))``), for few positions and wide layers.
+* ghost ``sum_{l,m} (u_l . u_m)(g_l . g_m)`` (``O(L^2 (C_in K + C_out))``), for few positions and wide layers;
+* with ``GNSMonitor(sketch=k)``, an unbiased estimate from ``k`` random kernels: the input convolved with them
+  is the patches times a random projection, again without im2col (``rules.sketch``), where it costs at most half
+  as much as the exact form.
 
 Each form works in chunks of examples beyond ``linear_forms.MAX_BUFFER`` elements.  Patches are cut after padding
 the input exactly as the layer does: ``padding`` given as numbers or as ``"same"`` (asymmetric when the total
@@ -35,6 +38,7 @@ from noisescale.collectors.rules import linear_forms
 from noisescale.collectors.rules.common import as_float
 from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.collectors.rules.sketch import PAYS, Sketch, current_sketch
 from noisescale.errors import UnsupportedLayerError
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "conv_patches",
     "conv_reference",
     "conv_rule",
+    "conv_sketched_sq_norms",
     "conv_weight_sq_norms",
 ]
 
@@ -175,6 +180,9 @@ def conv_layer_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Tens
     k_in = module.in_channels // groups * math.prod(module.kernel_size)
     k_out = module.out_channels // groups
     ghost, material = n_pos * n_pos * (k_in + k_out), n_pos * k_in * k_out
+    sketch = current_sketch()
+    if sketch is not None and n_pos * sketch.k * (k_in + k_out) <= PAYS * min(ghost, material):
+        return conv_sketched_sq_norms(module, x, g, sketch)
     if material < ghost and x.device.type == "cpu":
         return conv_grouped_weight_sq_norms(module, x, g)
     b = x.shape[0]
@@ -237,3 +245,33 @@ def conv_grouped_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Te
         )
         parts.append(torch.linalg.vector_norm(per_weight.reshape(n, -1), dim=1).square())
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def conv_sketched_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Tensor, sketch: Sketch) -> torch.Tensor:
+    """An unbiased estimate of each example's squared weight-gradient norm from ``k`` random kernels.
+
+    Convolving the input with ``k`` random kernels per group (the layer's own stride, padding and dilation) gives
+    the patches times a random ``(C_in K / groups, k)`` projection ``R_j``; then ``|G_{i,j}^T U_{i,j} R_j|^2 / k``
+    estimates ``|W_{i,j}|^2`` without bias (``rules.sketch``).  ``B L k (C_in K + C_out)`` multiply-adds.
+    """
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    k, groups = sketch.k, module.groups
+    kernels = sketch.kernels((k * groups, module.in_channels // groups, *module.kernel_size), x.device, x.dtype)
+    projected = module._conv_forward(x, kernels, None)  # (B, k G, *out): group j's patches times R_j
+    b = x.shape[0]
+    xr = projected.reshape(b * groups, k, -1)  # (B G, k, L)
+    gg = g.reshape(b * groups, g.shape[1] // groups, -1)  # (B G, C_out / G, L)
+    if xr.shape[2] != gg.shape[2]:
+        raise ValueError(f"{xr.shape[2]} projected positions but {gg.shape[2]} output positions")
+    step = max(1, linear_forms.MAX_BUFFER // (groups * gg.shape[1] * k))
+    parts = [
+        torch.linalg.vector_norm(
+            torch.bmm(
+                gg[i * groups : (i + step) * groups], xr[i * groups : (i + step) * groups].transpose(1, 2)
+            ).reshape(-1, groups * gg.shape[1] * k),
+            dim=1,
+        )
+        for i in range(0, b, step)
+    ]
+    norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return norms.square_().div_(k)

@@ -8,6 +8,8 @@ gradients ``g_t``, the weight gradient is ``W_i = sum_t g_t x_t^T`` and the bias
   ``|W_i|^2 = sum_{t,s} (x_t . x_s)(g_t . g_s)``, at ``O(B T^2 (d_in + d_out))`` and ``(B, T, T)`` memory, or
   the materialised ``W_i = G_i^T X_i`` at ``O(B T d_in d_out)`` and ``(B, d_out, d_in)`` memory; the cheaper
   one is chosen per call from the shapes, and computed in chunks beyond ``linear_forms.MAX_BUFFER`` elements.
+  With ``GNSMonitor(sketch=k)`` an unbiased estimate from ``k`` random projections, ``O(B T k (d_in + d_out))``,
+  replaces them where it costs at most half as much (``rules.sketch``).
 
 Layers that read the same input (separate query, key and value projections; gate and up projections) share its
 Gram matrix ``X_i X_i^T`` in the ghost form: the last one computed is kept in the collector's ``GramCache``
@@ -27,8 +29,9 @@ from torch import nn
 
 from noisescale.collectors.rules import linear_forms
 from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequence
-from noisescale.collectors.rules.linear_forms import ghost_sq_norms, materialised_sq_norms
+from noisescale.collectors.rules.linear_forms import ghost_sq_norms, materialised_sq_norms, sketched_sq_norms
 from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.collectors.rules.sketch import PAYS, current_sketch
 
 __all__ = [
     "GramCache",
@@ -104,19 +107,25 @@ def sequence_linear_sq_norms(
         x: ``(B, T, m)`` inputs.
         g: ``(B, T, n)`` output gradients.
         with_bias: also return the bias term; otherwise the second value is ``None``.
-        shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix is shared
-            with the next layer that reads the same tensor, through the current ``GramCache`` if there is one.
+        shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix (or its
+            sketch's projection) is shared with the next layer that reads the same tensor.
 
-    The weight term takes the cheaper form (``linear_forms``): the ghost form when ``T^2 (m + n) <= T m n`` (no
-    more multiply-adds), else the materialised one.  With a ghost form the bias term comes from its
-    output-gradient Gram matrix, ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``; otherwise it is summed over the positions
-    first.
+    The weight term takes the cheapest form (``linear_forms``): the ghost form when ``T^2 (m + n) <= T m n`` (no
+    more multiply-adds), else the materialised one; with a sketch current (``GNSMonitor(sketch=k)``) the sketched
+    estimate instead, where its ``T k (m + n)`` is at most half of that (``sketch.PAYS``).  With a ghost form the
+    bias term comes from its output-gradient Gram matrix, ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``; otherwise it is
+    summed over the positions first.  The bias term is always exact.
 
     Returns:
         ``(weight, bias)``, each ``(B,)`` (``bias`` is ``None`` unless ``with_bias``).
     """
     b, t, m = x.shape
     n = g.shape[-1]
+    exact = min(t * t * (m + n), t * m * n)
+    sketch = current_sketch()
+    if sketch is not None and t * sketch.k * (m + n) <= PAYS * exact:
+        weight = sketched_sq_norms(x, g, sketch, shared_input=shared_input)
+        return weight, (_bias_sq(g, weight.dtype) if with_bias else None)
     if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
         if 2 * b * t * t > linear_forms.MAX_BUFFER:  # in chunks: no Gram matrix to share, the bias summed apart

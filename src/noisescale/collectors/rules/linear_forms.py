@@ -5,7 +5,8 @@ patches, an attention projection):
 
 * ``ghost_sq_norms``: ``sum_{t,s} (x_t . x_s)(g_t . g_s)`` from two ``(T, T)`` Gram matrices per example,
   ``B T^2 (m + n)`` multiply-adds;
-* ``materialised_sq_norms``: the per-example gradient ``G_i^T X_i``, ``(n, m)``, and its norm, ``B T m n``.
+* ``materialised_sq_norms``: the per-example gradient ``G_i^T X_i``, ``(n, m)``, and its norm, ``B T m n``;
+* ``sketched_sq_norms``: an unbiased estimate from ``k`` random projections (``rules.sketch``), ``B T k (m + n)``.
 
 None allocates more than ``MAX_BUFFER`` elements at once: beyond it the work is cut into chunks of examples (and
 of rows within an example when one example alone exceeds it), so a long context or a wide layer costs a few more
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from noisescale.collectors.rules.common import bmm_float
+from noisescale.collectors.rules.sketch import Sketch
 
-__all__ = ["MAX_BUFFER", "ghost_sq_norms", "materialised_sq_norms"]
+__all__ = ["MAX_BUFFER", "ghost_sq_norms", "materialised_sq_norms", "sketched_sq_norms"]
 
 MAX_BUFFER = 1 << 24
 """Elements of the largest temporary a form allocates (64 MiB in float32); more is computed in chunks."""
@@ -79,3 +81,37 @@ def materialised_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         assert total is not None
         out.append(total)
     return torch.cat(out)
+
+
+def sketched_sq_norms(
+    x: torch.Tensor, g: torch.Tensor, sketch: Sketch, *, shared_input: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An unbiased estimate of each example's ``|G_i^T X_i|_F^2`` from ``k`` random projections, ``(B,)``.
+
+    The larger side is projected: ``|G_i^T (X_i R)|^2 / k`` for ``m >= n`` (the projection of the input shared with
+    the next layer that reads ``shared_input``), else ``|(G_i L)^T X_i|^2 / k``.
+
+    Args:
+        x: ``(B, T, m)``.
+        g: ``(B, T, n)``.
+        sketch: the current step's projections.
+        shared_input: the tensor ``x`` views (the layer's input as it came), to share its projection.
+    """
+    b, _, m = x.shape
+    n = g.shape[-1]
+    k = sketch.k
+    if m >= n:
+        xr = sketch.projected(x, shared_input)  # (B, T, k)
+        left, right = g.transpose(1, 2), xr  # (B, n, T) @ (B, T, k)
+        width = n
+    else:
+        gl = torch.matmul(g, sketch.gaussian(n, g.device, g.dtype))  # (B, T, k)
+        left, right = gl.transpose(1, 2), x  # (B, k, T) @ (B, T, m)
+        width = m
+    examples = _chunk(width * k, MAX_BUFFER)
+    parts = [
+        torch.linalg.vector_norm(bmm_float(left[i : i + examples], right[i : i + examples]), dim=(1, 2))
+        for i in range(0, b, examples)
+    ]
+    norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return norms.square_().div_(k)
