@@ -78,6 +78,9 @@ CONVS = [
     (nn.Conv2d, 6, 6, (3, 3), {"groups": 3, "stride": 2}),
     (nn.Conv2d, 3, 5, (4, 4), {"padding": "same"}),
     (nn.Conv3d, 2, 4, (2, 2, 2), {"stride": (1, 2, 1), "dilation": (1, 1, 2), "padding": "valid"}),
+    (nn.Conv2d, 6, 4, (1, 1), {}),  # 1x1: a Linear over the positions
+    (nn.Conv2d, 6, 4, (1, 1), {"stride": 2, "groups": 2}),
+    (nn.Conv1d, 4, 8, (1,), {"padding": "same"}),
 ]
 
 
