@@ -203,25 +203,33 @@ class Measurement:
         return self.last.step
 
     def _materialize(self) -> Sequence[list[float]]:
-        if self._rows is None:
-            # The single host sync of a measurement (on an accelerator), only when a number is read.
-            self._rows = self._table()
+        rows = self._rows
+        if rows is None:
+            # The single host sync of a measurement (on an accelerator), only when a number is read.  Two threads
+            # may read at once (the sinks' thread and the training loop): everything is worked out first and the
+            # rows, which say it is done, are published last.
+            rows = self._table()
             nonfinite, undefined, skipped = self._flags()
-            self._skipped = int(skipped)
-            total = self._rows[0]
+            total = rows[0]
+            reason = self.undefined_reason
+            status: Status
             if self._last is not None:
-                self._status = "unmeasured"
+                status = "unmeasured"
             elif nonfinite:
-                self._status = "skipped"
+                status = "skipped"
             else:
-                if undefined and self.undefined_reason is None:
-                    self.undefined_reason = _NO_SIGNAL
-                elif math.isnan(total[0]) and self.undefined_reason is None:
-                    self.undefined_reason = _ZERO_SIGNAL
-                elif _band_broken(total) and self.undefined_reason is None:
-                    self.undefined_reason = _BROKEN_BAND
-                self._status = "undefined" if self.undefined_reason is not None else "ok"
-        return self._rows
+                if undefined and reason is None:
+                    reason = _NO_SIGNAL
+                elif math.isnan(total[0]) and reason is None:
+                    reason = _ZERO_SIGNAL
+                elif _band_broken(total) and reason is None:
+                    reason = _BROKEN_BAND
+                status = "undefined" if reason is not None else "ok"
+            self._skipped = int(skipped)
+            self.undefined_reason = reason
+            self._status = status
+            self._rows = rows
+        return rows
 
     def _checked(self, i: int) -> list[float]:
         """Row ``i`` with the band invariant applied (the one place it is checked)."""

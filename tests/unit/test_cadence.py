@@ -382,3 +382,37 @@ def test_a_forward_pass_before_the_arming_step_call_is_a_clear_error():
     with pytest.raises(ns.StepError, match=r"Call monitor.step\(\) before the next step's first forward pass"):
         monitor.step(batch_size=8)
     monitor.close()
+
+
+def test_a_measurement_read_from_two_threads_at_once():
+    """The sinks' thread and the training loop (the budget reads the band) may read one measurement together."""
+    import threading
+    import time
+
+    def slow_flags() -> tuple[int, int, int]:
+        time.sleep(0.01)  # a device copy in flight
+        return (0, 0, 0)
+
+    for _ in range(5):
+        m = ns.Measurement(
+            table=lambda: [[2.0, 1.0, 3.0, 2.0, 1.0, 2.0, 1.0, 2.0]],
+            flags=slow_flags,
+            layer_names=(),
+            module_names=(),
+            step=1,
+            examples=4,
+            batch_size=4,
+            source="example",
+            coverage=1.0,
+        )
+        got: list[object] = []
+
+        def read(m: ns.Measurement = m, got: list[object] = got) -> None:
+            got.append((m.status, m.b_simple))
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [("ok", 2.0), ("ok", 2.0)]
