@@ -12,6 +12,7 @@ from dist_scenarios import make_batch, make_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import noisescale as ns
+from noisescale.sink import BaseSink
 
 STEPS = 40
 
@@ -23,7 +24,7 @@ def _run(rank: int, source: str, steps: int, delay: dict[bool, float] | None = N
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     events: list[tuple[int, dict[str, Any]]] = []
 
-    class Keep(ns.sink.BaseSink):
+    class Keep(BaseSink):
         def on_event(self, event: Any) -> None:
             events.append((event.step, dict(event.data or {})))
 
