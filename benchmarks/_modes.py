@@ -64,6 +64,7 @@ class Mode:
     needs: ClassVar[tuple[str, ...]] = ()  # importable modules; a missing one skips the mode
     peer: ClassVar[str | None] = None  # distribution name, for the versions in the JSON
     workloads: ClassVar[tuple[str, ...] | None] = None  # None: every workload
+    period: ClassVar[int] = 1  # steps of one cadence period: blocks are whole periods, compared by their means
 
     def __init__(self, wl: Workload, state: dict[str, torch.Tensor]) -> None:
         if self.workloads is not None and wl.name not in self.workloads:
@@ -180,6 +181,66 @@ class NsExampleMode(Mode):
 
     def close(self) -> None:
         self.monitor.close()
+
+
+class NsEvery10Mode(NsExampleMode):
+    """``GNSMonitor(model, source="example", every=10)``: one step in ten measured, the hooks disarmed on the others.
+
+    Timed in blocks of whole periods (``period``) and compared by mean step time: a median would skip the measured
+    step."""
+
+    name = "ns_every10"
+    period = 10
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return {**super().monitor_kwargs(), "every": 10}
+
+
+class NsDisarmedMode(NsExampleMode):
+    """A monitor whose hooks stay disarmed after its first step (``every`` beyond the run): what an unmeasured step
+    costs."""
+
+    name = "ns_disarmed"
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return {**super().monitor_kwargs(), "every": 10**9}
+
+
+class NsBudgetMode(NsExampleMode):
+    """``GNSMonitor(model, source="example", budget=0.03)``: the cadence chosen from the monitor's own timed cost."""
+
+    name = "ns_budget"
+    period = 20
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return {**super().monitor_kwargs(), "budget": 0.03}
+
+
+class NsSketchMode(NsExampleMode):
+    """``GNSMonitor(model, source="example", sketch=64)``: sketched per-example norms where they pay."""
+
+    name = "ns_sketch64"
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return {**super().monitor_kwargs(), "sketch": 64}
+
+    def validate(self, x: torch.Tensor, y: torch.Tensor) -> Validation:
+        val = super().validate(x, y)  # the per-example norms below are the exact collector's
+        val.b_simple = None  # one sketched step's B_simple is an estimate: checked in tests, not against exact
+        return val
+
+
+class NsMicrobatchEvery10Mode(NsExampleMode):
+    """``GNSMonitor(model, source="microbatch", every=10)`` over ``N_MICRO`` micro-batches."""
+
+    name = "ns_microbatch_every10"
+    baseline = "plain_accum"
+    source = "microbatch"
+    n_micro = N_MICRO
+    period = 10
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        return {**super().monitor_kwargs(), "every": 10}
 
 
 class NsExampleNoReadMode(NsExampleMode):
@@ -370,6 +431,11 @@ MODES: dict[str, type[Mode]] = {
         PlainAccumMode,
         NsMicrobatchMode,
         NsNormMode,
+        NsEvery10Mode,
+        NsDisarmedMode,
+        NsBudgetMode,
+        NsSketchMode,
+        NsMicrobatchEvery10Mode,
         BackpackMode,
         OpacusGhostMode,
         FuncMode,

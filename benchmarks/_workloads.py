@@ -1,6 +1,7 @@
-"""The CPU workloads of ``overhead.py``: an MLP on sklearn's digits and three tiny causal transformers.
+"""The CPU workloads of ``overhead.py``: an MLP and a CNN on sklearn's digits and three tiny causal transformers;
+``scaling.py`` adds a U-Net denoiser and a grid of transformer shapes.
 
-Both are built from a seed, so every mode (and every memory-probe subprocess) starts from the same initial
+Each is built from a seed, so every mode (and every memory-probe subprocess) starts from the same initial
 parameters and sees the same fixed batches.
 """
 
@@ -37,13 +38,17 @@ class Workload:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
     n_classes: int
     float_input: bool
+    regression: bool = False  # the loss is the mean squared error against float targets (the denoiser)
 
     @property
     def batch_size(self) -> int:
         return int(self.batches[0][0].shape[0])
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over examples (and over tokens: every sequence has the same length)."""
+        """Mean cross-entropy over examples (and over tokens: every sequence has the same length); mean squared
+        error for a regression workload."""
+        if self.regression:
+            return F.mse_loss(logits, targets)
         return F.cross_entropy(logits.reshape(-1, self.n_classes), targets.reshape(-1))
 
     def flat(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +87,36 @@ def mlp_digits() -> Workload:
         description="MLP 64-512-512-10 ReLU, sklearn digits (X/16), batch 128, CE mean, SGD",
         make_model=_make_mlp,
         batches=batches,
+        n_classes=10,
+        float_input=True,
+    )
+
+
+# -- (a') a small CNN on the same digits ------------------------------------------------------------------------
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions (1 -> 16 -> 32 channels) on the 8x8 digits, a 2x2 max-pool and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x.reshape(-1, 1, 8, 8)))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return self.fc(h.flatten(1))
+
+
+def cnn_digits() -> Workload:
+    mlp = mlp_digits()
+    return Workload(
+        name="cnn_digits",
+        description="CNN conv 1-16-32 (3x3, same) + max-pool + linear, sklearn digits 8x8, batch 128, CE mean, SGD",
+        make_model=DigitsCNN,
+        batches=mlp.batches,
         n_classes=10,
         float_input=True,
     )
@@ -264,8 +299,84 @@ def torch_encoder() -> Workload:
     )
 
 
+# -- (e) a small U-Net-style diffusion denoiser (benchmarks/scaling.py) --------------------------------------------
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 convolution, plus the time embedding; twice; a 1x1 convolution on the skip if needed."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb(t)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class TinyUNet(nn.Module):
+    """A DDPM-style denoiser of 16x16 one-channel images: two resolutions down (stride-2 convolutions), a middle
+    block, two up (nearest upsampling, concatenated skips), residual blocks with GroupNorm and a time embedding.
+
+    The input packs the noisy image and the noise level: ``(B, 256 + 1)``; the output is the predicted noise.
+    """
+
+    def __init__(self, ch: int = 32, t_dim: int = 64) -> None:
+        super().__init__()
+        self.t_mlp = nn.Sequential(nn.Linear(1, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.inc = nn.Conv2d(1, ch, 3, padding=1)
+        self.down1, self.ds1 = _ResBlock(ch, ch, t_dim), nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.down2, self.ds2 = _ResBlock(ch, 2 * ch, t_dim), nn.Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)
+        self.mid = _ResBlock(2 * ch, 2 * ch, t_dim)
+        self.up2 = _ResBlock(4 * ch, ch, t_dim)
+        self.up1 = _ResBlock(2 * ch, ch, t_dim)
+        self.out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        x, t = packed[:, :256].reshape(-1, 1, 16, 16), packed[:, 256:]
+        temb = self.t_mlp(t)
+        h0 = self.down1(self.inc(x), temb)  # (B, ch, 16, 16)
+        h1 = self.down2(self.ds1(h0), temb)  # (B, 2ch, 8, 8)
+        h = self.mid(self.ds2(h1), temb)  # (B, 2ch, 4, 4)
+        h = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0), h1], 1), temb)  # (B, ch, 8, 8)
+        h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0), h0], 1), temb)  # (B, ch, 16, 16)
+        return self.out(F.silu(h)).flatten(1)
+
+
+def unet_denoiser(batch: int = 64) -> Workload:
+    """Digits upsampled to 16x16 in [-1, 1], noised as ``sqrt(1 - s) x + sqrt(s) e`` at a random level ``s``; the
+    target is the noise ``e`` (mean squared error)."""
+    from sklearn.datasets import load_digits
+
+    x, _ = load_digits(return_X_y=True)
+    images = torch.tensor(x / 8.0 - 1.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    gen = torch.Generator().manual_seed(SEED)
+    order = torch.randperm(len(images), generator=gen)
+    batches = []
+    for i in range(N_BATCHES):
+        x0 = images[order[i * batch : (i + 1) * batch]].flatten(1)
+        level = torch.rand(batch, 1, generator=gen)
+        noise = torch.randn(batch, 256, generator=gen)
+        noisy = (1 - level).sqrt() * x0 + level.sqrt() * noise
+        batches.append((torch.cat([noisy, level], 1), noise))
+    return Workload(
+        name="unet_denoiser",
+        description=f"U-Net denoiser, 16x16 digits, channels 32-64, GroupNorm, time embedding, batch {batch}, MSE, SGD",
+        make_model=TinyUNet,
+        batches=batches,
+        n_classes=0,
+        float_input=True,
+        regression=True,
+    )
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "mlp_digits": mlp_digits,
+    "cnn_digits": cnn_digits,
     "tiny_transformer": tiny_transformer,
     "tiny_llama": tiny_llama,
     "torch_encoder": torch_encoder,

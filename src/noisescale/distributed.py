@@ -256,6 +256,19 @@ class DataParallelSync:
         )
         return out, big_sums
 
+    def agree(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (a blocking broadcast; reads the result back: a host sync).
+
+        For decisions one rank takes from numbers only it has, such as the measurement cadence a budget picks from
+        its own step times, so that every rank then measures the same steps.  Every rank calls it together.
+        """
+        backend = str(dist.get_backend(self.group)).lower()
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(t, src=src, group=self.group)
+        return int(t.item())
+
     def any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         """The element-wise maximum of ``flags`` over the ranks (a blocking all-reduce): the same on every rank."""
         out = flags.clone()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from noisescale.cadence import Cadence
 from noisescale.collectors.base import BackwardWatch, Collector
 from noisescale.collectors.big_batch import BigBatchCapture
 from noisescale.collectors.example import Policy, Scope
@@ -45,9 +46,14 @@ if TYPE_CHECKING:
 
 __all__ = ["GNSMonitor", "Source"]
 
+_ARMED_LATE = (
+    "This step follows one the cadence (every=, budget=) left out, whose monitor.step() armed the hooks for this "
+    "one: a forward pass that ran before that call was not seen. Call monitor.step() before the next step's first "
+    "forward pass"
+)
 _POLICIES = ("error", "warn", "ignore")
 _SCOPES = ("all", "norm")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the cadence (every=, budget=); version 1 states still load
 DEFAULT_HALFLIFE_STEPS = 25
 """With ``halflife=None`` the half-life is this many steps of the first step's batch size (in examples)."""
 
@@ -97,6 +103,20 @@ class GNSMonitor:
             (registering it yourself works as well: the monitor does not use DDP's communication).
         max_groups: at most this many distinct ids in ``step(groups=...)`` over the run (docs/sources.md).
         score_every: with ``step(example_ids=...)``, keep per-example scores on every ``score_every``-th step.
+        every: measure one step in ``every`` (steps 1, 1 + every, ...); the hooks are disarmed on the others,
+            which cost a Python call per hook and nothing on the device.  An unmeasured step's ``Measurement``
+            has status ``"unmeasured"`` and carries the last measurement's smoothed values and band; it does not
+            reach the sinks.  The smoothing decays by the examples since the last measurement, so the half-life
+            stays counted in examples.  Default 1: every step (see ``docs/performance.md`` for why).
+        budget: instead of ``every``, the share of the training time the measurements may cost, e.g. ``0.03``:
+            the monitor times its own cost and picks the cadence, denser while B_simple moves
+            (``noisescale.cadence``); under DDP rank 0 decides for every rank.  Each chosen cadence is recorded
+            as a ``"cadence"`` event.
+        sketch: for the example source: estimate each example's squared norms from ``sketch`` random projections
+            of the layer's inputs (or output gradients), drawn afresh each step, where that costs at most half the
+            exact form: ``nn.Linear`` on sequences (``B T k (d_in + d_out)`` instead of the Gram or materialised
+            forms), convolutions and embeddings.  Unbiased, so the estimator stays unbiased; the band widens by
+            the sketch's variance, which the smoothing sees from step to step (``collectors.rules.sketch``).
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -120,6 +140,9 @@ class GNSMonitor:
         comm_hook: CommHook | None = None,
         max_groups: int = DEFAULT_MAX_GROUPS,
         score_every: int = DEFAULT_SCORE_EVERY,
+        every: int = 1,
+        budget: float | None = None,
+        sketch: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,6 +157,9 @@ class GNSMonitor:
             raise ConfigError(f"confidence must be a float in (0, 1), e.g. 0.9, got {confidence!r}")
         if scaler is not None and not hasattr(scaler, "_scale"):
             raise ConfigError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        cadence = Cadence(every, budget)  # checks the options before anything is installed
+        if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
+            raise ConfigError(f"sketch must be a positive int (random projections per layer, e.g. 64), got {sketch!r}")
         groups = GroupStats(max_groups=max_groups, score_every=score_every, confidence=confidence)
         sink_queue = _sink_queue(sinks, callbacks, run)
         if not any(p.requires_grad for p in model.parameters()):
@@ -159,11 +185,17 @@ class GNSMonitor:
             comm_hook=comm_hook,
             sync=self._dist,
             watch=watch,
+            sketch=sketch,
         )
         # |p.grad|^2 read when backward ends, so clipping or unscaling before step() cannot change it.
         trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         self._big = BigBatchCapture(trainable, self._big_norms, watch)
         self._engine = StepEngine(z_for(confidence))
+        self._cadence = self._agreed(cadence)
+        self._last: Measurement | None = None  # the last measured step's measurement
+        self._since = 0  # examples of the unmeasured steps since the last measured one
+        self._last_measured_step = 0
+        self._armed = True
         self._warned_single_micro = False
         self._saved_rows: list[str] | None = None  # row names of a loaded state, checked at the first step
 
@@ -204,8 +236,13 @@ class GNSMonitor:
             example_ids: each example's id, likewise: keeps each example's squared gradient norm on sampled steps
                 (``m.example_scores``).
 
+        With ``every=`` or ``budget=``, this call also arms the hooks for the next step or disarms them, so call
+        it before the next step's first forward pass (a forward pass that runs earlier is not seen by hooks armed
+        after it).
+
         Returns:
-            The ``Measurement`` (smoothed value, band, raw value, per layer).
+            The ``Measurement`` (smoothed value, band, raw value, per layer); status ``"unmeasured"`` for a step
+            the cadence leaves out.
 
         Raises:
             StepError: no backward pass since the last step, or ``batch_size`` contradicts what the hooks saw.
@@ -217,6 +254,12 @@ class GNSMonitor:
             raise StepError("this monitor was closed; create a new GNSMonitor to measure again")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive int (examples in the optimizer step), got {batch_size!r}")
+        started = self._cadence.started()
+        if not self._armed:  # left out by the cadence: nothing was collected, nothing is read
+            measurement = self._unmeasured(batch_size, started)
+            if groups is not None or example_ids is not None:
+                measurement.groups_reason = "this step was not measured (every= / budget= left it out)"
+            return measurement
         collector = self._sources.choose()
         pending = self._groups.begin(collector, groups, example_ids)  # what the hooks kept for groups, ids checked
         try:
@@ -227,6 +270,10 @@ class GNSMonitor:
             if self.step_count == 0:
                 collector.check_first_step(None if self._dist is None else self._dist.any_rank)
             big = self._big.take([p for _, p in collector.params])
+        except StepError as e:
+            if self._since:  # hooks armed by the last step() only: a forward pass before it was not seen
+                raise StepError(f"{e}. {_ARMED_LATE}") from e
+            raise
         finally:
             for c in self._sources.collectors.values():
                 c.reset()
@@ -238,6 +285,8 @@ class GNSMonitor:
             pending, measurement, batch_size=batch_size, halflife=self.halflife, sync=self._dist
         )
         self._sinks.put(measurement)
+        self._last = measurement
+        self._next_step(True, started)
         if error is not None:
             raise error
         return measurement
@@ -253,8 +302,8 @@ class GNSMonitor:
         Args:
             metrics: name -> a Python number or a one-element tensor (copied now, read on the sinks' thread, so a
                 device tensor costs the training loop no synchronisation).
-            step: the step they belong to; by default the last measured step (``monitor.step_count``), so they
-                line up with its measurement.
+            step: the step they belong to; by default the last step given to ``step()`` (``monitor.step_count``),
+                so they line up with its measurement.
 
         Raises:
             ConfigError: a name is not a non-empty string, or a value is not a number or one-element tensor.
@@ -309,14 +358,18 @@ class GNSMonitor:
             "halflife": self.halflife,
             "source": self.source,
             "row_names": self._layout.row_names if self._layout is not None else None,
+            "cadence": self._cadence.state_dict(),
+            "examples_since_measured": self._since,
+            "last_measured_step": self._last_measured_step,
             **self._engine.state_dict(),  # "ema", "skipped"
             "groups": self._groups.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; the model must have the same measured parameters."""
-        if state.get("version") != _STATE_VERSION:
-            raise ConfigError(f"unsupported monitor state version {state.get('version')!r}; expected {_STATE_VERSION}")
+        """Restore ``state_dict()``; the model must have the same measured parameters (and cadence options)."""
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ConfigError(f"unsupported monitor state version {version!r}; expected {_STATE_VERSION}")
         src = state["source"]
         if src is not None:
             self._sources.select(src)
@@ -326,9 +379,76 @@ class GNSMonitor:
         self._engine.load_state_dict(state)
         self._saved_rows = state["row_names"]
         self._layout = None
+        self._last = None
+        if version == 1:  # saved before cadences existed: every step was measured
+            self._since = 0
+            self._cadence.next_due = self.step_count + 1
+        else:
+            self._cadence.load_state_dict(state["cadence"])
+            self._since = int(state["examples_since_measured"])
+            self._last_measured_step = int(state["last_measured_step"])
+        armed = self._cadence.due(self.step_count + 1)
+        for c in self._sources.collectors.values():
+            c.arm(armed, step=self.step_count + 1)
+        self._big.armed = armed
+        self._armed = armed
         self._groups.load_state_dict(state.get("groups"), self._sources.active)
 
     # -- internals ---------------------------------------------------------------------------------------------
+
+    def _agreed(self, cadence: Cadence) -> Cadence:
+        """The cadence, with rank 0's choices broadcast to every rank under data parallelism."""
+        sync = self._dist
+        if sync is None or not cadence.adaptive:
+            return cadence
+        return Cadence(budget=cadence.budget, agree=sync.agree, is_rank0=sync.rank == 0)
+
+    def _unmeasured(self, batch_size: int, started: float) -> Measurement:
+        """A step the cadence left out: counted, and shown with the last measurement's values."""
+        self.step_count += 1
+        self.examples += batch_size
+        self._since += batch_size
+        last = self._last if self._last is not None else self._restored_last()
+        measurement = Measurement.unmeasured(last, step=self.step_count, examples=self.examples, batch_size=batch_size)
+        self._next_step(False, started)
+        return measurement
+
+    def _next_step(self, measured: bool, started: float) -> None:
+        """Record the cadence's choice, if it made one, and arm or disarm the hooks for the next step."""
+        chosen = self._cadence.finished(self.step_count, measured, started, self._read_band)
+        if chosen is not None or (self.step_count == 1 and self._cadence.initial is not None):
+            every = self._cadence.every
+            how = "chosen within the budget" if self._cadence.adaptive else "fixed"
+            self.event("cadence", f"measuring one step in {every} ({how})", data={"every": every})
+        nxt = self.step_count + 1
+        armed = self._cadence.due(nxt)
+        if armed or armed != self._armed:
+            for c in self._sources.collectors.values():
+                c.arm(armed, step=nxt)
+            self._big.armed = armed
+            self._armed = armed
+
+    def _read_band(self) -> tuple[float | None, float | None, float | None]:
+        m = self._last
+        return (None, None, None) if m is None else (m.b_simple, m.b_simple_low, m.b_simple_high)
+
+    def _restored_last(self) -> Measurement:
+        """After ``load_state_dict``, before the first measured step: the restored averages as a measurement."""
+        collector = self._sources.choose()
+        layout = self._layout_for(collector)
+        out = self._engine.current(layout)
+        self._last = Measurement(
+            table=out.table,
+            flags=out.flags,
+            layer_names=layout.layer_names,
+            module_names=layout.module_names,
+            step=self._last_measured_step,
+            examples=self.examples,
+            batch_size=0,
+            source=self._sources.name or "",
+            coverage=collector.coverage,
+        )
+        return self._last
 
     def _measure(
         self, collector: Collector, stats: SmallBatchStats, big_norms: BigBatchNorms | str, batch_size: int
@@ -355,13 +475,15 @@ class GNSMonitor:
             n_small=stats.n_small,
             inv_size_sum=stats.inv_size_sum,
             batch_size=batch_size,
-            beta=decay_for(batch_size, self.halflife),
+            beta=decay_for(self._since + batch_size, self.halflife),  # the examples since the last measurement
             z=self._engine.z,
             defined=undefined_reason is None,
         )
         out = self._engine.step(layout, small, big, consts)
         self.step_count += 1
         self.examples += batch_size
+        self._since = 0
+        self._last_measured_step = self.step_count
         return Measurement(
             table=out.table,
             flags=out.flags,

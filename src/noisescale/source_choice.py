@@ -50,6 +50,7 @@ class SourceChoice:
         scope: for the example collector.
         loss_couples_examples: the loss couples the examples of a batch: no per-example gradients.
         comm_hook: for ``rank``: a DDP communication hook to register.
+        sketch: for the example collector: random projections per layer where they pay (``None``: exact).
         sync: the monitor's data-parallel sync, if the model trains over several ranks.
         watch: told by every collector of each backward pass it sees.
 
@@ -68,11 +69,17 @@ class SourceChoice:
         comm_hook: CommHook | None,
         sync: DataParallelSync | None,
         watch: BackwardWatch,
+        sketch: int | None = None,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
         if scope == "norm" and source in ("microbatch", "rank"):
             raise ConfigError("scope='norm' needs per-example norms: use source='example' or 'auto'")
+        if sketch is not None and source in ("microbatch", "rank"):
+            raise ConfigError(
+                f"sketch={sketch} estimates per-example norms, which source={source!r} does not use: pass "
+                "source='example' or 'auto', or leave sketch out"
+            )
         if comm_hook is not None and source != "rank":
             raise ConfigError(f"comm_hook=(state, hook) is for the rank source: pass source='rank', not {source!r}")
         if loss_couples_examples and (source == "example" or scope == "norm"):
@@ -93,7 +100,7 @@ class SourceChoice:
             announce = self._warn_partial_coverage if source == "auto" and on_unsupported is None else None
             try:
                 self.collectors["example"] = ExampleCollector(
-                    model, on_unsupported=policy, scope=scope, watch=watch, on_left_out=announce
+                    model, on_unsupported=policy, scope=scope, watch=watch, on_left_out=announce, sketch=sketch
                 )
             except NoiseScaleError as e:
                 if source == "example" or scope == "norm":

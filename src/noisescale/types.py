@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
     from noisescale.group_types import ExampleScores, GroupMeasurement
@@ -19,7 +19,7 @@ from noisescale.columns import COLUMNS
 
 __all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
 
-Status = Literal["ok", "skipped", "undefined"]
+Status = Literal["ok", "skipped", "undefined", "unmeasured"]
 
 
 def _clean(v: float) -> float | None:
@@ -47,6 +47,36 @@ def _band_broken(row: Sequence[float]) -> bool:
 def _without_band(row: Sequence[float]) -> list[float]:
     """The row with B_simple and its band undefined; the components stay (they are what the data say)."""
     return [_NAN, _NAN, _NAN, *row[3:]]
+
+
+_RAW_COLUMNS = (3, 6, 7)  # b_simple_raw, grad_sq_raw, trace_cov_raw: this step alone
+
+
+class _CarriedRows(Sequence[list[float]]):
+    """The rows of an unmeasured step: the last measurement's smoothed values and band, no raw values.
+
+    Lazy like the rows it wraps: reading the total does not summarise every layer.
+    """
+
+    def __init__(self, rows: Sequence[list[float]]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> list[float]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[list[float]]: ...
+
+    def __getitem__(self, i: int | slice) -> list[float] | list[list[float]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = list(self._rows[i])
+        for c in _RAW_COLUMNS:
+            row[c] = _NAN
+        return row
 
 
 @dataclass(frozen=True)
@@ -89,10 +119,13 @@ class Measurement:
         modules: the same grouped per module (``"encoder.0"``).
         status: ``"ok"``; ``"skipped"`` when the step had a non-finite gradient or statistic and was left out of
             the averages; ``"undefined"`` when it carried no signal (zero gradient), too few small batches, or
-            B_simple has no value consistent with its band (``undefined_reason`` says which).  Whenever
-            ``b_simple`` is a number, ``b_simple_low <= b_simple <= b_simple_high`` holds, for every layer too.
+            B_simple has no value consistent with its band (``undefined_reason`` says which); ``"unmeasured"``
+            when the monitor's cadence (``every=``, ``budget=``) left this step out: the smoothed values and the
+            band are then those of the last measurement (``last``, from step ``measured_step``), and the raw
+            values, which would be this step's alone, are ``None``.  Whenever ``b_simple`` is a number,
+            ``b_simple_low <= b_simple <= b_simple_high`` holds, for every layer too.
         skipped_steps: steps skipped so far for non-finite values.
-        wall_time: Unix time the step was measured.
+        wall_time: Unix time the step was measured (for an unmeasured step: when ``step()`` returned it).
         groups: with ``step(groups=ids)``, each group's noise (``GroupMeasurement``) by id; empty otherwise or when
             ``groups_reason`` says why not.
         example_scores: with ``step(example_ids=ids)`` on a sampled step, each example's squared gradient norm.
@@ -112,7 +145,9 @@ class Measurement:
         coverage: float,
         undefined_reason: str | None = None,
         wall_time: float | None = None,
+        last: Measurement | None = None,
     ) -> None:
+        self._last = last  # the measurement an unmeasured step carries; None: this one was measured
         self._table = table
         self._flags = flags
         self._layer_names = tuple(layer_names)
@@ -133,24 +168,67 @@ class Measurement:
         self.groups_reason: str | None = None
         self.example_scores: ExampleScores | None = None
 
+    @classmethod
+    def unmeasured(
+        cls, last: Measurement, *, step: int, examples: int, batch_size: int, wall_time: float | None = None
+    ) -> Measurement:
+        """A step the monitor's cadence left out: ``last``'s smoothed values and band, no raw values.
+
+        Reads nothing now: the numbers are ``last``'s, read (once, shared) when one of them is first read.
+        """
+        last = last.last  # always the measured one
+        return cls(
+            table=lambda: _CarriedRows(last._materialize()),
+            flags=lambda: (0, 0, last.skipped_steps),
+            layer_names=last._layer_names,
+            module_names=last._module_names,
+            step=step,
+            examples=examples,
+            batch_size=batch_size,
+            source=last.source,
+            coverage=last.coverage,
+            wall_time=wall_time,
+            last=last,
+        )
+
+    @property
+    def last(self) -> Measurement:
+        """The measurement whose values this one shows: itself, or for an unmeasured step the last measured one."""
+        return self if self._last is None else self._last
+
+    @property
+    def measured_step(self) -> int:
+        """The step the values come from: ``step``, or for an unmeasured step the last measured one's."""
+        return self.last.step
+
     def _materialize(self) -> Sequence[list[float]]:
-        if self._rows is None:
-            # The single host sync of a measurement (on an accelerator), only when a number is read.
-            self._rows = self._table()
+        rows = self._rows
+        if rows is None:
+            # The single host sync of a measurement (on an accelerator), only when a number is read.  Two threads
+            # may read at once (the sinks' thread and the training loop): everything is worked out first and the
+            # rows, which say it is done, are published last.
+            rows = self._table()
             nonfinite, undefined, skipped = self._flags()
-            self._skipped = int(skipped)
-            total = self._rows[0]
-            if nonfinite:
-                self._status = "skipped"
+            total = rows[0]
+            reason = self.undefined_reason
+            status: Status
+            if self._last is not None:
+                status = "unmeasured"
+            elif nonfinite:
+                status = "skipped"
             else:
-                if undefined and self.undefined_reason is None:
-                    self.undefined_reason = _NO_SIGNAL
-                elif math.isnan(total[0]) and self.undefined_reason is None:
-                    self.undefined_reason = _ZERO_SIGNAL
-                elif _band_broken(total) and self.undefined_reason is None:
-                    self.undefined_reason = _BROKEN_BAND
-                self._status = "undefined" if self.undefined_reason is not None else "ok"
-        return self._rows
+                if undefined and reason is None:
+                    reason = _NO_SIGNAL
+                elif math.isnan(total[0]) and reason is None:
+                    reason = _ZERO_SIGNAL
+                elif _band_broken(total) and reason is None:
+                    reason = _BROKEN_BAND
+                status = "undefined" if reason is not None else "ok"
+            self._skipped = int(skipped)
+            self.undefined_reason = reason
+            self._status = status
+            self._rows = rows
+        return rows
 
     def _checked(self, i: int) -> list[float]:
         """Row ``i`` with the band invariant applied (the one place it is checked)."""
@@ -255,6 +333,8 @@ class Measurement:
             "skipped_steps": self.skipped_steps,
             **self.total.to_dict(),
         }
+        if self._last is not None:
+            out["measured_step"] = self.measured_step
         if per_layer:
             out["layers"] = {n: v.to_dict() for n, v in self.layers.items()}
             out["modules"] = {n: v.to_dict() for n, v in self.modules.items()}

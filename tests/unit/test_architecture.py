@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"collectors"},
     {"estimators"},
     {"controllers", "alerts"},
-    {"sink", "sink_queue", "source_choice", "group_stats", "monitor"},
+    {"sink", "sink_queue", "source_choice", "cadence", "group_stats", "monitor"},
     {"store"},
     {"sinks", "report", "planning"},
     {"integrations", "dashboard", "demo"},

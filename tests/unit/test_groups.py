@@ -419,3 +419,31 @@ def test_example_ids_alone_give_scores_without_gram_matrices():
             got = torch.tensor(m.example_scores.scores, dtype=torch.float64)
             torch.testing.assert_close(got, grads.square().sum(1), rtol=1e-9, atol=0)
         model.zero_grad()
+
+
+def test_with_a_cadence_measured_steps_have_the_every_step_groups_and_the_others_say_why_not():
+    torch.manual_seed(4)
+    model = _mlp().double()
+    twin = _mlp().double()
+    twin.load_state_dict(model.state_dict())
+    every = ns.GNSMonitor(model, source="example", per_layer=False, every=2)
+    each = ns.GNSMonitor(twin, source="example", per_layer=False)
+    gen = torch.Generator().manual_seed(5)
+    compared = 0
+    for i in range(6):
+        x, y = _batch("mlp", 12, gen)
+        groups = GROUPS[i % len(GROUPS)]
+        for net in (model, twin):
+            _train_step(net, _mlp_loss, x, y, [12])
+        m = every.step(batch_size=12, groups=groups)
+        ref = each.step(batch_size=12, groups=groups)
+        if m.status == "unmeasured":
+            assert not m.groups and "not measured" in (m.groups_reason or "")
+        elif i > 0:  # groups start at the step after the first call with groups=
+            compared += 1
+            for gid in set(groups.tolist()):  # groups met only on unmeasured steps are not known to `every`
+                for name in RAW:
+                    assert getattr(m.groups[gid], name) == getattr(ref.groups[gid], name), (i, gid, name)
+        model.zero_grad()
+        twin.zero_grad()
+    assert compared == 2  # steps 3 and 5

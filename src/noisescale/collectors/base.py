@@ -66,6 +66,15 @@ class Collector(Protocol):
         """Forget what was gathered; called once per optimizer step, after ``collect``."""
         ...
 
+    def arm(self, armed: bool, *, step: int) -> None:
+        """Arm the hooks for the optimizer step ``step`` (numbered from 1), or disarm them until armed again.
+
+        A disarmed hook returns before any tensor operation (a step left unmeasured by the monitor's cadence
+        costs a Python call per hook, nothing on the device); a backward pass of a graph built while armed is
+        still measured.
+        """
+        ...
+
     def close(self) -> None:
         """Remove every hook; later backward passes of graphs built earlier are ignored."""
         ...
@@ -107,11 +116,14 @@ class BackwardWatch:
 class HookOwner:
     """What every collector does with its hooks: keep the handles, switch them off, remove them all on ``close``.
 
-    ``enabled`` guards hooks on autograd graphs built before ``close()``, which cannot be removed from them.
+    ``enabled`` guards hooks on autograd graphs built before ``close()``, which cannot be removed from them;
+    ``armed`` is checked first by every hook that starts a measurement (a forward hook, a gradient hook): while
+    it is false they return at once (``arm``).
     """
 
     def __init__(self, watch: BackwardWatch | None = None) -> None:
         self.enabled = True
+        self.armed = True
         self._handles: list[RemovableHandle] = []
         self.watch = watch if watch is not None else BackwardWatch()
 
@@ -121,6 +133,10 @@ class HookOwner:
     def check_first_step(self, any_rank: AnyRank | None) -> None:
         """Nothing to check by default."""
         return None
+
+    def arm(self, armed: bool, *, step: int) -> None:
+        """Arm or disarm the hooks (see ``Collector.arm``)."""
+        self.armed = armed
 
     def close(self) -> None:
         """Remove every hook and forget what was gathered.  Idempotent."""

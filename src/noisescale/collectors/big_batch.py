@@ -49,6 +49,7 @@ class BigBatchCapture:
         self._norms = norms
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self.enabled = True
+        self.armed = True  # disarmed on the steps the monitor's cadence leaves unmeasured: nothing is read
         self._passes = 0  # backward passes in this step
         self._eager_from = 1  # read at passes >= this one (the previous step's count; every pass at first)
         self._read: tuple[int, BigBatchNorms] | None = None
@@ -58,12 +59,12 @@ class BigBatchCapture:
         watch.listen(self._backward_ended)
 
     def _backward_ended(self) -> None:
-        if self.enabled:
+        if self.enabled and self.armed:
             # Queued now, from the pass's own final callback: runs after those DDP and FSDP2 queued during it.
             torch.autograd.Variable._execution_engine.queue_callback(self._after_finalizers)
 
     def _after_finalizers(self) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.armed):
             return
         self._passes += 1
         if self._passes >= self._eager_from:

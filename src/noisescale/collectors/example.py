@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
 from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
 from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_inputs, flattened_from
 from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
-from noisescale.collectors.rules.registry import ForwardCheck, NormRule, TiedWeights
+from noisescale.collectors.rules.registry import ForwardCheck, LayerHooks, NormRule, TiedWeights
+from noisescale.collectors.rules.sketch import Sketch, use_sketch
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
@@ -72,6 +74,9 @@ class ExampleCollector(HookOwner):
         watch: told of every backward pass the hooks see (``BackwardWatch``).
         on_left_out: called once, after the first step, with everything left out (if anything), the coverage
             and the number of trainable parameter entries: a caller's own way of saying so.
+        sketch: estimate per-example norms from this many random projections where that costs at most half the
+            exact form (``rules.sketch``: Linear on sequences, convolutions, embeddings); ``None``: exact.
+            Unbiased, fresh each step; the layers ``nn.MultiheadAttention`` measures from the inside stay exact.
 
     Raises:
         UnsupportedLayerError: with ``on_unsupported="error"``, for a trainable layer that has no rule.
@@ -87,8 +92,10 @@ class ExampleCollector(HookOwner):
         keep_per_example: bool = False,
         watch: BackwardWatch | None = None,
         on_left_out: Callable[[list[LeftOut], float, int], None] | None = None,
+        sketch: int | None = None,
     ) -> None:
         super().__init__(watch)
+        self.sketch = Sketch(sketch) if sketch is not None else None
         self._on_left_out = on_left_out
         self.keep_per_example = keep_per_example
         self.policy: Policy = on_unsupported
@@ -130,6 +137,7 @@ class ExampleCollector(HookOwner):
         self.observer: ExampleObserver | None = None  # told of every layer's call and norms (collectors.groups)
         for module in self._layers:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        self._layer_hooks: list[tuple[LayerHooks, list[RemovableHandle]]] = []  # hooked layers, their handles
         for hooked in plan.hooked_layers:
             self._names[hooked.module] = hooked.name
             slots = dict(hooked.slots)
@@ -140,7 +148,9 @@ class ExampleCollector(HookOwner):
                 functools.partial(self._on_hooked_norms, slots),
                 functools.partial(self._count_examples, hooked.module),
             )
-            self._handles += hooks.install()
+            installed = hooks.install()
+            self._layer_hooks.append((hooks, installed))
+            self._handles += installed
         self._handles += self._evidence.install(model)
 
     # -- hooks (hot path: no host syncs, no Python work proportional to the batch) ------------------------------
@@ -148,7 +158,7 @@ class ExampleCollector(HookOwner):
     def _on_forward(
         self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
     ) -> None:
-        if not (self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (self.armed and self.enabled and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         if not torch.is_grad_enabled() or module in self._dropped or self._checking:
             return
@@ -247,7 +257,7 @@ class ExampleCollector(HookOwner):
         observer = self.observer
         norms = None if observer is None else observer.on_layer(module, layer.rule, inputs, grad_output, layer.slots)
         if norms is None:
-            with use_gram_cache(self.gram_cache):
+            with use_gram_cache(self.gram_cache), use_sketch(self.sketch):
                 norms = layer.rule(module, inputs, grad_output)
         index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
@@ -297,6 +307,30 @@ class ExampleCollector(HookOwner):
             self._per_example.setdefault(slot, []).append(sq.detach())
 
     # -- step interface ----------------------------------------------------------------------------------------
+
+    def arm(self, armed: bool, *, step: int) -> None:
+        """Arm or disarm the hooks (``Collector.arm``).
+
+        The rule layers' forward hooks and the layout evidence check a flag; the hooks of layers measured from
+        the inside (``register_layer_hooks``: ``nn.MultiheadAttention``), which walk the autograd graph in
+        Python, are removed while disarmed and installed again when armed.
+        """
+        if armed != self.armed and self.enabled:
+            if armed:
+                for i, (hooks, _) in enumerate(self._layer_hooks):
+                    installed = hooks.install()
+                    self._layer_hooks[i] = (hooks, installed)
+                    self._handles += installed
+            else:
+                gone = {id(h) for _, handles in self._layer_hooks for h in handles}
+                for _, handles in self._layer_hooks:
+                    for h in handles:
+                        h.remove()
+                self._handles = [h for h in self._handles if id(h) not in gone]
+        self.armed = armed
+        self._evidence.armed = armed
+        if armed and self.sketch is not None:
+            self.sketch.begin(step)  # fresh projections, drawn from the step number
 
     def examples_seen(self) -> int | None:
         """Examples whose output gradients reached the hooks since the last reset.

@@ -68,6 +68,7 @@ class LayoutEvidence:
 
     def __init__(self) -> None:
         self.positions_first: tuple[int, int] | None = None
+        self.armed = True  # the collector's cadence: nothing is looked at while disarmed
 
     def install(self, model: nn.Module) -> list[Any]:
         """Hook every module of ``model`` with ``batch_first=False``; returns the handles."""
@@ -78,6 +79,8 @@ class LayoutEvidence:
         return handles
 
     def _saw(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.armed:
+            return
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # (T, N, E); a 2-D input is one unbatched sequence
             self.positions_first = (int(x.shape[0]), int(x.shape[1]))

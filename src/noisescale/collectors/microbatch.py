@@ -54,7 +54,7 @@ class MicrobatchCollector(HookOwner):
         self._host_floats: bool | None = None  # None: floats for host memory (tests force tensors on a CPU)
 
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
-        if not self.enabled:
+        if not (self.armed and self.enabled):
             return
         self.watch.touch()
         sq = tensor_sq_norm(grad)  # detached under create_graph=True

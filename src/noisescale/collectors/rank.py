@@ -89,7 +89,7 @@ class RankCollector(HookOwner):
     # -- hook (hot path: no host syncs; one dot product per parameter and step) --------------------------------
 
     def _on_grad_ready(self, slot: int, param: nn.Parameter) -> None:
-        if not self.enabled:
+        if not (self.armed and self.enabled):
             return
         self.watch.touch()
         # DDP decides at forward time whether this backward synchronises (False under no_sync()): only then is

@@ -19,7 +19,15 @@ import torch
 from noisescale.estimators.rows import RowLayout
 from noisescale.estimators.scalar import RowState
 from noisescale.estimators.smoothing import EMAState, ema_init
-from noisescale.estimators.step import StepConstants, device_step, host_step, rows_to_state, state_to_rows
+from noisescale.estimators.step import (
+    StepConstants,
+    device_step,
+    host_step,
+    host_table,
+    rows_to_state,
+    state_to_rows,
+)
+from noisescale.estimators.summary import summary_table
 from noisescale.stats import ParamSums
 
 __all__ = ["Path", "StepEngine", "StepOutput"]
@@ -73,9 +81,9 @@ class StepEngine:
                 skipped=int(self._skipped),
             )
             self._state, self._skipped = result.state, result.skipped
-            host_table = cast(Callable[[], Sequence[list[float]]], result.table)
+            table_of_host = cast(Callable[[], Sequence[list[float]]], result.table)
             host_flags = cast(Callable[[], list[int]], result.flags)
-            return StepOutput(table=host_table, flags=host_flags)
+            return StepOutput(table=table_of_host, flags=host_flags)
         device = small.device if not small.on_host else big.device
         rows = layout.rows(torch.stack([small.tensor(device), big.tensor(device).to(device)]))  # (2, R)
         result = device_step(
@@ -92,6 +100,29 @@ class StepEngine:
         return StepOutput(
             table=lambda: table().detach().to("cpu", torch.float64).tolist(),
             flags=lambda: flags().to("cpu").tolist(),
+        )
+
+    def current(self, layout: RowLayout) -> StepOutput:
+        """The table of the state as it stands, no step folded in (raw columns NaN): what a restored monitor shows
+        for the steps its cadence leaves out before it measures again."""
+        state, nan = self._state, float("nan")
+        skipped = int(self._skipped)
+        if isinstance(state, EMAState):
+            n = state.n.shape[0]
+            raw = torch.full((n,), nan, dtype=state.sums.dtype, device=state.sums.device)
+            used = torch.zeros(n, dtype=torch.bool, device=state.sums.device)
+            frozen = state
+            return StepOutput(
+                table=lambda: summary_table(frozen, raw, raw, used, self.z).detach().to("cpu", torch.float64).tolist(),
+                flags=lambda: [0, 0, skipped],
+            )
+        rows = self._host_state(layout)
+        n_rows = len(rows)
+        return StepOutput(
+            table=lambda: cast(
+                Sequence[list[float]], host_table(rows, [(nan, nan)] * n_rows, [False] * n_rows, self.z)
+            ),
+            flags=lambda: [0, 0, skipped],
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,15 @@ from noisescale.estimators.smoothing import EMAState, ema_update
 from noisescale.estimators.summary import summary_table
 from noisescale.estimators.two_batch import two_batch_coefficients, two_batch_from_sums
 
-__all__ = ["StepConstants", "StepResult", "device_step", "host_step", "rows_to_state", "state_to_rows"]
+__all__ = [
+    "StepConstants",
+    "StepResult",
+    "device_step",
+    "host_step",
+    "host_table",
+    "rows_to_state",
+    "state_to_rows",
+]
 
 Table = torch.Tensor | Sequence[list[float]]
 Flags = torch.Tensor | list[int]
@@ -130,12 +138,13 @@ def host_step(
     return StepResult(
         state=new_state,
         skipped=skipped,
-        table=functools.partial(_host_table, new_state, raws, used, c.z),
+        table=functools.partial(host_table, new_state, raws, used, c.z),
         flags=functools.partial(list, [int(not step_ok), int(not used[0]), skipped]),
     )
 
 
-def _host_table(state: tuple[RowState, ...], raws: list[tuple[float, float]], used: list[bool], z: float) -> Table:
+def host_table(state: tuple[RowState, ...], raws: list[tuple[float, float]], used: list[bool], z: float) -> Table:
+    """The host path's table, each row summarised when first read."""
     return _LazyRows(state, raws, used, z)
 
 

@@ -15,6 +15,10 @@ cheapest chosen per call from ``T``, ``D`` and the vocabulary size ``V`` (``embe
 * segment sums: sort each example's ids, add the ``g_t`` of equal ids into one row each (``index_add``) and
   square, ``O(B T (D + log T))``; never builds the ``(V, D)`` per-example gradient.
 
+With ``GNSMonitor(sketch=k)`` a fourth, unbiased estimate: a count sketch of the vocabulary side (each id a random
+sign and one of ``k`` buckets, drawn afresh each step; ``rules.sketch``), ``O(B (T + k) D)`` without a sort, where
+it costs at most half the cheapest exact form.
+
 Neither needs the weight, so ``max_norm`` (which renormalises rows in place, outside autograd) and ``sparse``
 gradients (same values, sparse layout) are handled.  ``scale_grad_by_freq`` divides each token's gradient by
 its frequency in the *whole* batch, so a per-example gradient is not defined; the rule refuses it.
@@ -29,6 +33,7 @@ from torch import nn
 
 from noisescale.collectors.rules.common import as_float
 from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.collectors.rules.sketch import PAYS, current_sketch
 from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = [
@@ -41,7 +46,7 @@ __all__ = [
 ]
 
 
-EmbeddingForm = Literal["ghost", "dense", "segments"]
+EmbeddingForm = Literal["ghost", "dense", "segments", "sketch"]
 
 # Cost of each form in nanoseconds per (example x embedding column) on a 2-core AVX2 CPU, fitted at B = 32,
 # D = 128: ghost 0.68 ms at T = 64; dense 0.28 ms at T = 64, V = 96; segment sums 3.5 ms at T = 256.  The
@@ -49,14 +54,18 @@ EmbeddingForm = Literal["ghost", "dense", "segments"]
 _GHOST_PER_T2, _GHOST_PER_T = 0.025, 1.0
 _DENSE_PER_ROW = 0.55
 _SEGMENTS_PER_T = 3.4
+# The count sketch adds each signed g_t into one of k rows (index_add, like the dense form) after a gather.
+_SKETCH_PER_T, _SKETCH_PER_ROW = 0.85, 0.55
 
 
-def embedding_form(t: int, vocab: int | None = None) -> EmbeddingForm:
-    """The cheapest exact form for ``T`` positions per example and a vocabulary of ``V`` rows.
+def embedding_form(t: int, vocab: int | None = None, sketch: int | None = None) -> EmbeddingForm:
+    """The cheapest form for ``T`` positions per example and a vocabulary of ``V`` rows.
 
     ``vocab=None`` (unknown) rules the dense form out; so does ``V > 2 T``, which bounds its buffer by twice the
-    output gradient's size.  Every form's cost is linear in the width ``D``, so it does not enter.  See the module
-    docstring for the forms and the cost constants for where they come from.
+    output gradient's size.  With ``sketch=k`` (``GNSMonitor(sketch=k)``) the count sketch over ``k`` buckets is
+    taken where it costs at most half the cheapest exact form (``sketch.PAYS``); it needs ``V``.  Every form's
+    cost is linear in the width ``D``, so it does not enter.  See the module docstring for the forms and the cost
+    constants for where they come from.
     """
     costs: dict[EmbeddingForm, float] = {
         "ghost": _GHOST_PER_T2 * t * t + _GHOST_PER_T * t,
@@ -64,7 +73,11 @@ def embedding_form(t: int, vocab: int | None = None) -> EmbeddingForm:
     }
     if vocab is not None and vocab <= 2 * t:
         costs["dense"] = _DENSE_PER_ROW * (vocab + t)
-    return min(costs, key=costs.__getitem__)
+    best = min(costs, key=costs.__getitem__)
+    if sketch is not None and vocab is not None:
+        if _SKETCH_PER_T * t + _SKETCH_PER_ROW * sketch <= PAYS * costs[best]:
+            return "sketch"
+    return best
 
 
 def embedding_sq_norms(
@@ -82,7 +95,8 @@ def embedding_sq_norms(
         grad_output: ``(B, *positions, D)`` gradient of the loss with respect to the embedding's output.
         padding_idx: id whose positions receive no gradient (``nn.Embedding.padding_idx``), or ``None``.
         num_embeddings: the vocabulary size ``V`` (every id is below it); ``None`` rules out the dense form.
-        form: force a form (tests); ``None`` picks the cheapest with ``embedding_form``.
+        form: force a form (tests); ``None`` picks the cheapest with ``embedding_form`` (``"sketch"`` only with a
+            sketch current, ``rules.sketch.use_sketch``).
 
     Returns:
         ``(B,)`` squared Frobenius norms, in ``grad_output``'s dtype.
@@ -96,8 +110,19 @@ def embedding_sq_norms(
         g = g.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
     if t == 1:
         return g.square().sum(dim=(1, 2))
+    sketch = current_sketch()
     if form is None:
-        form = embedding_form(t, num_embeddings)
+        form = embedding_form(t, num_embeddings, None if sketch is None else sketch.k)
+    if form == "sketch":
+        if sketch is None or num_embeddings is None:
+            raise ValueError("the sketch form needs a current sketch (use_sketch) and num_embeddings")
+        # Count sketch: example b's gradient row of token v, times sign(v), added into row b k + bucket(v).
+        sign, bucket = sketch.count_sketch(num_embeddings, ids.device)
+        k = sketch.k
+        rows = bucket[ids] + torch.arange(b, device=ids.device).unsqueeze(1) * k
+        signed = g * sign.to(g.dtype)[ids].unsqueeze(-1)
+        buckets = g.new_zeros(b * k, d).index_add_(0, rows.reshape(-1), signed.reshape(b * t, d))
+        return torch.linalg.vector_norm(buckets.view(b, -1), dim=1).square()
     if form == "ghost":
         same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (B, T, T)
         gram = torch.bmm(g, g.transpose(1, 2))  # (B, T, T)

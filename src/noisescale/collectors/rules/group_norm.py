@@ -32,8 +32,7 @@ def group_norm_sq_norms(
         )
     b, c = x.shape[:2]
     xg = as_float(x).reshape(b, num_groups, -1)  # (B, G, C/G * S)
-    mean = xg.mean(dim=-1, keepdim=True)
-    var = xg.var(dim=-1, unbiased=False, keepdim=True)
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)  # one pass over x
     x_hat = ((xg - mean) * torch.rsqrt(var + eps)).reshape(b, c, -1)  # (B, C, S)
     g = as_float(grad_output).reshape(b, c, -1)
     grad_w = (g * x_hat).sum(dim=-1)  # (B, C)

@@ -7,7 +7,9 @@ gradients ``g_t``, the weight gradient is ``W_i = sum_t g_t x_t^T`` and the bias
 * 3-D input ``(B, T, d_in)``: either the "ghost" form (Goodfellow 2015; Li et al. 2022)
   ``|W_i|^2 = sum_{t,s} (x_t . x_s)(g_t . g_s)``, at ``O(B T^2 (d_in + d_out))`` and ``(B, T, T)`` memory, or
   the materialised ``W_i = G_i^T X_i`` at ``O(B T d_in d_out)`` and ``(B, d_out, d_in)`` memory; the cheaper
-  one is chosen per call from the shapes.
+  one is chosen per call from the shapes, and computed in chunks beyond ``linear_forms.MAX_BUFFER`` elements.
+  With ``GNSMonitor(sketch=k)`` an unbiased estimate from ``k`` random projections, ``O(B T k (d_in + d_out))``,
+  replaces them where it costs at most half as much (``rules.sketch``).
 
 Layers that read the same input (separate query, key and value projections; gate and up projections) share its
 Gram matrix ``X_i X_i^T`` in the ghost form: the last one computed is kept in the collector's ``GramCache``
@@ -25,8 +27,11 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from noisescale.collectors.rules import linear_forms
 from noisescale.collectors.rules.common import as_float, bmm_float, first_tensor, flatten_sequence
+from noisescale.collectors.rules.linear_forms import ghost_sq_norms, materialised_sq_norms, sketched_sq_norms
 from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.collectors.rules.sketch import PAYS, current_sketch
 
 __all__ = [
     "GramCache",
@@ -102,21 +107,30 @@ def sequence_linear_sq_norms(
         x: ``(B, T, m)`` inputs.
         g: ``(B, T, n)`` output gradients.
         with_bias: also return the bias term; otherwise the second value is ``None``.
-        shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix is shared
-            with the next layer that reads the same tensor, through the current ``GramCache`` if there is one.
+        shared_input: the layer's input tensor as it came (``x`` is a view of it): its Gram matrix (or its
+            sketch's projection) is shared with the next layer that reads the same tensor.
 
-    The weight term takes the ghost form when ``T^2 (m + n) <= T m n`` (no more multiply-adds), else the
-    materialised one.  With a ghost form the bias term comes from its output-gradient Gram matrix,
-    ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``: a sum over ``B T^2`` entries instead of ``B T n``.
+    The weight term takes the cheapest form (``linear_forms``): the ghost form when ``T^2 (m + n) <= T m n`` (no
+    more multiply-adds), else the materialised one; with a sketch current (``GNSMonitor(sketch=k)``) the sketched
+    estimate instead, where its ``T k (m + n)`` is at most half of that (``sketch.PAYS``).  With a ghost form the
+    bias term comes from its output-gradient Gram matrix, ``|sum_t g_t|^2 = sum_{t,s} g_t . g_s``; otherwise it is
+    summed over the positions first.  The bias term is always exact.
 
     Returns:
         ``(weight, bias)``, each ``(B,)`` (``bias`` is ``None`` unless ``with_bias``).
     """
-    _, t, m = x.shape
+    b, t, m = x.shape
     n = g.shape[-1]
-    # Half-precision inputs (autocast) go into the products as they are, summed in float32 (bmm_float).
+    exact = min(t * t * (m + n), t * m * n)
+    sketch = current_sketch()
+    if sketch is not None and t * sketch.k * (m + n) <= PAYS * exact:
+        weight = sketched_sq_norms(x, g, sketch, shared_input=shared_input)
+        return weight, (_bias_sq(g, weight.dtype) if with_bias else None)
     if t * (m + n) <= m * n:  # on a tie the ghost form wins: its Gram products run faster, and it gives the bias
         # Ghost form: two (B, T, T) Gram matrices; no per-example weight gradient is built.
+        if 2 * b * t * t > linear_forms.MAX_BUFFER:  # in chunks: no Gram matrix to share, the bias summed apart
+            weight = ghost_sq_norms(x, g)
+            return weight, (_bias_sq(g, weight.dtype) if with_bias else None)
         cache = _CURRENT.get() if shared_input is not None else None
         gram_x = cache.get(shared_input) if cache is not None and shared_input is not None else None
         if gram_x is None:
@@ -126,9 +140,13 @@ def sequence_linear_sq_norms(
         gram_g = bmm_float(g, g.transpose(1, 2))
         bias = gram_g.sum(dim=(1, 2)) if with_bias else None
         return gram_g.mul_(gram_x).sum(dim=(1, 2)), bias  # gram_x stays intact for a layer that shares it
-    per_example = bmm_float(g.transpose(1, 2), x)  # (B, n, m)
-    weight = torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
-    return weight, (g.sum(dim=1, dtype=weight.dtype).square_().sum(dim=1) if with_bias else None)
+    weight = materialised_sq_norms(x, g)
+    return weight, (_bias_sq(g, weight.dtype) if with_bias else None)
+
+
+def _bias_sq(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-example ``|sum_t g_t|^2`` of ``g: (B, T, n)``."""
+    return g.sum(dim=1, dtype=dtype).square_().sum(dim=1)
 
 
 def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias: bool) -> dict[str, torch.Tensor]:
