@@ -3,7 +3,9 @@
 Each migration runs in its own transaction together with the row that records it in ``schema_migrations``, so a
 file is always at a well-defined version.  A new schema change is a new entry at the end of ``MIGRATIONS``;
 entries are never edited or reordered once released.  Readers accept files up to ``SCHEMA_VERSION`` and refuse
-newer ones with a message naming both versions (they never migrate: a reader does not write).
+newer ones with a message naming both versions (they never migrate: a reader does not write).  Files of an
+older version down to ``FIRST_RELEASED_VERSION`` stay readable: what a later migration adds (the rollups of
+version 5) is used when the file has it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,27 @@ from dataclasses import dataclass
 from noisescale.columns import COLUMNS
 from noisescale.store.errors import StoreError
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration", "apply_migrations", "read_schema_version"]
+__all__ = [
+    "APPLICATION_ID",
+    "FIRST_RELEASED_VERSION",
+    "MEASUREMENT_FIELDS",
+    "MIGRATIONS",
+    "ROLLUP_STEPS",
+    "SCHEMA_VERSION",
+    "Migration",
+    "apply_migrations",
+    "read_schema_version",
+]
 
 APPLICATION_ID = 0x4E53474E  # "NSGN" in the SQLite header: marks the file as a noisescale run
+MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
+"""Numeric columns of the monitor's measurements (``RunReader.series`` reads them, the rollups keep their extremes)."""
+ROLLUP_STEPS = 64
+"""Steps per rollup bucket in a new file (the file records its own in ``rollup_state``)."""
 _VALUES = ", ".join(f"{c} REAL" for c in COLUMNS)
+# Rollup columns have no declared type: a value keeps its own (an integer batch size stays an integer).
+_MEASUREMENT_EXTREMES = ", ".join(f"min_{f}, max_{f}" for f in MEASUREMENT_FIELDS)
+_LAYER_AGGREGATES = ", ".join(f"min_{c}, max_{c}, sum_{c}, n_{c} INTEGER NOT NULL" for c in COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -106,8 +125,46 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        5,
+        "create_rollups",
+        f"""
+        CREATE TABLE rollup_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            steps INTEGER NOT NULL,          -- bucket k holds steps k*steps .. (k+1)*steps - 1
+            through_step INTEGER NOT NULL,   -- measurement and layer rows up to this step are counted
+            through_metric INTEGER NOT NULL  -- metric rows up to this id are counted
+        );
+        INSERT INTO rollup_state VALUES (1, {ROLLUP_STEPS}, -1, 0);
+        CREATE TABLE measurement_rollup (
+            bucket INTEGER PRIMARY KEY,
+            rows INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            {_MEASUREMENT_EXTREMES}
+        );
+        CREATE TABLE layer_rollup (
+            layer_id INTEGER NOT NULL,
+            bucket INTEGER NOT NULL,
+            {_LAYER_AGGREGATES},
+            PRIMARY KEY (layer_id, bucket)
+        ) WITHOUT ROWID;
+        CREATE TABLE metric_rollup (
+            key TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            rows INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            min_value,
+            max_value,
+            PRIMARY KEY (key, bucket)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+FIRST_RELEASED_VERSION = 4
+"""The oldest schema a reader accepts, the one noisescale 0.1.0 writes (a file below it was never completed)."""
 
 
 def apply_migrations(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
