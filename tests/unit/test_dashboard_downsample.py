@@ -1,5 +1,5 @@
 """The dashboard's SQL downsampling against a plain-Python reference over every row, on stores with gaps in the
-steps, undefined and infinite values, and metrics logged several times at one step."""
+steps, negative steps, undefined and infinite values, and metrics logged several times at one step."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _store(path: Path, *, seed: int, n: int) -> Path:
     apply_migrations(conn)
     conn.execute("INSERT INTO run VALUES ('20250101-000000-abcdef', 'synthetic', 0, 0, NULL, 'finished', '{}', "
                  "'0', NULL, NULL)")  # fmt: skip
-    steps = sorted(rng.sample(range(1, 3 * n), n))  # gaps between steps
+    steps = sorted(rng.sample(range(-40 * seed, 3 * n), n))  # gaps between steps; seed 1: some below 0
     conn.execute("BEGIN")
     for layer in range(N_LAYERS):
         conn.execute("INSERT INTO layers (kind, name) VALUES ('param', ?)", (f"l{layer}.weight",))
@@ -64,7 +64,7 @@ def _ref_buckets(rows: list[tuple], points: int, ncols: int) -> dict:
     if len(rows) <= points:
         return {"downsampled": False, "points": [r[:3] + r[3:] for r in rows], "rows": len(rows)}
     w = 1
-    while rows[-1][0] // w - rows[0][0] // w + 1 > max(1, points // 2):
+    while rows[-1][0] // w - rows[0][0] // w + 1 > max(1, points // 2) and w <= max(abs(rows[0][0]), abs(rows[-1][0])):
         w *= 2
     groups: dict[int, list[tuple]] = {}
     for r in rows:
@@ -98,7 +98,7 @@ def test_measurement_series_matches_the_reference(store, points, after):
         rows = [
             (r["step"], r["examples"], r["wall_time"], *(r[c] for c in columns))
             for r in reader.measurements()
-            if after is None or r["step"] > after
+            if r["step"] > (-1 if after is None else after)  # the series start at step 0
         ]
     ref = _ref_buckets(rows, points, len(columns))
     assert got["downsampled"] == ref["downsampled"] and got["rows"] == ref["rows"]
@@ -121,7 +121,7 @@ def test_metric_series_matches_the_reference(store, points, after):
     rows = [
         (st, ex, wt, v)
         for st, ex, wt, v in zip(s.step, s.examples, s.wall_time, s.value)
-        if after is None or st > after
+        if st > (-1 if after is None else after)
     ]
     ref = _ref_buckets(rows, points, 1)
     assert got["rows"] == ref["rows"] and got["downsampled"] == ref["downsampled"]
@@ -167,11 +167,15 @@ def test_layer_grid_matches_the_reference(store, points, agg):
 
 
 @pytest.mark.parametrize("points", [1, 2, 3, 10, 1000])
-@pytest.mark.parametrize(("first", "last"), [(0, 0), (1, 1000), (17, 12345), (999_000, 1_000_000), (0, 2**40)])
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [(0, 0), (1, 1000), (17, 12345), (999_000, 1_000_000), (0, 2**40), (-1, 0), (-40, 2000), (-(2**33), -5)],
+)
 def test_bucket_width_is_the_smallest_power_of_two_that_fits(points, first, last):
     w = bucket_width(first, last, points)
+    n = last // w - first // w + 1
     assert w & (w - 1) == 0
-    assert last // w - first // w + 1 <= points
+    assert n <= (max(points, 2) if first < 0 <= last else points)  # both sides of 0: two buckets at least
     assert w == 1 or last // (w // 2) - first // (w // 2) + 1 > points
 
 

@@ -29,15 +29,16 @@ _IN_CHUNK = 400  # steps per `IN (...)` list (well under SQLite's variable limit
 
 def bucket_width(first: int, last: int, points: int) -> int:
     """The smallest power of two ``w`` such that steps ``first..last`` fall in at most ``points`` buckets
-    ``[k*w, (k+1)*w)``.
+    ``[k*w, (k+1)*w)``; steps on both sides of 0 (a metric logged at a negative step) take two buckets at least.
 
-    >>> bucket_width(1, 1000, 1000), bucket_width(0, 999, 500), bucket_width(0, 1_000_000, 1000)
-    (1, 2, 1024)
+    >>> bucket_width(1, 1000, 1000), bucket_width(0, 999, 500), bucket_width(0, 1_000_000, 1000), bucket_width(-5, 9, 1)
+    (1, 2, 1024, 16)
     """
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
     w = 1
-    while last // w - first // w + 1 > points:
+    # Past max(|first|, |last|) the steps lie in buckets -1 and 0: a wider bucket changes nothing.
+    while last // w - first // w + 1 > points and w <= max(abs(first), abs(last)):
         w *= 2
     return w
 
