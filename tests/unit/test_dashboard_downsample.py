@@ -1,5 +1,6 @@
 """The dashboard's SQL downsampling against a plain-Python reference over every row, on stores with gaps in the
-steps, negative steps, undefined and infinite values, and metrics logged several times at one step."""
+steps, negative steps, undefined and infinite values, and metrics logged several times at one step; read from the
+rows, and from the file's rollups (of 64 steps, and of 4 to reach them with more ``points``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import pytest
 from noisescale.dashboard.downsample import bucket_width, layer_grid, measurement_series, metric_series
 from noisescale.dashboard.params import ApiError, Query
 from noisescale.store import RunReader
+from noisescale.store.rollup import rebuild_rollups, refresh_rollups
 from noisescale.store.schema import apply_migrations
 from noisescale.types import COLUMNS
 
 N_LAYERS = 3
 
 
-def _store(path: Path, *, seed: int, n: int) -> Path:
+def _store(path: Path, *, seed: int, n: int, rollup: int | None = None) -> Path:
+    """A store written with SQL; ``rollup``: rollups of that many steps built at the end (``None``: none, as in a
+    file of schema 4 or one written without them)."""
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
     apply_migrations(conn)
@@ -49,14 +53,20 @@ def _store(path: Path, *, seed: int, n: int) -> Path:
                 "INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, ?, ?, ?)",
                 (step, None if rng.random() < 0.3 else 16 * step, 1000.0 + i, rng.gauss(1, 0.3)),
             )
+    if rollup is not None:
+        conn.execute("UPDATE rollup_state SET steps = ?", (rollup,))
+        rebuild_rollups(conn)
     conn.execute("COMMIT")
     conn.close()
     return path
 
 
-@pytest.fixture(scope="module", params=[0, 1])
+@pytest.fixture(
+    scope="module", params=[(0, None), (1, None), (0, 64), (1, 4)], ids=lambda p: f"seed{p[0]}-rollup{p[1]}"
+)
 def store(request, tmp_path_factory) -> Path:
-    return _store(tmp_path_factory.mktemp("ds") / f"s{request.param}.sqlite", seed=request.param, n=700)
+    seed, rollup = request.param
+    return _store(tmp_path_factory.mktemp("ds") / f"s{seed}-{rollup}.sqlite", seed=seed, n=700, rollup=rollup)
 
 
 def _ref_buckets(rows: list[tuple], points: int, ncols: int) -> dict:
@@ -195,8 +205,9 @@ def test_query_parameters_are_checked():
     assert Query([("token", "x")], allowed=()).has("token")
 
 
-def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None = None) -> None:
-    """More rows in the store's order (as a live writer adds them), and optionally a metric logged late."""
+def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None = None, rollup: bool = False) -> None:
+    """More rows in the store's order (as a live writer adds them), and optionally a metric logged late; with
+    ``rollup``, the rollups brought up to date in the same transaction (as ``Run`` does)."""
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
@@ -216,14 +227,24 @@ def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None =
     if late_metric_at is not None:  # e.g. a validation loss for an earlier step, logged now: a new extreme
         conn.execute("INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, NULL, 0, ?)",
                      (late_metric_at, 99.0 + (late_metric_at == 7)))  # fmt: skip
+    if rollup:
+        refresh_rollups(conn, steps=steps)
     conn.execute("COMMIT")
     conn.close()
 
 
-def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path):
+def _rows_only(path: Path) -> RunReader:
+    """A reader that takes the file for one of schema 4, without rollups: it aggregates the rows themselves."""
+    reader = RunReader(path)
+    reader.schema_version = 4
+    return reader
+
+
+@pytest.mark.parametrize("rollup", [None, 4])
+def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path, rollup):
     from noisescale.dashboard.buckets import BucketCache
 
-    path = _store(tmp_path / "grow.sqlite", seed=3, n=600)
+    path = _store(tmp_path / "grow.sqlite", seed=3, n=600, rollup=rollup)
     cache = BucketCache()
     columns = ["b_simple", "grad_sq"]
     with RunReader(path) as reader:
@@ -236,7 +257,7 @@ def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path)
     ]
     for round_, (extra, late) in enumerate(rounds):
         if extra is not None:
-            _append(path, extra, seed=round_, late_metric_at=late)
+            _append(path, extra, seed=round_, late_metric_at=late, rollup=rollup is not None)
         for points in (40, 300):
             with RunReader(path) as reader, reader.snapshot():
                 cached = (
@@ -249,7 +270,35 @@ def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path)
                     metric_series(reader, "loss", points=points),
                     layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max"),
                 )
-            assert cached == fresh, (round_, points)
+            with _rows_only(path) as reader, reader.snapshot():
+                from_rows = (
+                    measurement_series(reader, columns, points=points),
+                    metric_series(reader, "loss", points=points),
+                    layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max"),
+                )
+            assert cached == fresh == from_rows, (round_, points)
             if late is not None:  # the late row is seen, not hidden by a kept bucket
                 assert max(cached[1]["values"]["value"]) == 99.0 + (late == 7)
     assert len(cache._entries) > 0
+
+
+def test_wide_buckets_are_read_from_the_rollups(tmp_path):
+    path = _store(tmp_path / "r.sqlite", seed=0, n=700, rollup=4)
+    with RunReader(path) as reader, reader.snapshot():
+        seen: list[str] = []
+        reader._conn.set_trace_callback(seen.append)
+        measurement_series(reader, ["b_simple"], points=64)
+        metric_series(reader, "loss", points=64)
+        layer_grid(reader, "b_simple", [1, 2], points=32, agg="mean")
+        reader._conn.set_trace_callback(None)
+    text = "\n".join(seen)
+    for table in ("measurement_rollup", "metric_rollup", "layer_rollup"):
+        assert f"FROM {table}" in text
+    # No bucket aggregated from the rows: steps start at 1, every bucket is >= 4 steps wide and after step -1.
+    assert "min(b_simple)" not in text and "min(value)" not in text and "avg(b_simple)" not in text
+    with _rows_only(path) as reader, reader.snapshot():
+        seen.clear()
+        reader._conn.set_trace_callback(seen.append)
+        measurement_series(reader, ["b_simple"], points=64)
+        reader._conn.set_trace_callback(None)
+    assert "rollup" not in "\n".join(seen)
