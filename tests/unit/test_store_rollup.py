@@ -14,7 +14,7 @@ import pytest
 
 from noisescale.store import Run, RunReader, StoreError
 from noisescale.store.rollup import Rollup, rebuild_rollups, refresh_rollups, rollup_for
-from noisescale.store.schema import MEASUREMENT_FIELDS, MIGRATIONS, ROLLUP_STEPS, apply_migrations
+from noisescale.store.schema import LAYER_ROLLUP_COLUMNS, MEASUREMENT_FIELDS, MIGRATIONS, ROLLUP_STEPS, apply_migrations
 from noisescale.types import COLUMNS
 
 W = ROLLUP_STEPS
@@ -41,8 +41,9 @@ class Meas:
 
 
 def _written(tmp_path: Path) -> Path:
-    """A run written by ``Run`` in a dozen transactions: steps with gaps, some written again (smaller values
-    replacing an extreme), metrics at most steps, a few logged late for earlier steps, one at a negative step."""
+    """A run written by ``Run`` in a dozen transactions: steps with gaps (one of many empty buckets), some written
+    again (smaller values replacing an extreme), metrics at most steps, a few logged late for earlier steps, one at a
+    negative step."""
     rng = random.Random(5)
     with Run("roll", dir=tmp_path) as run:
         step = 0
@@ -57,6 +58,7 @@ def _written(tmp_path: Path) -> Path:
                 run.log(rng.randrange(0, step), {"val_loss": rng.gauss(2, 0.1)})
             if chunk == 5:
                 run.log(-3, {"loss": 7.0})
+                step += 5000  # empty buckets between two commits
             run.flush()
     assert run.path is not None
     return run.path
@@ -78,7 +80,9 @@ def _reference(path: Path) -> tuple[dict, dict, dict]:
     """The three rollups computed in Python from every row of the file."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         meas = conn.execute(f"SELECT step, {', '.join(MEASUREMENT_FIELDS)} FROM measurements").fetchall()
-        layers = conn.execute(f"SELECT layer_id, step, {', '.join(COLUMNS)} FROM layer_measurements").fetchall()
+        layers = conn.execute(
+            f"SELECT layer_id, step, {', '.join(LAYER_ROLLUP_COLUMNS)} FROM layer_measurements"
+        ).fetchall()
         metrics = conn.execute("SELECT key, step, value FROM metrics").fetchall()
     m_ref = {}
     for k, g in _groups([r for r in meas if r[0] >= 0], lambda r: r[0] // W).items():
@@ -88,7 +92,7 @@ def _reference(path: Path) -> tuple[dict, dict, dict]:
     l_ref = {}
     for (lid, k), g in _groups([r for r in layers if r[1] >= 0], lambda r: (r[0], r[1] // W)).items():
         agg = []
-        for i in range(len(COLUMNS)):
+        for i in range(len(LAYER_ROLLUP_COLUMNS)):
             vals = [r[2 + i] for r in g if r[2 + i] is not None]
             agg += [*_extremes(vals), math.fsum(vals) if vals else None, len(vals)]
         l_ref[(lid, k)] = tuple(agg)
@@ -116,7 +120,7 @@ def _assert_equal(stored: tuple[dict, dict, dict], ref: tuple[dict, dict, dict])
     assert layer.keys() == l_ref.keys()
     for key, want in l_ref.items():
         got = layer[key]
-        for i in range(len(COLUMNS)):
+        for i in range(len(LAYER_ROLLUP_COLUMNS)):
             mn, mx, total, n = got[4 * i : 4 * i + 4]
             assert (mn, mx, n) == (want[4 * i], want[4 * i + 1], want[4 * i + 3]), key
             assert (total is None) == (want[4 * i + 2] is None)

@@ -5,7 +5,8 @@ A run file of schema version 5 holds three rollup tables, bucket ``k`` covering 
 
 * ``measurement_rollup``: per bucket, its row count, first and last step, and the minimum and maximum of every
   measurement field (``min_b_simple``, ``max_b_simple``, ...);
-* ``layer_rollup``: per layer and bucket, each column's minimum, maximum, sum and count of defined values;
+* ``layer_rollup``: per layer and bucket, the minimum, maximum, sum and count of defined values of the columns in
+  ``LAYER_ROLLUP_COLUMNS`` (``b_simple``, the heat map's);
 * ``metric_rollup``: per metric key and bucket, its row count, first and last step, minimum and maximum value.
 
 The writer (``Run``) brings them up to date in every transaction it commits, so a reader always sees rollups
@@ -27,10 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from noisescale.columns import COLUMNS
-from noisescale.store.schema import MEASUREMENT_FIELDS
+from noisescale.store.schema import LAYER_ROLLUP_COLUMNS, MEASUREMENT_FIELDS
 
-__all__ = ["ROLLUP_VERSION", "Rollup", "rebuild_rollups", "refresh_rollups", "rollup_for"]
+__all__ = ["LAYER_ROLLUP_COLUMNS", "ROLLUP_VERSION", "Rollup", "rebuild_rollups", "refresh_rollups", "rollup_for"]
 
 ROLLUP_VERSION = 5
 """The schema version that added the rollup tables."""
@@ -91,11 +91,22 @@ def refresh_rollups(conn: sqlite3.Connection, *, steps: Iterable[int] = ()) -> N
     ).fetchone()
     w, through_step, through_metric = int(w), int(through_step), int(through_metric)
     again = sorted({int(s) // w for s in steps if 0 <= int(s) <= through_step})
-    conn.execute(_MERGE_MEASUREMENTS.format(w=w), (through_step,))
-    conn.execute(_MERGE_LAYERS.format(w=w), (through_step,))
+    # One bucket at a time, from the first new step to the last (a seek from one non-empty bucket to the next, so
+    # a gap of many steps costs nothing): a range of the primary key each, aggregated as the rows come, where one
+    # GROUP BY over all of them would sort them first.
+    start = through_step + 1
+    while True:
+        first = conn.execute("SELECT min(step) FROM measurements WHERE step >= ?", (start,)).fetchone()[0]
+        if first is None:
+            break
+        k = int(first) // w
+        span = (k, max(k * w, start), (k + 1) * w)
+        conn.execute(_MERGE_MEASUREMENTS, span)
+        conn.execute(_MERGE_LAYERS, span)
+        start = (k + 1) * w
     conn.execute(_MERGE_METRICS.format(w=w), (through_metric,))
-    for lo, hi in _runs(again):
-        _recompute(conn, w, lo, hi)
+    for k in again:
+        _recompute(conn, w, k)
     conn.execute(
         "UPDATE rollup_state SET through_step = max(through_step, (SELECT coalesce(max(step), -1) FROM measurements)), "
         "through_metric = (SELECT coalesce(max(id), 0) FROM metrics)"
@@ -112,26 +123,13 @@ def rebuild_rollups(conn: sqlite3.Connection) -> None:
     refresh_rollups(conn)
 
 
-def _runs(buckets: list[int]) -> list[tuple[int, int]]:
-    """Sorted bucket numbers as ``(first, last)`` runs of consecutive ones."""
-    out: list[tuple[int, int]] = []
-    for b in buckets:
-        if out and b == out[-1][1] + 1:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((b, b))
-    return out
-
-
-def _recompute(conn: sqlite3.Connection, w: int, lo: int, hi: int) -> None:
-    """Buckets ``lo..hi`` of measurements and layers again from their rows (the metrics are never rewritten)."""
-    conn.execute("DELETE FROM measurement_rollup WHERE bucket >= ? AND bucket <= ?", (lo, hi))
-    conn.execute(
-        "DELETE FROM layer_rollup WHERE layer_id IN (SELECT id FROM layers) AND bucket >= ? AND bucket <= ?", (lo, hi)
-    )
-    span = (lo * w, (hi + 1) * w)
-    conn.execute(_RECOMPUTE_MEASUREMENTS.format(w=w), span)
-    conn.execute(_RECOMPUTE_LAYERS.format(w=w), span)
+def _recompute(conn: sqlite3.Connection, w: int, k: int) -> None:
+    """Bucket ``k`` of measurements and layers again from its rows (metric rows are never rewritten)."""
+    conn.execute("DELETE FROM measurement_rollup WHERE bucket = ?", (k,))
+    conn.execute("DELETE FROM layer_rollup WHERE layer_id IN (SELECT id FROM layers) AND bucket = ?", (k,))
+    span = (k, k * w, (k + 1) * w)
+    conn.execute(_MERGE_MEASUREMENTS, span)
+    conn.execute(_MERGE_LAYERS, span)
 
 
 def _least(a: str, b: str) -> str:
@@ -143,15 +141,12 @@ def _greatest(a: str, b: str) -> str:
     return f"coalesce(max({a}, {b}), {a}, {b})"
 
 
-# The SQL, with the bucket width `{w}` put in as a literal integer (read from the file, never from a request).
-_MEASUREMENT_SELECT = (
-    "INSERT INTO measurement_rollup SELECT step / {w}, count(*), min(step), max(step), "
-    + ", ".join(f"min({f}), max({f})" for f in MEASUREMENT_FIELDS)
-    + " FROM measurements"
-)
+# Parameters: the bucket, then its steps [lo, hi) to count.  An aggregate without GROUP BY gives one row even over
+# no rows: the outer WHERE keeps an empty range out (HAVING without GROUP BY needs SQLite 3.39).
 _MERGE_MEASUREMENTS = (
-    _MEASUREMENT_SELECT
-    + " WHERE step > ? AND step >= 0 GROUP BY step / {w} ON CONFLICT (bucket) DO UPDATE SET "
+    "INSERT INTO measurement_rollup SELECT * FROM (SELECT ?1, count(*) AS n, min(step), max(step), "
+    + ", ".join(f"min({f}), max({f})" for f in MEASUREMENT_FIELDS)
+    + " FROM measurements WHERE step >= ?2 AND step < ?3) WHERE n > 0 ON CONFLICT (bucket) DO UPDATE SET "
     + "rows = rows + excluded.rows, first_step = min(first_step, excluded.first_step), "
     + "last_step = max(last_step, excluded.last_step), "
     + ", ".join(
@@ -159,30 +154,22 @@ _MERGE_MEASUREMENTS = (
         for f in MEASUREMENT_FIELDS
     )
 )
-_LAYER_SELECT = (
-    "INSERT INTO layer_rollup SELECT layer_id, step / {w}, "
-    + ", ".join(f"min({c}), max({c}), sum({c}), count({c})" for c in COLUMNS)
-    + " FROM layer_measurements"
-)
+# `layer_id IN (...)`: one range of the primary key per layer, in layer order, so GROUP BY layer_id needs no sort.
 _MERGE_LAYERS = (
-    _LAYER_SELECT
-    # `layer_id IN (...)`: one range of the primary key per layer, not a scan of every layer row.
-    + " WHERE layer_id IN (SELECT id FROM layers) AND step > ? AND step >= 0 GROUP BY layer_id, step / {w} "
-    + "ON CONFLICT (layer_id, bucket) DO UPDATE SET "
+    "INSERT INTO layer_rollup SELECT layer_id, ?1, "
+    + ", ".join(f"min({c}), max({c}), sum({c}), count({c})" for c in LAYER_ROLLUP_COLUMNS)
+    + " FROM layer_measurements WHERE layer_id IN (SELECT id FROM layers) AND step >= ?2 AND step < ?3 "
+    + "GROUP BY layer_id ON CONFLICT (layer_id, bucket) DO UPDATE SET "
     + ", ".join(
         f"min_{c} = {_least('min_' + c, 'excluded.min_' + c)}, max_{c} = {_greatest('max_' + c, 'excluded.max_' + c)}, "
         f"sum_{c} = coalesce(sum_{c} + excluded.sum_{c}, sum_{c}, excluded.sum_{c}), n_{c} = n_{c} + excluded.n_{c}"
-        for c in COLUMNS
+        for c in LAYER_ROLLUP_COLUMNS
     )
 )
-_RECOMPUTE_MEASUREMENTS = _MEASUREMENT_SELECT + " WHERE step >= ? AND step < ? GROUP BY step / {w}"
-_RECOMPUTE_LAYERS = (
-    _LAYER_SELECT
-    + " WHERE layer_id IN (SELECT id FROM layers) AND step >= ? AND step < ? GROUP BY layer_id, step / {w}"
-)
+# Metric rows since the last refresh, by id (a late one lands in an old bucket); the bucket width `{w}` is put in
+# as a literal integer, read from the file.  NOT INDEXED: the new rows by id, not every row through (key, step).
 _MERGE_METRICS = (
     "INSERT INTO metric_rollup SELECT key, step / {w}, count(*), min(step), max(step), min(value), max(value) "
-    # NOT INDEXED: the new rows by id, not every row through the (key, step) index.
     "FROM metrics NOT INDEXED WHERE id > ? AND step >= 0 GROUP BY key, step / {w} "
     "ON CONFLICT (key, bucket) DO UPDATE SET "
     "rows = rows + excluded.rows, first_step = min(first_step, excluded.first_step), "

@@ -20,6 +20,7 @@ from noisescale.store.errors import StoreError
 __all__ = [
     "APPLICATION_ID",
     "FIRST_RELEASED_VERSION",
+    "LAYER_ROLLUP_COLUMNS",
     "MEASUREMENT_FIELDS",
     "MIGRATIONS",
     "ROLLUP_STEPS",
@@ -34,10 +35,13 @@ MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
 """Numeric columns of the monitor's measurements (``RunReader.series`` reads them, the rollups keep their extremes)."""
 ROLLUP_STEPS = 64
 """Steps per rollup bucket in a new file (the file records its own in ``rollup_state``)."""
+LAYER_ROLLUP_COLUMNS = ("b_simple",)
+"""The per-layer columns the rollups sum up (the dashboard's heat map): per-layer rows are most of what is written,
+and every column rolled up costs the writer time at each of them."""
 _VALUES = ", ".join(f"{c} REAL" for c in COLUMNS)
 # Rollup columns have no declared type: a value keeps its own (an integer batch size stays an integer).
 _MEASUREMENT_EXTREMES = ", ".join(f"min_{f}, max_{f}" for f in MEASUREMENT_FIELDS)
-_LAYER_AGGREGATES = ", ".join(f"min_{c}, max_{c}, sum_{c}, n_{c} INTEGER NOT NULL" for c in COLUMNS)
+_LAYER_AGGREGATES = ", ".join(f"min_{c}, max_{c}, sum_{c}, n_{c} INTEGER NOT NULL" for c in LAYER_ROLLUP_COLUMNS)
 
 
 @dataclass(frozen=True)
