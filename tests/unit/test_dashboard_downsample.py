@@ -153,10 +153,11 @@ def test_unknown_metric_is_empty(store):
 
 
 @pytest.mark.parametrize(("points", "agg"), [(10, "max"), (10, "min"), (37, "mean"), (5000, "max")])
-def test_layer_grid_matches_the_reference(store, points, agg):
+@pytest.mark.parametrize("column", ["b_simple", "grad_sq"])  # the rollups sum up the first only
+def test_layer_grid_matches_the_reference(store, points, agg, column):
     with RunReader(store) as reader, reader.snapshot():
-        got = layer_grid(reader, "b_simple", [3, 1], points=points, agg=agg)
-        matrix = reader.layer_matrix("b_simple")
+        got = layer_grid(reader, column, [3, 1], points=points, agg=agg)
+        matrix = reader.layer_matrix(column)
         steps = [r["step"] for r in reader.measurements()]
     w = bucket_width(steps[0], steps[-1], points)
     assert got["bucket_steps"] == w and got["downsampled"] == (w > 1)

@@ -10,6 +10,7 @@ maximum is not kept; a bucket is about two pixels wide at the default ``points``
 A file that keeps rollups (schema 5: every bucket of 64 steps summed up by the writer, see
 ``noisescale.store.rollup``) gives each bucket of ``w >= 64`` steps from its ``w / 64`` rollup rows, exactly what
 the rows give (the minimum of minima is the minimum): a run of a million steps is read from sixteen thousand rows.
+The heat map's rollups hold the per-layer ``b_simple`` only; another column is read from the rows.
 Otherwise (an older file, a bucket cut by ``after``) each bucket is one SQL aggregate over a step range of the
 primary key (no sort, no Python loop over rows), about a second per million rows.  Call these inside
 ``reader.snapshot()`` so all the queries of one answer see the same state of a file that is still being written.
@@ -22,7 +23,7 @@ from typing import Any
 
 from noisescale.dashboard.buckets import BucketCache, file_identity
 from noisescale.store.reader import MEASUREMENT_FIELDS, RunReader
-from noisescale.store.rollup import Rollup, rollup_for
+from noisescale.store.rollup import LAYER_ROLLUP_COLUMNS, Rollup, rollup_for
 from noisescale.types import COLUMNS
 
 __all__ = ["LAYER_AGGREGATES", "bucket_width", "layer_grid", "measurement_series", "metric_series"]
@@ -215,7 +216,7 @@ def layer_grid(
     ident = file_identity(reader) if cache is not None else None
     ekey = (ident, "edges", w)
     known_edges = cache.get(ekey) if cache is not None else {}
-    roll = _layer_rollup(reader, layer_ids, w)
+    roll = rollup_for(reader) if w > 1 else None
     edge_sql = (
         "SELECT bucket / {r}, min(first_step), max(last_step) FROM measurement_rollup "
         "WHERE bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
@@ -262,12 +263,15 @@ def layer_grid(
             f"SELECT bucket / {{r}}, {_LAYER_ROLLUP_AGGREGATES[agg].format(c=column)} FROM layer_rollup "
             "WHERE layer_id = ? AND bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
         )
+        layer_roll = _layer_rollup(reader, roll, column, layer_ids)
         for lid in layer_ids:
             lkey = (ident, "layer", lid, column, agg, w)
             known = cache.get(lkey) if cache is not None else {}
             todo = [k for k in ks if k not in known]
             rolled = (
-                _from_rollup(reader, rolled_sql, (lid,), todo, w=w, lo=-1, empty=(None,), rollup=roll) if roll else {}
+                _from_rollup(reader, rolled_sql, (lid,), todo, w=w, lo=-1, empty=(None,), rollup=layer_roll)
+                if layer_roll
+                else {}
             )
             done: dict[int, Any] = {}
             row = []
@@ -325,10 +329,10 @@ def _from_rollup(
     return {k: got.get(k, empty) for k in wanted}
 
 
-def _layer_rollup(reader: RunReader, layer_ids: Sequence[int], w: int) -> Rollup | None:
-    """The file's rollups if they hold every row of these layers (rows written with their step's measurement)."""
-    rollup = rollup_for(reader) if w > 1 and layer_ids else None
-    if rollup is None or w < rollup.steps:
+def _layer_rollup(reader: RunReader, rollup: Rollup | None, column: str, layer_ids: Sequence[int]) -> Rollup | None:
+    """``rollup`` if it sums up ``column`` and holds every row of these layers (rows written with their step's
+    measurement, as ``Run`` writes them)."""
+    if rollup is None or column not in LAYER_ROLLUP_COLUMNS:
         return None
     for lid in layer_ids:
         top = reader.query("SELECT max(step) FROM layer_measurements WHERE layer_id = ?", (lid,))[0][0]
