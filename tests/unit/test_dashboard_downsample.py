@@ -1,5 +1,6 @@
 """The dashboard's SQL downsampling against a plain-Python reference over every row, on stores with gaps in the
-steps, undefined and infinite values, and metrics logged several times at one step."""
+steps, negative steps, undefined and infinite values, and metrics logged several times at one step; read from the
+rows, and from the file's rollups (of 64 steps, and of 4 to reach them with more ``points``)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,22 @@ import pytest
 from noisescale.dashboard.downsample import bucket_width, layer_grid, measurement_series, metric_series
 from noisescale.dashboard.params import ApiError, Query
 from noisescale.store import RunReader
+from noisescale.store.rollup import rebuild_rollups, refresh_rollups
 from noisescale.store.schema import apply_migrations
 from noisescale.types import COLUMNS
 
 N_LAYERS = 3
 
 
-def _store(path: Path, *, seed: int, n: int) -> Path:
+def _store(path: Path, *, seed: int, n: int, rollup: int | None = None) -> Path:
+    """A store written with SQL; ``rollup``: rollups of that many steps built at the end (``None``: none, as in a
+    file of schema 4 or one written without them)."""
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
     apply_migrations(conn)
     conn.execute("INSERT INTO run VALUES ('20250101-000000-abcdef', 'synthetic', 0, 0, NULL, 'finished', '{}', "
                  "'0', NULL, NULL)")  # fmt: skip
-    steps = sorted(rng.sample(range(1, 3 * n), n))  # gaps between steps
+    steps = sorted(rng.sample(range(-40 * seed, 3 * n), n))  # gaps between steps; seed 1: some below 0
     conn.execute("BEGIN")
     for layer in range(N_LAYERS):
         conn.execute("INSERT INTO layers (kind, name) VALUES ('param', ?)", (f"l{layer}.weight",))
@@ -49,14 +53,20 @@ def _store(path: Path, *, seed: int, n: int) -> Path:
                 "INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, ?, ?, ?)",
                 (step, None if rng.random() < 0.3 else 16 * step, 1000.0 + i, rng.gauss(1, 0.3)),
             )
+    if rollup is not None:
+        conn.execute("UPDATE rollup_state SET steps = ?", (rollup,))
+        rebuild_rollups(conn)
     conn.execute("COMMIT")
     conn.close()
     return path
 
 
-@pytest.fixture(scope="module", params=[0, 1])
+@pytest.fixture(
+    scope="module", params=[(0, None), (1, None), (0, 64), (1, 4)], ids=lambda p: f"seed{p[0]}-rollup{p[1]}"
+)
 def store(request, tmp_path_factory) -> Path:
-    return _store(tmp_path_factory.mktemp("ds") / f"s{request.param}.sqlite", seed=request.param, n=700)
+    seed, rollup = request.param
+    return _store(tmp_path_factory.mktemp("ds") / f"s{seed}-{rollup}.sqlite", seed=seed, n=700, rollup=rollup)
 
 
 def _ref_buckets(rows: list[tuple], points: int, ncols: int) -> dict:
@@ -64,7 +74,7 @@ def _ref_buckets(rows: list[tuple], points: int, ncols: int) -> dict:
     if len(rows) <= points:
         return {"downsampled": False, "points": [r[:3] + r[3:] for r in rows], "rows": len(rows)}
     w = 1
-    while rows[-1][0] // w - rows[0][0] // w + 1 > max(1, points // 2):
+    while rows[-1][0] // w - rows[0][0] // w + 1 > max(1, points // 2) and w <= max(abs(rows[0][0]), abs(rows[-1][0])):
         w *= 2
     groups: dict[int, list[tuple]] = {}
     for r in rows:
@@ -98,7 +108,7 @@ def test_measurement_series_matches_the_reference(store, points, after):
         rows = [
             (r["step"], r["examples"], r["wall_time"], *(r[c] for c in columns))
             for r in reader.measurements()
-            if after is None or r["step"] > after
+            if r["step"] > (-1 if after is None else after)  # the series start at step 0
         ]
     ref = _ref_buckets(rows, points, len(columns))
     assert got["downsampled"] == ref["downsampled"] and got["rows"] == ref["rows"]
@@ -121,7 +131,7 @@ def test_metric_series_matches_the_reference(store, points, after):
     rows = [
         (st, ex, wt, v)
         for st, ex, wt, v in zip(s.step, s.examples, s.wall_time, s.value)
-        if after is None or st > after
+        if st > (-1 if after is None else after)
     ]
     ref = _ref_buckets(rows, points, 1)
     assert got["rows"] == ref["rows"] and got["downsampled"] == ref["downsampled"]
@@ -143,10 +153,11 @@ def test_unknown_metric_is_empty(store):
 
 
 @pytest.mark.parametrize(("points", "agg"), [(10, "max"), (10, "min"), (37, "mean"), (5000, "max")])
-def test_layer_grid_matches_the_reference(store, points, agg):
+@pytest.mark.parametrize("column", ["b_simple", "grad_sq"])  # the rollups sum up the first only
+def test_layer_grid_matches_the_reference(store, points, agg, column):
     with RunReader(store) as reader, reader.snapshot():
-        got = layer_grid(reader, "b_simple", [3, 1], points=points, agg=agg)
-        matrix = reader.layer_matrix("b_simple")
+        got = layer_grid(reader, column, [3, 1], points=points, agg=agg)
+        matrix = reader.layer_matrix(column)
         steps = [r["step"] for r in reader.measurements()]
     w = bucket_width(steps[0], steps[-1], points)
     assert got["bucket_steps"] == w and got["downsampled"] == (w > 1)
@@ -167,11 +178,15 @@ def test_layer_grid_matches_the_reference(store, points, agg):
 
 
 @pytest.mark.parametrize("points", [1, 2, 3, 10, 1000])
-@pytest.mark.parametrize(("first", "last"), [(0, 0), (1, 1000), (17, 12345), (999_000, 1_000_000), (0, 2**40)])
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [(0, 0), (1, 1000), (17, 12345), (999_000, 1_000_000), (0, 2**40), (-1, 0), (-40, 2000), (-(2**33), -5)],
+)
 def test_bucket_width_is_the_smallest_power_of_two_that_fits(points, first, last):
     w = bucket_width(first, last, points)
+    n = last // w - first // w + 1
     assert w & (w - 1) == 0
-    assert last // w - first // w + 1 <= points
+    assert n <= (max(points, 2) if first < 0 <= last else points)  # both sides of 0: two buckets at least
     assert w == 1 or last // (w // 2) - first // (w // 2) + 1 > points
 
 
@@ -191,8 +206,9 @@ def test_query_parameters_are_checked():
     assert Query([("token", "x")], allowed=()).has("token")
 
 
-def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None = None) -> None:
-    """More rows in the store's order (as a live writer adds them), and optionally a metric logged late."""
+def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None = None, rollup: bool = False) -> None:
+    """More rows in the store's order (as a live writer adds them), and optionally a metric logged late; with
+    ``rollup``, the rollups brought up to date in the same transaction (as ``Run`` does)."""
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
@@ -212,14 +228,24 @@ def _append(path: Path, steps: range, *, seed: int, late_metric_at: int | None =
     if late_metric_at is not None:  # e.g. a validation loss for an earlier step, logged now: a new extreme
         conn.execute("INSERT INTO metrics (key, step, examples, wall_time, value) VALUES ('loss', ?, NULL, 0, ?)",
                      (late_metric_at, 99.0 + (late_metric_at == 7)))  # fmt: skip
+    if rollup:
+        refresh_rollups(conn, steps=steps)
     conn.execute("COMMIT")
     conn.close()
 
 
-def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path):
+def _rows_only(path: Path) -> RunReader:
+    """A reader that takes the file for one of schema 4, without rollups: it aggregates the rows themselves."""
+    reader = RunReader(path)
+    reader.schema_version = 4
+    return reader
+
+
+@pytest.mark.parametrize("rollup", [None, 4])
+def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path, rollup):
     from noisescale.dashboard.buckets import BucketCache
 
-    path = _store(tmp_path / "grow.sqlite", seed=3, n=600)
+    path = _store(tmp_path / "grow.sqlite", seed=3, n=600, rollup=rollup)
     cache = BucketCache()
     columns = ["b_simple", "grad_sq"]
     with RunReader(path) as reader:
@@ -232,7 +258,7 @@ def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path)
     ]
     for round_, (extra, late) in enumerate(rounds):
         if extra is not None:
-            _append(path, extra, seed=round_, late_metric_at=late)
+            _append(path, extra, seed=round_, late_metric_at=late, rollup=rollup is not None)
         for points in (40, 300):
             with RunReader(path) as reader, reader.snapshot():
                 cached = (
@@ -245,7 +271,35 @@ def test_kept_buckets_give_what_a_fresh_read_gives_while_the_run_grows(tmp_path)
                     metric_series(reader, "loss", points=points),
                     layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max"),
                 )
-            assert cached == fresh, (round_, points)
+            with _rows_only(path) as reader, reader.snapshot():
+                from_rows = (
+                    measurement_series(reader, columns, points=points),
+                    metric_series(reader, "loss", points=points),
+                    layer_grid(reader, "b_simple", [1, 2, 3], points=points, agg="max"),
+                )
+            assert cached == fresh == from_rows, (round_, points)
             if late is not None:  # the late row is seen, not hidden by a kept bucket
                 assert max(cached[1]["values"]["value"]) == 99.0 + (late == 7)
     assert len(cache._entries) > 0
+
+
+def test_wide_buckets_are_read_from_the_rollups(tmp_path):
+    path = _store(tmp_path / "r.sqlite", seed=0, n=700, rollup=4)
+    with RunReader(path) as reader, reader.snapshot():
+        seen: list[str] = []
+        reader._conn.set_trace_callback(seen.append)
+        measurement_series(reader, ["b_simple"], points=64)
+        metric_series(reader, "loss", points=64)
+        layer_grid(reader, "b_simple", [1, 2], points=32, agg="mean")
+        reader._conn.set_trace_callback(None)
+    text = "\n".join(seen)
+    for table in ("measurement_rollup", "metric_rollup", "layer_rollup"):
+        assert f"FROM {table}" in text
+    # No bucket aggregated from the rows: steps start at 1, every bucket is >= 4 steps wide and after step -1.
+    assert "min(b_simple)" not in text and "min(value)" not in text and "avg(b_simple)" not in text
+    with _rows_only(path) as reader, reader.snapshot():
+        seen.clear()
+        reader._conn.set_trace_callback(seen.append)
+        measurement_series(reader, ["b_simple"], points=64)
+        reader._conn.set_trace_callback(None)
+    assert "rollup" not in "\n".join(seen)

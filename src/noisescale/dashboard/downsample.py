@@ -7,9 +7,13 @@ over the bucket, and its last step with the maximum.  So the chart's envelope is
 value is made up (every value shown is one that was recorded).  Inside a bucket the order of the minimum and the
 maximum is not kept; a bucket is about two pixels wide at the default ``points``.
 
-Each bucket is one SQL aggregate over a step range of the primary key (no sort, no Python loop over rows), so a
-run of a million steps is read in a fraction of a second per column.  Call these inside ``reader.snapshot()`` so
-all the queries of one answer see the same state of a file that is still being written.
+A file that keeps rollups (schema 6: every bucket of 64 steps summed up by the writer, see
+``noisescale.store.rollup``) gives each bucket of ``w >= 64`` steps from its ``w / 64`` rollup rows, exactly what
+the rows give (the minimum of minima is the minimum): a run of a million steps is read from sixteen thousand rows.
+The heat map's rollups hold the per-layer ``b_simple`` only; another column is read from the rows.
+Otherwise (an older file, a bucket cut by ``after``) each bucket is one SQL aggregate over a step range of the
+primary key (no sort, no Python loop over rows), about a second per million rows.  Call these inside
+``reader.snapshot()`` so all the queries of one answer see the same state of a file that is still being written.
 """
 
 from __future__ import annotations
@@ -19,25 +23,29 @@ from typing import Any
 
 from noisescale.dashboard.buckets import BucketCache, file_identity
 from noisescale.store.reader import MEASUREMENT_FIELDS, RunReader
+from noisescale.store.rollup import LAYER_ROLLUP_COLUMNS, Rollup, rollup_for
 from noisescale.types import COLUMNS
 
 __all__ = ["LAYER_AGGREGATES", "bucket_width", "layer_grid", "measurement_series", "metric_series"]
 
 LAYER_AGGREGATES = {"max": "max", "min": "min", "mean": "avg"}
+# The same over a bucket's layer rollup rows (a mean is the sum of the values over their count).
+_LAYER_ROLLUP_AGGREGATES = {"max": "max(max_{c})", "min": "min(min_{c})", "mean": "sum(sum_{c}) * 1.0 / sum(n_{c})"}
 _IN_CHUNK = 400  # steps per `IN (...)` list (well under SQLite's variable limit)
 
 
 def bucket_width(first: int, last: int, points: int) -> int:
     """The smallest power of two ``w`` such that steps ``first..last`` fall in at most ``points`` buckets
-    ``[k*w, (k+1)*w)``.
+    ``[k*w, (k+1)*w)``; steps on both sides of 0 (a metric logged at a negative step) take two buckets at least.
 
-    >>> bucket_width(1, 1000, 1000), bucket_width(0, 999, 500), bucket_width(0, 1_000_000, 1000)
-    (1, 2, 1024)
+    >>> bucket_width(1, 1000, 1000), bucket_width(0, 999, 500), bucket_width(0, 1_000_000, 1000), bucket_width(-5, 9, 1)
+    (1, 2, 1024, 16)
     """
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
     w = 1
-    while last // w - first // w + 1 > points:
+    # Past max(|first|, |last|) the steps lie in buckets -1 and 0: a wider bucket changes nothing.
+    while last // w - first // w + 1 > points and w <= max(abs(first), abs(last)):
         w *= 2
     return w
 
@@ -73,14 +81,21 @@ def measurement_series(
     w = bucket_width(first, last, max(1, points // 2))
     aggs = "".join(f", min({c}), max({c})" for c in columns)
     sql = f"SELECT count(*), min(step), max(step){aggs} FROM measurements WHERE step >= ? AND step < ?"
+    rolled_aggs = "".join(f", min(min_{c}), max(max_{c})" for c in columns)
+    rolled_sql = (
+        f"SELECT bucket / {{r}}, sum(rows), min(first_step), max(last_step){rolled_aggs} FROM measurement_rollup "
+        "WHERE bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
+    )
     key = None if cache is None or after is not None else (file_identity(reader), "measurements", tuple(columns), w)
     known = cache.get(key) if cache is not None and key is not None else {}
+    todo = [k for k in range(first // w, last // w + 1) if k not in known]
+    rolled = _from_rollup(reader, rolled_sql, (), todo, w=w, lo=lo, empty=(0,) + (None,) * (2 + 2 * len(columns)))
     complete: dict[int, Any] = {}
     buckets = []
     for k in range(first // w, last // w + 1):
         r = known.get(k)
         if r is None:
-            r = reader.query(sql, (max(k * w, lo + 1), (k + 1) * w))[0]
+            r = rolled[k] if k in rolled else reader.query(sql, (max(k * w, lo + 1), (k + 1) * w))[0]
             if (k + 1) * w <= last:  # a later step is stored: rows come in step order, this bucket is final
                 complete[k] = r
         if r[0]:
@@ -120,6 +135,10 @@ def metric_series(
         "SELECT count(*), min(step), max(step), min(value), max(value) FROM metrics "
         "WHERE key = ? AND step >= ? AND step < ?"
     )
+    rolled_sql = (
+        "SELECT bucket / {r}, sum(rows), min(first_step), max(last_step), min(min_value), max(max_value) "
+        "FROM metric_rollup WHERE key = ? AND bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
+    )
     ckey = None if cache is None or after is not None else (file_identity(reader), "metric", key, w)
     known: dict[int, Any] = {}
     top_id = int(reader.query("SELECT coalesce(max(id), 0) FROM metrics")[0][0])
@@ -136,12 +155,14 @@ def metric_series(
             if late:
                 cache.drop(ckey)
                 known = {}
+    todo = [k for k in range(first // w, last // w + 1) if k not in known]
+    rolled = _from_rollup(reader, rolled_sql, (key,), todo, w=w, lo=lo, empty=(0, None, None, None, None))
     complete: dict[int, Any] = {}
     buckets = []
     for k in range(first // w, last // w + 1):
         r = known.get(k)
         if r is None:
-            r = reader.query(sql, (key, max(k * w, lo + 1), (k + 1) * w))[0]
+            r = rolled[k] if k in rolled else reader.query(sql, (key, max(k * w, lo + 1), (k + 1) * w))[0]
             if (k + 1) * w <= last:
                 complete[k] = r
         if r[0]:
@@ -195,12 +216,23 @@ def layer_grid(
     ident = file_identity(reader) if cache is not None else None
     ekey = (ident, "edges", w)
     known_edges = cache.get(ekey) if cache is not None else {}
+    roll = rollup_for(reader) if w > 1 else None
+    edge_sql = (
+        "SELECT bucket / {r}, min(first_step), max(last_step) FROM measurement_rollup "
+        "WHERE bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
+    )
+    todo = [k for k in range(first // w, last // w + 1) if k not in known_edges]
+    rolled_edges = _from_rollup(reader, edge_sql, (), todo, w=w, lo=-1, empty=(None, None), rollup=roll) if roll else {}
     cols: list[tuple[int, int]] = []  # (first step, last step) of each non-empty bucket
     ks: list[int] = []
     complete: dict[int, Any] = {}
     for k in range(first // w, last // w + 1):
         edge = known_edges.get(k)
-        if edge is None:
+        if edge is None and k in rolled_edges:
+            edge = rolled_edges[k]
+            if (k + 1) * w <= last:
+                complete[k] = edge
+        elif edge is None:
             edge = reader.query(
                 "SELECT (SELECT min(step) FROM measurements WHERE step >= ?1 AND step < ?2), "
                 "(SELECT max(step) FROM measurements WHERE step >= ?1 AND step < ?2)",
@@ -227,16 +259,27 @@ def layer_grid(
             values.append(row)
     else:
         sql = f"SELECT {fn}({column}) FROM layer_measurements WHERE layer_id = ? AND step >= ? AND step <= ?"
+        rolled_sql = (
+            f"SELECT bucket / {{r}}, {_LAYER_ROLLUP_AGGREGATES[agg].format(c=column)} FROM layer_rollup "
+            "WHERE layer_id = ? AND bucket >= ? AND bucket < ? GROUP BY bucket / {r}"
+        )
+        layer_roll = _layer_rollup(reader, roll, column, layer_ids)
         for lid in layer_ids:
             lkey = (ident, "layer", lid, column, agg, w)
             known = cache.get(lkey) if cache is not None else {}
+            todo = [k for k in ks if k not in known]
+            rolled = (
+                _from_rollup(reader, rolled_sql, (lid,), todo, w=w, lo=-1, empty=(None,), rollup=layer_roll)
+                if layer_roll
+                else {}
+            )
             done: dict[int, Any] = {}
             row = []
             for k, (lo, hi) in zip(ks, cols, strict=True):
                 if k in known:
                     row.append(known[k])
                     continue
-                v = reader.query(sql, (lid, lo, hi))[0][0]
+                v = rolled[k][0] if k in rolled else reader.query(sql, (lid, lo, hi))[0][0]
                 row.append(v)
                 if (k + 1) * w <= last:
                     done[k] = v
@@ -253,6 +296,49 @@ def layer_grid(
         "wall_time": [x.get(lo, (None, None))[1] for lo, _ in cols],
         "values": values,
     }
+
+
+def _from_rollup(
+    reader: RunReader,
+    sql: str,
+    params: tuple[Any, ...],
+    ks: Sequence[int],
+    *,
+    w: int,
+    lo: int,
+    empty: tuple[Any, ...],
+    rollup: Rollup | None = None,
+) -> dict[int, tuple[Any, ...]]:
+    """The buckets of ``ks`` (of ``w`` steps) that the file's rollups give: those of at least the rollup's width,
+    at steps >= 0, wholly after step ``lo``; each a tuple of values (``empty`` for a bucket without rows).
+
+    ``sql`` groups the rollup rows by ``bucket / {r}`` (``r`` rollup buckets in one of ``w`` steps), its last two
+    parameters the range of rollup buckets; the ones before are ``params``.
+    """
+    rollup = rollup if rollup is not None else rollup_for(reader) if ks and w > 1 else None
+    if rollup is None or w < rollup.steps:
+        return {}
+    wanted = [k for k in ks if k >= 0 and k * w > lo]
+    if not wanted:
+        return {}
+    r = w // rollup.steps
+    got = {
+        int(row[0]): tuple(row[1:])
+        for row in reader.query(sql.format(r=r), (*params, wanted[0] * r, (wanted[-1] + 1) * r))
+    }
+    return {k: got.get(k, empty) for k in wanted}
+
+
+def _layer_rollup(reader: RunReader, rollup: Rollup | None, column: str, layer_ids: Sequence[int]) -> Rollup | None:
+    """``rollup`` if it sums up ``column`` and holds every row of these layers (rows written with their step's
+    measurement, as ``Run`` writes them)."""
+    if rollup is None or column not in LAYER_ROLLUP_COLUMNS:
+        return None
+    for lid in layer_ids:
+        top = reader.query("SELECT max(step) FROM layer_measurements WHERE layer_id = ?", (lid,))[0][0]
+        if top is not None and int(top) > rollup.through_step:
+            return None
+    return rollup
 
 
 def _rows_at(reader: RunReader, steps: Sequence[int]) -> list[Any]:

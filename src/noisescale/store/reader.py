@@ -23,16 +23,20 @@ from typing import Any, Literal
 from noisescale.columns import COLUMNS
 from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
-from noisescale.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, read_schema_version
+from noisescale.store.schema import (
+    APPLICATION_ID,
+    FIRST_RELEASED_VERSION,
+    MEASUREMENT_FIELDS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    read_schema_version,
+)
 
 __all__ = ["MEASUREMENT_FIELDS", "LayerMatrix", "RunInfo", "RunReader", "Series", "open_run_file"]
-
-MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
-"""Numeric columns of the monitor's measurements that ``RunReader.series`` returns."""
 SERIES_COLUMNS = ("step", "examples", "wall_time", "value")
 """The columns of ``Series.to_table()``."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_GROUPS_VERSION = 5  # the migration that adds group_measurements and example_scores
+_GROUPS_VERSION = next(m.version for m in MIGRATIONS if m.name == "create_groups_and_example_scores")
 LayerKind = Literal["param", "module"]
 
 
@@ -456,7 +460,12 @@ class RunReader:
                     f"{_show(self.path)} has an unknown schema history (migration {mig.version} is "
                     f"{names.get(mig.version)!r}, expected {mig.name!r}): it was not written by this noisescale"
                 )
-        # An older version reads as it is (later tables read as empty); an interrupted creation has no run record.
+        if version < FIRST_RELEASED_VERSION:
+            raise StoreError(
+                f"{_show(self.path)} has an incomplete schema (version {version} of {SCHEMA_VERSION}): its creation "
+                "was interrupted"
+            )
+        # An older released version reads as it is (later tables read as empty or unused).
         return version
 
 

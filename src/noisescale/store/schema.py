@@ -3,8 +3,9 @@
 Each migration runs in its own transaction together with the row that records it in ``schema_migrations``, so a
 file is always at a well-defined version.  A new schema change is a new entry at the end of ``MIGRATIONS``;
 entries are never edited or reordered once released.  Readers accept files up to ``SCHEMA_VERSION`` and refuse
-newer ones with a message naming both versions (they never migrate: a reader does not write); a file of an older
-version reads as it is, the tables it lacks as empty.
+newer ones with a message naming both versions (they never migrate: a reader does not write).  Files of an
+older version down to ``FIRST_RELEASED_VERSION`` stay readable: the tables a later migration adds read as empty (the
+groups of version 5), or are used when the file has them (the rollups of version 6).
 """
 
 from __future__ import annotations
@@ -17,11 +18,32 @@ from noisescale.columns import COLUMNS
 from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration", "apply_migrations", "read_schema_version"]
+__all__ = [
+    "APPLICATION_ID",
+    "FIRST_RELEASED_VERSION",
+    "LAYER_ROLLUP_COLUMNS",
+    "MEASUREMENT_FIELDS",
+    "MIGRATIONS",
+    "ROLLUP_STEPS",
+    "SCHEMA_VERSION",
+    "Migration",
+    "apply_migrations",
+    "read_schema_version",
+]
 
 APPLICATION_ID = 0x4E53474E  # "NSGN" in the SQLite header: marks the file as a noisescale run
+MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
+"""Numeric columns of the monitor's measurements (``RunReader.series`` reads them, the rollups keep their extremes)."""
+ROLLUP_STEPS = 64
+"""Steps per rollup bucket in a new file (the file records its own in ``rollup_state``)."""
+LAYER_ROLLUP_COLUMNS = ("b_simple",)
+"""The per-layer columns the rollups sum up (the dashboard's heat map): per-layer rows are most of what is written,
+and every column rolled up costs the writer time at each of them."""
 _VALUES = ", ".join(f"{c} REAL" for c in COLUMNS)
 _GROUP_VALUES = ", ".join(f"{c} REAL" for c in GROUP_FIELDS)
+# Rollup columns have no declared type: a value keeps its own (an integer batch size stays an integer).
+_MEASUREMENT_EXTREMES = ", ".join(f"min_{f}, max_{f}" for f in MEASUREMENT_FIELDS)
+_LAYER_AGGREGATES = ", ".join(f"min_{c}, max_{c}, sum_{c}, n_{c} INTEGER NOT NULL" for c in LAYER_ROLLUP_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -129,8 +151,46 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX example_scores_step ON example_scores (step);
         """,
     ),
+    Migration(
+        6,
+        "create_rollups",
+        f"""
+        CREATE TABLE rollup_state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            steps INTEGER NOT NULL,          -- bucket k holds steps k*steps .. (k+1)*steps - 1
+            through_step INTEGER NOT NULL,   -- measurement and layer rows up to this step are counted
+            through_metric INTEGER NOT NULL  -- metric rows up to this id are counted
+        );
+        INSERT INTO rollup_state VALUES (1, {ROLLUP_STEPS}, -1, 0);
+        CREATE TABLE measurement_rollup (
+            bucket INTEGER PRIMARY KEY,
+            rows INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            {_MEASUREMENT_EXTREMES}
+        );
+        CREATE TABLE layer_rollup (
+            layer_id INTEGER NOT NULL,
+            bucket INTEGER NOT NULL,
+            {_LAYER_AGGREGATES},
+            PRIMARY KEY (layer_id, bucket)
+        ) WITHOUT ROWID;
+        CREATE TABLE metric_rollup (
+            key TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            rows INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            min_value,
+            max_value,
+            PRIMARY KEY (key, bucket)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+FIRST_RELEASED_VERSION = 4
+"""The oldest schema a reader accepts, the one noisescale 0.1.0 writes (a file below it was never completed)."""
 
 
 def apply_migrations(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:

@@ -3,8 +3,10 @@
 The training thread only appends to a queue (no disk, no host-device sync); the writer thread turns each
 ``Measurement`` into plain numbers (``Measurement.to_dict()``, the one device sync, happens there) and commits
 everything queued within ``flush_interval`` seconds in one transaction.  A step's measurement and its per-layer
-rows are always in the same transaction, so a reader never sees half a step.  WAL mode lets readers open the file
-while it is written; a process killed with SIGKILL loses at most the last ``flush_interval`` seconds.
+rows are always in the same transaction, so a reader never sees half a step; the rollups (``store/rollup.py``:
+each bucket of 64 steps summed up, what the dashboard draws long runs from) are brought up to date in it too.
+WAL mode lets readers open the file while it is written; a process killed with SIGKILL loses at most the last
+``flush_interval`` seconds.
 
 In data-parallel training only rank 0 writes: on any other rank a ``Run`` is inactive (no file, no thread, every
 method a no-op), so the same code runs everywhere.
@@ -35,6 +37,7 @@ from noisescale.events import Event, Metrics, metric_values
 from noisescale.group_types import GROUP_FIELDS
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
+from noisescale.store.rollup import refresh_rollups
 from noisescale.store.schema import apply_migrations
 
 __all__ = ["Run", "RunStatus"]
@@ -338,6 +341,8 @@ class Run:
                     conn.executemany(_MANY[sql], params)
                 else:
                     conn.execute(sql, params)
+            # The rollups count this transaction's rows in it: a reader never sees one without the other.
+            refresh_rollups(conn, steps=step_examples)
             conn.execute("UPDATE run SET updated_at = ?", (time.time(),))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
