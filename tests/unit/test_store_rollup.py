@@ -199,12 +199,13 @@ def test_readers_use_the_rollups_only_when_they_count_every_row(tmp_path):
     conn.close()
 
 
-def test_a_file_of_the_first_released_schema_is_read_without_rollups(tmp_path):
-    conn = _raw_file(tmp_path / "v4.sqlite", MIGRATIONS[:4])
+@pytest.mark.parametrize("version", [4, 5], ids=["first-released", "groups-without-rollups"])
+def test_a_file_of_an_older_schema_is_read_without_rollups(tmp_path, version):
+    conn = _raw_file(tmp_path / "old.sqlite", MIGRATIONS[:version])
     _add(conn, range(1, 50))
     conn.close()
-    with RunReader(tmp_path / "v4.sqlite") as reader, reader.snapshot():
-        assert reader.schema_version == 4
+    with RunReader(tmp_path / "old.sqlite") as reader, reader.snapshot():
+        assert reader.schema_version == version
         assert rollup_for(reader) is None
         assert reader.series("b_simple").step == list(range(1, 50))
 
