@@ -4,6 +4,7 @@
 """
 
 from noisescale.collectors.rules.registry import register_norm_rule
+from noisescale.controllers import AdaptiveBatchSampler, BatchSizeController, ExampleClock
 from noisescale.errors import ConfigError, NoiseScaleError, SharedParameterError, StepError, UnsupportedLayerError
 from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
 from noisescale.monitor import GNSMonitor
@@ -30,7 +31,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AdaptiveBatchSampler",
+    "BatchSizeController",
     "ConfigError",
+    "ExampleClock",
     "GNSMonitor",
     "LayerMeasurement",
     "Measurement",

@@ -151,7 +151,12 @@ def test_undefined_or_skipped_never_changes_anything(status):
 
 @pytest.mark.parametrize(
     ("rule", "before", "after"),
-    [("none", 1.0, 1.0), ("linear", 1.0, 2.0), ("sqrt", 1.0, math.sqrt(2)), ("adascale", 1.0, (1 + 100 / 32) / (1 + 100 / 64))],
+    [
+        ("none", 1.0, 1.0),
+        ("linear", 1.0, 2.0),
+        ("sqrt", 1.0, math.sqrt(2)),
+        ("adascale", 1.0, (1 + 100 / 32) / (1 + 100 / 64)),
+    ],
 )
 def test_lr_scale_is_for_the_measured_gradient_and_next_for_the_new_batch(rule, before, after):
     cfg = gns(use_band=False, lr_rule=rule)

@@ -185,12 +185,12 @@ class BatchSizeController:
 
     @property
     def lr_scale(self) -> float:
-        """The multiplier the next ``optimizer.step()`` applies."""
+        """The multiplier the coming ``optimizer.step()`` applies (to the gradient just measured)."""
         return self._scaling.lr_scale if self._scaling is not None else self._lr_scale
 
     @property
     def lr(self) -> float | None:
-        """The learning rate of the next optimizer step (first parameter group, or ``base_lr``) with the multiplier."""
+        """The learning rate of the coming ``optimizer.step()`` (first parameter group, or ``base_lr``), scaled."""
         if self._scaling is not None:
             return float(self._scaling.optimizer.param_groups[0]["lr"]) * self.lr_scale
         return None if self.base_lr is None else self.base_lr * self.lr_scale

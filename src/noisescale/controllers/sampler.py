@@ -4,8 +4,9 @@ The examples form one stream: epoch after epoch, each a fresh permutation of the
 ``seed + epoch``).  A step of ``B`` examples takes the next ``B`` positions of the stream, and rank ``r`` of ``W``
 gets the ``r``-th of its ``W`` equal slices.  So whatever the batch sizes, the ranks' shards are disjoint and every
 example is used exactly once per epoch; a batch that reaches the end of an epoch continues into the next one
-(no short last batch, no dropped examples).  The position is counted in examples, which is all ``state_dict()``
-needs to resume exactly.
+(no short last batch, no dropped examples).  So that such a batch holds no example twice, the next epoch's
+order puts first the examples that are not in the old epoch's tail (a stable reordering of its permutation).
+The position is counted in examples; with that tail, it is all ``state_dict()`` needs to resume exactly.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.examples = 0
         self._orders: dict[int, torch.Tensor] = {}
+        # (epoch, tail, head): the step that entered ``epoch`` held ``tail`` (the old epoch's last examples) and
+        # its first ``head`` positions; ``_order(epoch)`` keeps those positions clear of ``tail``.
+        self._boundary: tuple[int, list[int], int] | None = None
         self._batch_size = self._check(batch_size)
 
     def _check(self, b: object) -> int:
@@ -126,6 +130,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
             else:
                 order = torch.arange(self.n)
+            if self._boundary is not None and self._boundary[0] == epoch:
+                _, tail, head = self._boundary
+                clash = torch.zeros(self.n, dtype=torch.bool)
+                clash[torch.tensor(tail, dtype=torch.long)] = True
+                free = order[~clash[order]]  # the permutation's order, without the tail's examples
+                first = free[:head]
+                rest = torch.ones(self.n, dtype=torch.bool)
+                rest[first] = False
+                order = torch.cat([first, order[rest[order]]])
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
             self._orders[epoch] = order
         return order
@@ -143,9 +156,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     def next_batch(self) -> list[int]:
         """This rank's indices of the next step, and advance by ``batch_size`` examples."""
-        share = self._batch_size // self.num_replicas
-        batch = self._span(self.examples + self.rank * share, share)
-        self.examples += self._batch_size
+        p, b = self.examples, self._batch_size
+        epoch, offset = divmod(p, self.n)
+        if offset + b > self.n:  # this step enters the next epoch: every rank records the same boundary
+            tail = self._order(epoch)[offset:].tolist()
+            self._boundary = (epoch + 1, tail, offset + b - self.n)
+            self._orders.pop(epoch + 1, None)
+        share = b // self.num_replicas
+        batch = self._span(p + self.rank * share, share)
+        self.examples += b
         return batch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -167,6 +186,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             "seed": self.seed,
             "shuffle": self.shuffle,
             "num_replicas": self.num_replicas,
+            "boundary": None if self._boundary is None else list(self._boundary),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -178,8 +198,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if diff:
             detail = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
             raise ConfigError(f"the saved sampler state was for another setup ({detail}); construct it the same way")
-        self.examples = int(state["examples"])
         self._batch_size = self._check(int(state["batch_size"]))
+        self.examples = int(state["examples"])
+        b = state.get("boundary")
+        self._boundary = None if b is None else (int(b[0]), [int(i) for i in b[1]], int(b[2]))
+        self._orders = {}
 
     def __repr__(self) -> str:
         return (
