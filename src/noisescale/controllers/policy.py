@@ -174,9 +174,9 @@ def _gns(
             f"held at {cur}: the target {new} waits for the dwell ({since:,} of {config.dwell:,} examples since the "
             "last change)"
         )
-    edge = "low" if direction == "above" else "high"
+    edge = ("its low edge" if direction == "above" else "its high edge") if config.use_band else "it"
     return new, (
-        f"k x {what} = {_g(target)} ({edge} edge beyond the {h:.0%} hysteresis) lies {direction} batch {cur}: "
+        f"k x {what} = {_g(target)} lies {direction} batch {cur} ({edge} beyond the {h:.0%} hysteresis): "
         f"batch {cur} -> {new}"
     )
 
