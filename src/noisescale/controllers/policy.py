@@ -176,7 +176,7 @@ def _gns(
         )
     edge = ("its low edge" if direction == "above" else "its high edge") if config.use_band else "it"
     return new, (
-        f"k x {what} = {_g(target)} lies {direction} batch {cur} ({edge} beyond the {h:.0%} hysteresis): "
+        f"k x {what} = {_g(target)} lies {direction} batch {cur} ({edge} clears the {h:.0%} hysteresis): "
         f"batch {cur} -> {new}"
     )
 
