@@ -51,6 +51,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also measure with 4 micro-batches on the same steps and check that both sources agree (exit 1 if not)",
     )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="digits with a fixed batch and with the batch-size controller, side by side (same examples)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
     p.set_defaults(handler=run)
 
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.demo import DemoError, DemoOptions, run_demo
     from noisescale.demo.explain import explain, sources_agree
 
+    if args.adaptive:
+        return _adaptive(args)
     if args.source == "microbatch" and args.micro_batches == 1:
         print("noisescale demo: error: --source microbatch needs --micro-batches 2 or more", file=sys.stderr)
         return 2
@@ -87,4 +94,27 @@ def run(args: argparse.Namespace) -> int:
         print(explain(result))
     if args.compare_sources and not sources_agree(result):
         return fail("--compare-sources: the per-example and micro-batch sources disagree (see the table above)")
+    return 0
+
+
+def _adaptive(args: argparse.Namespace) -> int:
+    from noisescale.cli.exits import fail
+    from noisescale.demo import DemoError
+    from noisescale.demo.adaptive import AdaptiveOptions, adaptive_table, run_adaptive_demo
+
+    if args.task != "digits" or args.compare_sources or args.source != "auto" or args.micro_batches:
+        return fail(
+            "--adaptive trains the digits task with the example source; drop --task, --source, "
+            "--micro-batches and --compare-sources"
+        )
+    batch = args.batch_size or 32
+    options = AdaptiveOptions(
+        dir=args.dir, name=args.name, seed=args.seed, batch_size=batch, examples=(args.steps or 1600) * batch,
+        lr=args.lr, halflife=args.halflife, progress=not args.quiet,
+    )  # fmt: skip
+    try:
+        result = run_adaptive_demo(options)
+    except DemoError as e:
+        return fail(str(e))
+    print(f"{result.fixed.path}\n{result.adaptive.path}" if args.quiet else adaptive_table(result))
     return 0
