@@ -91,6 +91,7 @@ class ControllerConfig:
     micro_batch: int | None = None
     world_size: int = 1
     k: float = 1.0
+    power: float = 1.0
     hysteresis: float = 0.25
     dwell: int = 0
     max_factor: float = 2.0
@@ -126,6 +127,9 @@ class ControllerConfig:
             object.__setattr__(self, "base_batch", self.batch_size)
         _int("base_batch (the batch the learning rate is tuned for)", self.base_batch)
         _num("k", self.k, low=0.0, strict=True, hint=" (target batch = k x B_simple)")
+        _num("power", self.power, low=0.0, strict=True, hint=" (1: the target is proportional to B_simple)")
+        if self.power > 1.0:
+            raise ConfigError(f"power must be in (0, 1], got {self.power!r}: 1 follows B_simple, 0.5 its square root")
         _num("hysteresis", self.hysteresis, low=0.0, hint=" (a relative band, e.g. 0.25)")
         _int("dwell (examples between changes)", self.dwell, low=0)
         _num("max_factor", self.max_factor, low=1.0, strict=True, hint=" (largest change per decision, e.g. 2.0)")
@@ -201,6 +205,17 @@ class ControllerConfig:
                 raise ConfigError(f"milestones must be in increasing order of examples, got {at} after {last}")
             self.grid.check(f"milestones[{i}] batch", _int(f"milestones[{i}] batch", b))
             last = at
+
+    def target(self, b: float) -> float:
+        """The ``gns`` target for a noise scale ``b``: ``k x b`` (``power=1``), or ``k x b^p x base_batch^(1-p)``.
+
+        ``power < 1`` grows the batch more slowly than the noise scale.  For a fixed exchange rate between steps
+        and examples, McCandlish et al.'s model (each stretch of training costs ``dS_min (1 + b/B)`` steps and
+        ``b dS_min (1 + B/b)`` examples) is cheapest at ``B`` proportional to ``sqrt(b)``: ``power=0.5``.
+        """
+        if self.power == 1.0:
+            return self.k * b
+        return self.k * b**self.power * self.reference_batch ** (1.0 - self.power)
 
     def init(self) -> ControllerState:
         """The state before the first step (pure; see ``noisescale.controllers.policy.init``)."""

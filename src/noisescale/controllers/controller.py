@@ -50,6 +50,8 @@ class BatchSizeController:
             (``accumulation`` is then ``batch / (micro_batch x world_size)``).
         world_size: data-parallel ranks (default: the sampler's, else 1).
         k: the ``gns`` target is ``k x B_simple``.
+        power: with ``power < 1`` the target is ``k x B_simple^power x base_batch^(1 - power)``: it grows more
+            slowly than the noise scale (0.5: its square root).
         hysteresis: the batch moves only when ``k`` times the band's near edge is outside
             ``[B / (1 + hysteresis), B (1 + hysteresis)]``.
         dwell: examples at least between two changes (and before the first).
@@ -86,6 +88,7 @@ class BatchSizeController:
         micro_batch: int | None = None,
         world_size: int | None = None,
         k: float = 1.0,
+        power: float = 1.0,
         hysteresis: float = 0.25,
         dwell: int = 0,
         max_factor: float = 2.0,
@@ -122,6 +125,7 @@ class BatchSizeController:
             micro_batch=micro_batch,
             world_size=world_size,
             k=k,
+            power=power,
             hysteresis=hysteresis,
             dwell=dwell,
             max_factor=max_factor,

@@ -152,22 +152,22 @@ def _g(v: float | None) -> str:
 def _gns(
     config: ControllerConfig, state: ControllerState, cur: int, b: float, lo: float | None, hi: float | None
 ) -> tuple[int, str]:
-    """Target ``k x B_simple``, moved only when the band's near edge leaves the hysteresis band around the batch,
-    by ``max_factor`` at most, after the dwell; ``monotonic`` never lowers."""
-    grid, k, h = config.grid, config.k, config.hysteresis
+    """Target ``config.target(B_simple)``, moved only when the band's near edge leaves the hysteresis band around
+    the batch, by ``max_factor`` at most, after the dwell; ``monotonic`` never lowers."""
+    grid, h = config.grid, config.hysteresis
     lo_v = lo if config.use_band and lo is not None else b
     hi_v = hi if config.use_band and hi is not None else b
-    target = k * b
+    target = config.target(b)
     what = f"{config.signal} {_g(b)}" + (f" [{_g(lo_v)}, {_g(hi_v)}]" if config.use_band else "")
     new, direction = cur, ""
-    if k * lo_v > cur * (1 + h) and cur < grid.high:
+    if config.target(lo_v) > cur * (1 + h) and cur < grid.high:
         new = min(grid.nearest(target), grid.floor(cur * config.max_factor))
         direction = "above"
-    elif not config.monotonic and k * hi_v < cur / (1 + h) and cur > grid.low:
+    elif not config.monotonic and config.target(hi_v) < cur / (1 + h) and cur > grid.low:
         new = max(grid.nearest(target), grid.ceil(cur / config.max_factor))
         direction = "below"
     if new == cur:
-        return cur, f"held at {cur}: k x {what} = {_g(target)} is within the {h:.0%} hysteresis band or the bounds"
+        return cur, f"held at {cur}: the target for {what} is {_g(target)}, within the {h:.0%} hysteresis or the bounds"
     since = state.examples - state.changed_at
     if since < config.dwell:
         return cur, (
@@ -176,7 +176,7 @@ def _gns(
         )
     edge = ("its low edge" if direction == "above" else "its high edge") if config.use_band else "it"
     return new, (
-        f"k x {what} = {_g(target)} lies {direction} batch {cur} ({edge} clears the {h:.0%} hysteresis): "
+        f"the target for {what} is {_g(target)}, {direction} batch {cur} ({edge} clears the {h:.0%} hysteresis): "
         f"batch {cur} -> {new}"
     )
 
