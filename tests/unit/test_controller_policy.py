@@ -113,6 +113,16 @@ def test_monotonic_never_lowers():
     assert [d.batch_size for d in decisions] == [64, 128, 128, 128, 256]
 
 
+def test_power_grows_the_target_with_the_square_root():
+    cfg = gns(use_band=False, power=0.5, base_batch=32, max_factor=8.0)
+    decisions, _ = run(cfg, [128.0, 512.0, 512.0, 32.0])
+    # sqrt(128 x 32) = 64, sqrt(512 x 32) = 128, then kept; sqrt(32 x 32) = 32
+    assert [d.batch_size for d in decisions] == [64, 128, 128, 32]
+    assert cfg.target(2048.0) == pytest.approx(256.0)
+    with pytest.raises(ConfigError, match="power must be in"):
+        gns(power=2.0)
+
+
 def test_band_keeps_a_noisy_estimate_from_flapping():
     # A point that jumps around 32 with a wide band: the band never clears the hysteresis, the point does.
     series = [(b, b / 3, b * 3) for b in (60, 15, 70, 12, 65, 14)]
