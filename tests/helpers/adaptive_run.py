@@ -68,9 +68,18 @@ def build() -> dict[str, Any]:
     used: list[float] = []
     opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))  # after the controller's
     return {
-        "x": x, "y": y, "model": model, "opt": opt, "clock": clock, "sched": sched, "sampler": sampler,
-        "ctrl": ctrl, "monitor": monitor, "log": log, "used": used,
-    }  # fmt: skip
+        "x": x,
+        "y": y,
+        "model": model,
+        "opt": opt,
+        "clock": clock,
+        "sched": sched,
+        "sampler": sampler,
+        "ctrl": ctrl,
+        "monitor": monitor,
+        "log": log,
+        "used": used,
+    }
 
 
 def train(parts: dict[str, Any], first: int, last: int) -> list[dict[str, Any]]:

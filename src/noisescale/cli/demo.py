@@ -109,9 +109,15 @@ def _adaptive(args: argparse.Namespace) -> int:
         )
     batch = args.batch_size or 32
     options = AdaptiveOptions(
-        dir=args.dir, name=args.name, seed=args.seed, batch_size=batch, examples=(args.steps or 1600) * batch,
-        lr=args.lr, halflife=args.halflife, progress=not args.quiet,
-    )  # fmt: skip
+        dir=args.dir,
+        name=args.name,
+        seed=args.seed,
+        batch_size=batch,
+        examples=(args.steps or 1600) * batch,
+        lr=args.lr,
+        halflife=args.halflife,
+        progress=not args.quiet,
+    )
     try:
         result = run_adaptive_demo(options)
     except DemoError as e:
