@@ -49,6 +49,7 @@ class Workload:
     ramp: tuple[int, int, int]  # linear ramp: from, to, over examples
     gns: dict[str, Any]  # the gns controller's settings (min_batch, max_batch, k, dwell, ...)
     halflife: float  # the monitor's smoothing half-life in examples
+    seeds: int  # default number of seeds (runs to the target vary by 10-30% between seeds on digits)
 
 
 # -- digits: MLP 64-512-512-10, SGD with momentum 0.9 ---------------------------------------------------------------
@@ -97,6 +98,7 @@ DIGITS = Workload(
     ramp=(16, 256, 16_000),
     gns={"min_batch": 16, "max_batch": 512, "quantize": "pow2"},
     halflife=1_000.0,
+    seeds=8,
 )
 
 
@@ -157,6 +159,7 @@ CHARLM = Workload(
     ramp=(8, 128, 8_000),
     gns={"min_batch": 8, "max_batch": 256, "quantize": "pow2"},
     halflife=2_000.0,
+    seeds=3,
 )
 
 WORKLOADS = {w.name: w for w in (DIGITS, CHARLM)}

@@ -20,7 +20,7 @@ target_loss; metrics: loss every step, train_loss and val_loss at evaluations; t
 controller's events), for ``noisescale show`` and the planner.  Usage::
 
     python benchmarks/adaptive.py --quick                      # smoke test, about a minute
-    python benchmarks/adaptive.py                              # both workloads, 3 seeds (see benchmarks/README.md)
+    python benchmarks/adaptive.py                              # both workloads (about 1.5 hours on 2 busy cores)
     python benchmarks/adaptive.py --workloads digits --variants gns,naive --seeds 5
 
 Writes ``<out>/adaptive.json`` and, with matplotlib (``pip install 'noisescale[report]'``), one PNG of S against E
@@ -150,17 +150,18 @@ def frontier_product(fit: dict[str, float], steps: float, examples: float) -> fl
 
 def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -> dict[str, Any]:
     batches = tuple(args.batches) if args.batches else w.sweep
+    seeds = args.seeds if args.seeds is not None else list(range(w.seeds))
     specs = specs_for(w, args.variants, batches)
 
     def grid(spec: Spec) -> list[float]:
         return args.grid if spec.schedule == "fixed" else args.adaptive_grid
 
     per: dict[str, dict[float, list[Result]]] = {}
-    total = sum(len(grid(spec)) for spec in specs) * len(args.seeds)
+    total = sum(len(grid(spec)) for spec in specs) * len(seeds)
     done = 0
     for spec in specs:
         for mult in grid(spec):
-            for seed in args.seeds:
+            for seed in seeds:
                 r = train(w, spec, seed=seed, lr_mult=mult, runs_dir=runs_dir, max_examples=args.max_examples)
                 per.setdefault(spec.label, {}).setdefault(mult, []).append(r)
                 done += 1
@@ -207,6 +208,7 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
     return {
         "workload": w.name,
         "description": w.description,
+        "seeds": seeds,
         "target_loss": w.target_loss,
         "budget": w.budget,
         "lr_rule": w.lr_rule,
@@ -227,7 +229,7 @@ def _f(v: float | None, fmt: str = ",.0f") -> str:
 def table(res: dict[str, Any]) -> str:
     fit = res["fit"]
     head = (
-        f"{res['workload']}: {res['description']}\n"
+        f"{res['workload']}: {res['description']}; seeds {res['seeds']}\n"
         f"target training loss {res['target_loss']:g}; held-out loss compared at {res['budget']:,} examples; "
         f"lr rule {res['lr_rule']} from {res['lr_ref']:g} at batch {res['batch_ref']}\n"
     )
@@ -348,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workloads", default="digits,charlm", help="comma-separated: digits, charlm")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"gns variants (default all): {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", default="3", help="N (seeds 0..N-1, default 3) or a comma-separated list of seeds")
+    p.add_argument(
+        "--seeds", default=None, help="N (seeds 0..N-1) or a comma-separated list (default: digits 8, charlm 3)"
+    )
     p.add_argument("--grid", default="0.5,1,2", help="learning-rate multipliers of the fixed batches (default 0.5,1,2)")
     p.add_argument(
         "--adaptive-grid", default="1", help="learning-rate multipliers of the ramp and the controllers (default 1)"
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in WORKLOADS:
             p.error(f"unknown workload {name!r}; known: {list(WORKLOADS)}")
         workloads.append(WORKLOADS[name])
-    args.seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
+    if args.seeds is not None:
+        args.seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
     if args.quick:
         args.seeds, args.grid, args.adaptive_grid, args.variants = [0], [1.0], [1.0], ["gns"]
         workloads = [replace(w, **QUICK[w.name], sweep=w.sweep[1:4:2]) for w in workloads]
