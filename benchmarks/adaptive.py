@@ -186,6 +186,40 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
                 "controller": spec.controller,
             }
         )
+    return {
+        "workload": w.name,
+        "description": w.description,
+        "seeds": seeds,
+        "target_loss": w.target_loss,
+        "budget": w.budget,
+        "lr_rule": w.lr_rule,
+        "lr_ref": w.lr_ref,
+        "batch_ref": w.batch_ref,
+        "halflife": w.halflife,
+        "rows": rows,
+        "runs": [asdict(r) for label in per for rs in per[label].values() for r in rs],
+    }
+
+
+def local_product(fixed: list[dict[str, Any]], steps: float, examples: float) -> float | None:
+    """``frontier_product`` against the curve through the two fixed batches whose steps bracket ``steps`` (the
+    nearest two at either end): where the point stands among its neighbours, whatever the global fit's misfit."""
+    pts = sorted((r["batch_size"], r["steps"]) for r in fixed)
+    if len(pts) < 2:
+        return None
+    i = next((j for j in range(len(pts) - 1) if pts[j + 1][1] <= steps), len(pts) - 2)
+    (b0, s0), (b1, s1) = pts[i], pts[i + 1]
+    # S = S_min + E_min / B through both points
+    e_min = (s0 - s1) / (1 / b0 - 1 / b1)
+    s_min = s0 - e_min / b0
+    if s_min <= 0 or e_min <= 0:
+        return None
+    return frontier_product({"S_min": s_min, "E_min": e_min}, steps, examples)
+
+
+def analyse(res: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the fit, the anchor and every row's ratios, frontier products and targets met."""
+    rows = res["rows"]
     fixed = [r for r in rows if r["schedule"] == "fixed" and r["steps"] is not None]
     fit = fit_frontier([(r["batch_size"], r["steps"]) for r in fixed])
     anchor = min(fixed, key=lambda r: r["examples"]) if fixed else None
@@ -194,6 +228,7 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
         if r["steps"] is None:
             continue
         r["frontier_product"] = frontier_product(fit, r["steps"], r["examples"]) if fit else None
+        r["local_product"] = local_product(fixed, r["steps"], r["examples"])
         if anchor is not None:
             r["steps_ratio"] = r["steps"] / anchor["steps"]
             r["examples_ratio"] = r["examples"] / anchor["examples"]
@@ -205,21 +240,9 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
             "heldout": r.get("heldout_ratio", math.inf) <= TARGETS["heldout"],
             "frontier": r.get("frontier_product") is not None and r["frontier_product"] <= 1.0,
         }
-    return {
-        "workload": w.name,
-        "description": w.description,
-        "seeds": seeds,
-        "target_loss": w.target_loss,
-        "budget": w.budget,
-        "lr_rule": w.lr_rule,
-        "lr_ref": w.lr_ref,
-        "batch_ref": w.batch_ref,
-        "halflife": w.halflife,
-        "fit": fit,
-        "anchor": anchor["label"] if anchor else None,
-        "rows": rows,
-        "runs": [asdict(r) for label in per for rs in per[label].values() for r in rs],
-    }
+    res["fit"] = fit
+    res["anchor"] = anchor["label"] if anchor else None
+    return res
 
 
 def _f(v: float | None, fmt: str = ",.0f") -> str:
@@ -229,14 +252,16 @@ def _f(v: float | None, fmt: str = ",.0f") -> str:
 def table(res: dict[str, Any]) -> str:
     fit = res["fit"]
     head = (
-        f"{res['workload']}: {res['description']}; seeds {res['seeds']}\n"
+        f"{res['workload']}: {res['description']}; seeds {res.get('seeds', '?')}\n"
         f"target training loss {res['target_loss']:g}; held-out loss compared at {res['budget']:,} examples; "
         f"lr rule {res['lr_rule']} from {res['lr_ref']:g} at batch {res['batch_ref']}\n"
     )
     if fit:
         head += (
             f"fit over the fixed batches: S_min {fit['S_min']:,.0f}, E_min {fit['E_min']:,.0f}, "
-            f"B_noise {fit['B_noise']:,.0f}; ratios against {res['anchor']} (fewest examples)\n"
+            f"B_noise {fit['B_noise']:,.0f}; ratios against {res['anchor']} (fewest examples); frontier: "
+            "(S/S_min - 1)(E/E_min - 1) on the fit, local: on the curve through the two fixed batches around S "
+            "(<= 1: on or beyond)\n"
         )
     cols = [
         "schedule",
@@ -249,6 +274,7 @@ def table(res: dict[str, Any]) -> str:
         "examples x",
         "held-out x",
         "frontier",
+        "local",
     ]
     lines = []
     for r in res["rows"]:
@@ -265,6 +291,7 @@ def table(res: dict[str, Any]) -> str:
                 _f(r.get("examples_ratio"), ".2f"),
                 _f(r.get("heldout_ratio"), ".3f"),
                 _f(r.get("frontier_product"), ".2f"),
+                _f(r.get("local_product"), ".2f"),
             ]
         )
     widths = [max(len(c), *(len(row[i]) for row in lines)) for i, c in enumerate(cols)]
@@ -362,7 +389,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/adaptive", help="folder for JSON, PNGs and runs/")
     p.add_argument("--no-runs", action="store_true", help="do not write run stores")
     p.add_argument("--quick", action="store_true", help="smoke test: easy targets, two batches, one seed, gns only")
+    p.add_argument("--from-json", default=None, help="print the tables and draw the PNGs of a finished run's JSON")
     args = p.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        for res in doc["workloads"].values():
+            print(table(analyse(res)) + "\n")
+            png = Path(args.from_json).with_name(f"adaptive_{res['workload']}.png")
+            if plot(res, png):
+                print(f"wrote {png}")
+        return 0
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -406,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     start = time.time()
     for w in workloads:
-        res = run_workload(w, args, runs_dir)
+        res = analyse(run_workload(w, args, runs_dir))
         doc["workloads"][w.name] = res
         print(table(res) + "\n", flush=True)
         png = out / f"adaptive_{w.name}.png"
