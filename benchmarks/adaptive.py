@@ -217,18 +217,28 @@ def local_product(fixed: list[dict[str, Any]], steps: float, examples: float) ->
     return frontier_product({"S_min": s_min, "E_min": e_min}, steps, examples)
 
 
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a is not b and a["steps"] <= b["steps"] and a["examples"] <= b["examples"]
+
+
 def analyse(res: dict[str, Any]) -> dict[str, Any]:
     """Fill in the fit, the anchor and every row's ratios, frontier products and targets met."""
     rows = res["rows"]
-    fixed = [r for r in rows if r["schedule"] == "fixed" and r["steps"] is not None]
+    reached = [r for r in rows if r["schedule"] == "fixed" and r["steps"] is not None]
+    # The model has S falling and E rising with B: a fixed batch that needs more steps *and* more examples than
+    # another lies outside it (typically one so small that its learning rate, not the noise, limits it).
+    fixed = [r for r in reached if not any(_dominates(o, r) for o in reached)]
+    res["off_model"] = [r["label"] for r in reached if r not in fixed]
     fit = fit_frontier([(r["batch_size"], r["steps"]) for r in fixed])
     anchor = min(fixed, key=lambda r: r["examples"]) if fixed else None
-    best_held = min((r["heldout"] for r in fixed if r["heldout"] is not None), default=None)
+    every_fixed = [r for r in rows if r["schedule"] == "fixed"]
+    best_held = min((r["heldout"] for r in every_fixed if r["heldout"] is not None), default=None)
     for r in rows:
         if r["steps"] is None:
             continue
         r["frontier_product"] = frontier_product(fit, r["steps"], r["examples"]) if fit else None
-        r["local_product"] = local_product(fixed, r["steps"], r["examples"])
+        off = r["label"] in res["off_model"]
+        r["local_product"] = None if off else local_product(fixed, r["steps"], r["examples"])
         if anchor is not None:
             r["steps_ratio"] = r["steps"] / anchor["steps"]
             r["examples_ratio"] = r["examples"] / anchor["examples"]
@@ -258,7 +268,13 @@ def table(res: dict[str, Any]) -> str:
     )
     if fit:
         head += (
-            f"fit over the fixed batches: S_min {fit['S_min']:,.0f}, E_min {fit['E_min']:,.0f}, "
+            "fit over the fixed batches"
+            + (
+                f" but {', '.join(res['off_model'])} (more steps and more examples than another)"
+                if res.get("off_model")
+                else ""
+            )
+            + f": S_min {fit['S_min']:,.0f}, E_min {fit['E_min']:,.0f}, "
             f"B_noise {fit['B_noise']:,.0f}; ratios against {res['anchor']} (fewest examples); frontier: "
             "(S/S_min - 1)(E/E_min - 1) on the fit, local: on the curve through the two fixed batches around S "
             "(<= 1: on or beyond)\n"
@@ -324,7 +340,11 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     colors = {"fixed": "#444444", "linear_ramp": "#2ca02c", "gns": "#d62728"}
     for run in res["runs"]:
         row = by_label[run["label"]]
-        if run["steps"] is None or run["lr_mult"] != row["lr_mult"]:
+        if (
+            run["steps"] is None
+            or run["lr_mult"] != row["lr_mult"]
+            or (run["label"] not in ("gns",) and row["schedule"] != "fixed")
+        ):
             continue
         ax.scatter(run["examples"], run["steps"], s=10, alpha=0.35, color=colors[run["schedule"]])
     for r in res["rows"]:
@@ -339,7 +359,14 @@ def plot(res: dict[str, Any], path: Path) -> bool:
             marker="o" if r["schedule"] == "fixed" else ("D" if main else "x"),
             zorder=3,
         )
-        ax.annotate(r["label"], (r["examples"], r["steps"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(
+            r["label"],
+            (r["examples"], r["steps"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8 if main else 6,
+            color="#222222" if main else "#aa4444",
+        )
     fit = res["fit"]
     if fit:
         s_min, e_min = fit["S_min"], fit["E_min"]
