@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from _adaptive_tasks import WORKLOADS, Workload
-from _adaptive_train import Result, Spec, train
+from _adaptive_train import Spec, train
 
 # The recommended controller, then ablations that change one choice each (merged into the workload's gns dict).
 GNS: dict[str, Any] = {
@@ -91,11 +91,11 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def summarize(results: list[Result]) -> dict[str, Any]:
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One schedule at one learning rate over seeds: medians and spread (None where a seed missed the target)."""
-    steps = [r.steps for r in results if r.steps is not None]
-    examples = [r.examples for r in results if r.examples is not None]
-    held = [r.heldout_at_budget for r in results if r.heldout_at_budget is not None]
+    steps = [r["steps"] for r in results if r["steps"] is not None]
+    examples = [r["examples"] for r in results if r["examples"] is not None]
+    held = [r["heldout_at_budget"] for r in results if r["heldout_at_budget"] is not None]
     ok = len(steps) == len(results)
     return {
         "reached": f"{len(steps)}/{len(results)}",
@@ -105,7 +105,7 @@ def summarize(results: list[Result]) -> dict[str, Any]:
         "examples_range": [min(examples), max(examples)] if examples else None,
         "heldout": _median(held) if held else None,
         "heldout_range": [min(held), max(held)] if held else None,
-        "seconds": sum(r.seconds for r in results),
+        "seconds": sum(r["seconds"] for r in results),
     }
 
 
@@ -152,40 +152,26 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
     batches = tuple(args.batches) if args.batches else w.sweep
     seeds = args.seeds if args.seeds is not None else list(range(w.seeds))
     specs = specs_for(w, args.variants, batches)
+    if args.skip_fixed:
+        specs = [spec for spec in specs if spec.schedule != "fixed"]
 
     def grid(spec: Spec) -> list[float]:
         return args.grid if spec.schedule == "fixed" else args.adaptive_grid
 
-    per: dict[str, dict[float, list[Result]]] = {}
+    runs: list[dict[str, Any]] = []
     total = sum(len(grid(spec)) for spec in specs) * len(seeds)
-    done = 0
     for spec in specs:
         for mult in grid(spec):
             for seed in seeds:
                 r = train(w, spec, seed=seed, lr_mult=mult, runs_dir=runs_dir, max_examples=args.max_examples)
-                per.setdefault(spec.label, {}).setdefault(mult, []).append(r)
-                done += 1
+                runs.append(asdict(r))
                 shown = "-" if r.steps is None else f"{r.steps:.0f} steps, {r.examples:,.0f} examples"
                 print(
-                    f"  [{done}/{total}] {w.name} {spec.label} lr x{mult:g} seed {seed}: {shown} ({r.seconds:.1f} s)",
+                    f"  [{len(runs)}/{total}] {w.name} {spec.label} lr x{mult:g} seed {seed}: {shown} "
+                    f"({r.seconds:.1f} s)",
                     file=sys.stderr,
                     flush=True,
                 )
-    rows = []
-    for spec in specs:
-        by_mult = {m: summarize(rs) for m, rs in per[spec.label].items()}
-        mult, best = best_of_grid(by_mult)
-        rows.append(
-            {
-                "label": spec.label,
-                "schedule": spec.schedule,
-                "batch_size": spec.batch_size,
-                "lr_mult": mult,
-                **best,
-                "by_mult": by_mult,
-                "controller": spec.controller,
-            }
-        )
     return {
         "workload": w.name,
         "description": w.description,
@@ -196,9 +182,47 @@ def run_workload(w: Workload, args: argparse.Namespace, runs_dir: Path | None) -
         "lr_ref": w.lr_ref,
         "batch_ref": w.batch_ref,
         "halflife": w.halflife,
-        "rows": rows,
-        "runs": [asdict(r) for label in per for rs in per[label].values() for r in rs],
+        "specs": [asdict(spec) for spec in specs],
+        "runs": runs,
     }
+
+
+def build_rows(res: dict[str, Any]) -> dict[str, Any]:
+    """One row per schedule (in ``specs`` order), at its best learning-rate multiplier, from ``runs``."""
+    rows = []
+    for spec in res["specs"]:
+        by_mult: dict[float, list[dict[str, Any]]] = {}
+        for r in res["runs"]:
+            if r["label"] == spec["label"]:
+                by_mult.setdefault(r["lr_mult"], []).append(r)
+        summaries = {m: summarize(rs) for m, rs in sorted(by_mult.items())}
+        mult, best = best_of_grid(summaries)
+        rows.append(
+            {
+                **{k: spec[k] for k in ("label", "schedule", "batch_size", "controller")},
+                "lr_mult": mult,
+                **best,
+                "by_mult": summaries,
+            }
+        )
+    res["rows"] = rows
+    return res
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s runs added to ``old``'s (``--append``), schedules in order of first appearance."""
+    specs = old.get("specs") or [
+        {"label": r["label"], "schedule": r["schedule"], "batch_size": r["batch_size"], "controller": r["controller"]}
+        for r in old["rows"]
+    ]
+    labels = {s["label"] for s in specs}
+    out = {
+        **old,
+        "runs": old["runs"] + new["runs"],
+        "specs": specs + [s for s in new["specs"] if s["label"] not in labels],
+    }
+    out["seeds"] = sorted(set(old.get("seeds", [])) | set(new["seeds"]))
+    return out
 
 
 def local_product(fixed: list[dict[str, Any]], steps: float, examples: float) -> float | None:
@@ -417,11 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-runs", action="store_true", help="do not write run stores")
     p.add_argument("--quick", action="store_true", help="smoke test: easy targets, two batches, one seed, gns only")
     p.add_argument("--from-json", default=None, help="print the tables and draw the PNGs of a finished run's JSON")
+    p.add_argument(
+        "--append", action="store_true", help="add these runs to <out>/adaptive.json (e.g. other learning rates)"
+    )
+    p.add_argument("--skip-fixed", action="store_true", help="run only the ramp and the controllers")
     args = p.parse_args(argv)
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
         for res in doc["workloads"].values():
-            print(table(analyse(res)) + "\n")
+            print(table(analyse(build_rows(res) if "specs" in res else res)) + "\n")
             png = Path(args.from_json).with_name(f"adaptive_{res['workload']}.png")
             if plot(res, png):
                 print(f"wrote {png}")
@@ -440,14 +468,17 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append(WORKLOADS[name])
     if args.seeds is not None:
         args.seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
+        if not args.seeds:
+            p.error("--seeds needs a number >= 1 or a list such as 0,1,2")
     if args.quick:
         args.seeds, args.grid, args.adaptive_grid, args.variants = [0], [1.0], [1.0], ["gns"]
         workloads = [replace(w, **QUICK[w.name], sweep=w.sweep[1:4:2]) for w in workloads]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = None if args.no_runs else out / "runs"
-    if runs_dir is not None and runs_dir.exists():
+    if runs_dir is not None and runs_dir.exists() and not args.append:
         shutil.rmtree(runs_dir)  # one benchmark's runs at a time: the planner reads them all
+    previous = json.loads((out / "adaptive.json").read_text()) if args.append else None
     doc: dict[str, Any] = {
         "settings": {
             "seeds": args.seeds,
@@ -468,9 +499,17 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {},
     }
     start = time.time()
+    if previous is not None:
+        doc["workloads"] = previous["workloads"]
+        doc["appended"] = previous.get("appended", []) + [doc["settings"]]
+        doc["settings"] = previous["settings"]
     for w in workloads:
-        res = analyse(run_workload(w, args, runs_dir))
+        res = run_workload(w, args, runs_dir)
+        if previous is not None and w.name in previous["workloads"]:
+            res = merge(previous["workloads"][w.name], res)
+        res = analyse(build_rows(res))
         doc["workloads"][w.name] = res
+        (out / "adaptive.json").write_text(json.dumps(doc, indent=1, default=str))
         print(table(res) + "\n", flush=True)
         png = out / f"adaptive_{w.name}.png"
         if plot(res, png):
