@@ -10,6 +10,7 @@ the examples, and the losses at the end; each run is recorded for ``noisescale s
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +216,14 @@ def adaptive_table(result: AdaptiveResult) -> str:
     saved = 1 - a.steps / f.steps if f.steps else 0.0
     lines += [
         "",
-        f"About the same examples, {saved:.0%} fewer optimizer steps: the controller followed B_simple (the batch at "
-        "which a gradient's noise equals its signal), keeping the batch small while it was small and growing it as "
-        "it grew, with the learning rate scaled along.",
+        *textwrap.wrap(
+            f"About the same examples, {saved:.0%} fewer optimizer steps: the controller followed B_simple "
+            "(the batch at which a gradient's noise equals its signal), keeping the batch small while it was "
+            "small and growing it as it grew, with the learning rate scaled along.",
+            100,
+        ),
+    ]
+    lines += [
         "",
         "Look further (batch size and learning rate over examples seen are in both runs)",
         f"  noisescale show {f.path}",
