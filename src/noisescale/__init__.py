@@ -19,6 +19,7 @@ from noisescale.version import __version__
 if TYPE_CHECKING:
     from noisescale import alerts, sinks
     from noisescale.collectors.rules.registry import register_norm_rule
+    from noisescale.controllers import AdaptiveBatchSampler, BatchSizeController, ExampleClock
     from noisescale.estimators.two_batch import TwoBatchEstimate, two_batch_estimate
     from noisescale.monitor import GNSMonitor
     from noisescale.planning import plan
@@ -36,6 +37,9 @@ _LAZY = {
     "two_batch_estimate": "noisescale.estimators.two_batch",
     "register_norm_rule": "noisescale.collectors.rules.registry",
     "plan": "noisescale.planning",
+    "AdaptiveBatchSampler": "noisescale.controllers",
+    "BatchSizeController": "noisescale.controllers",
+    "ExampleClock": "noisescale.controllers",
     "Run": "noisescale.store",
     "open_run": "noisescale.store",
     "list_runs": "noisescale.store",
@@ -63,7 +67,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaptiveBatchSampler",
+    "BatchSizeController",
     "ConfigError",
+    "ExampleClock",
     "GNSMonitor",
     "GroupsError",
     "LayerMeasurement",

@@ -7,7 +7,10 @@ import sys
 import noisescale as ns
 
 EXPECTED_ALL = {
+    "AdaptiveBatchSampler",
+    "BatchSizeController",
     "ConfigError",
+    "ExampleClock",
     "GNSMonitor",
     "GroupsError",
     "LayerMeasurement",

@@ -58,6 +58,11 @@ def register(sub: Any) -> None:
         metavar="FRACTION",
         help="digits: flip this fraction of the training labels and show that their examples' gradients stand out",
     )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="digits with a fixed batch and with the batch-size controller, side by side (same examples)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
     p.add_argument(
         "--dashboard", action="store_true", help="serve the live dashboard over --dir while training (dashboard extra)"
@@ -71,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from noisescale.demo import DemoError, DemoOptions, run_demo
     from noisescale.demo.explain import explain, sources_agree
 
+    if args.adaptive:
+        return _adaptive(args)
     if args.source == "microbatch" and args.micro_batches == 1:
         print("noisescale demo: error: --source microbatch needs --micro-batches 2 or more", file=sys.stderr)
         return 2
@@ -114,4 +121,44 @@ def run(args: argparse.Namespace) -> int:
         server.linger()  # serves on until Ctrl+C when a person is at the terminal
     if args.compare_sources and not sources_agree(result):
         return fail("--compare-sources: the per-example and micro-batch sources disagree (see the table above)")
+    return 0
+
+
+def _adaptive(args: argparse.Namespace) -> int:
+    from noisescale.cli.exits import fail
+    from noisescale.demo import DemoError
+    from noisescale.demo.adaptive import AdaptiveOptions, adaptive_table, run_adaptive_demo
+
+    if args.task != "digits" or args.compare_sources or args.source != "auto" or args.micro_batches or args.noisy_labels:
+        return fail(
+            "--adaptive trains the digits task with the example source; drop --task, --source, "
+            "--micro-batches, --compare-sources and --noisy-labels"
+        )
+    batch = args.batch_size or 32
+    options = AdaptiveOptions(
+        dir=args.dir,
+        name=args.name,
+        seed=args.seed,
+        batch_size=batch,
+        examples=(args.steps or 1600) * batch,
+        lr=args.lr,
+        halflife=args.halflife,
+        progress=not args.quiet,
+    )
+    server = None
+    if args.dashboard:
+        from noisescale.dashboard.beside import start_beside
+
+        server = start_beside(args.dir, port=args.dashboard_port)
+    try:
+        result = run_adaptive_demo(options)
+    except BaseException as e:
+        if server is not None:
+            server.close()
+        if isinstance(e, DemoError):
+            return fail(str(e))
+        raise
+    print(f"{result.fixed.path}\n{result.adaptive.path}" if args.quiet else adaptive_table(result))
+    if server is not None:
+        server.linger()
     return 0

@@ -14,6 +14,7 @@ __all__ = ["register", "run", "text_summary"]
 
 STALE_AFTER_S = 120.0
 MAX_LAYER_ROWS = 30
+MAX_SCHEDULE_ROWS = 12
 
 
 def register(sub: Any) -> None:
@@ -47,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         layers = _last_layers(reader)
         groups = reader.latest_groups()
+        schedule = batch_schedule(reader)
     print(text_summary(summary, layers, groups))
+    if schedule:
+        print("\n" + schedule)
     return 0
 
 
@@ -64,6 +68,41 @@ def _metric(reader: Any, key: str) -> dict[str, list[Any]]:
 
 def _last_layers(reader: Any) -> dict[str, dict[str, Any]]:
     return dict(reader.latest_layers("param"))
+
+
+def batch_schedule(reader: Any) -> str:
+    """Batch size and learning rate over examples seen, one row per change (``""`` if the batch never changed
+    and no learning rate was logged)."""
+    rows = reader.measurements()
+    lr = reader.metric("lr")
+    scale = reader.metric("lr_scale")
+    if not rows or (len(lr) == 0 and len({r["batch_size"] for r in rows}) < 2):
+        return ""
+    lr_at = dict(zip(lr.step, lr.value, strict=True))
+    scale_at = dict(zip(scale.step, scale.value, strict=True))
+    marks = [
+        i
+        for i, r in enumerate(rows)
+        if i in (0, len(rows) - 1)
+        or r["batch_size"] != rows[i - 1]["batch_size"]
+        or lr_at.get(r["step"]) != lr_at.get(rows[i - 1]["step"])
+    ]
+    if len(marks) > MAX_SCHEDULE_ROWS:  # keep the first and last, and evenly spaced ones between
+        picks = {round(j * (len(marks) - 1) / (MAX_SCHEDULE_ROWS - 1)) for j in range(MAX_SCHEDULE_ROWS)}
+        marks = [marks[j] for j in sorted(picks)]
+    body = [
+        [
+            f"{r['step']:,}",
+            f"{r['examples'] - r['batch_size']:,}",  # examples seen before this step
+            f"{r['batch_size']:,}",
+            "-" if lr_at.get(r["step"]) is None else f"{lr_at[r['step']]:.4g}",
+            "-" if scale_at.get(r["step"]) is None else f"{scale_at[r['step']]:.3g}",
+        ]
+        for r in (rows[i] for i in marks)
+    ]
+    changes = sum(1 for e in reader.events() if e["kind"] == "controller")
+    head = f"batch size and learning rate over examples seen ({changes} controller decisions recorded)"
+    return head + "\n" + table(["step", "examples", "batch", "lr", "lr scale"], body, right=[True] * 5)
 
 
 def text_summary(

@@ -126,7 +126,10 @@ def render_html(reader: RunReader, *, x: XAxis = "examples") -> str:
     ]
 
     # 2. loss and other metrics
-    curves = {k: v for k, v in metrics.items() if not k.startswith("microbatch/") and len(v) >= 2}
+    parts += _schedule_charts(rows, metrics, events)
+    curves = {
+        k: v for k, v in metrics.items() if not k.startswith("microbatch/") and k not in _SCHEDULE and len(v) >= 2
+    }
     if curves:
         parts.append("<h2>Loss</h2>" if "loss" in curves else "<h2>Metrics</h2>")
         for i, (k, series) in enumerate(sorted(curves.items(), key=lambda kv: (kv[0] != "loss", kv[0]))):
@@ -255,6 +258,52 @@ def _switch_css() -> str:
         "\n.xbar .hint { color: #777; font-size: 12px; } .hover:hover { fill-opacity: 0.06; }"
         "\n.clipped { fill: #555; }"
     )
+
+
+_SCHEDULE = ("lr", "lr_scale", "accumulation")  # the batch-size controller's metrics, drawn by _schedule_charts
+
+
+def _schedule_charts(rows: list[dict[str, Any]], metrics: dict[str, Any], events: list[dict[str, Any]]) -> list[str]:
+    """Batch size and learning rate over examples seen, when a controller ran (or the batch size changed)."""
+    lr = metrics.get("lr")
+    if not (lr is not None and len(lr)) and len({r["batch_size"] for r in rows}) < 2:
+        return []
+    decisions = sum(1 for e in events if e["kind"] == "controller")
+    out = [
+        "<h2>Batch size and learning rate</h2>",
+        line_chart(
+            title="batch size",
+            x_label="examples seen",
+            y_label="batch size (log scale)",
+            lines=[
+                Line(
+                    [float(r["examples"]) for r in rows],
+                    [float(r["batch_size"]) for r in rows],
+                    "batch size",
+                    "#444444",
+                    1.8,
+                )
+            ],
+            log_y=True,
+            height=220,
+        ),
+    ]
+    if lr is not None and len(lr) >= 2:
+        xs = [float(e) if e is not None else None for e in lr.examples]
+        out.append(
+            line_chart(
+                title="learning rate",
+                x_label="examples seen",
+                y_label="learning rate used",
+                lines=[Line(xs, lr.value, "learning rate (first parameter group)", PALETTE[4], 1.8)],
+                height=220,
+            )
+        )
+    out.append(
+        f'<p class="note">{decisions} batch-size decision(s) recorded (listed under Events). The learning rate is the '
+        "one each optimizer step used, the scheduler's times the controller's multiplier.</p>"
+    )
+    return out
 
 
 def _summary_table(s: dict[str, Any]) -> str:

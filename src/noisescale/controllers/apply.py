@@ -1,0 +1,129 @@
+"""Applying decisions to the user's objects: the one place that changes an optimizer, a sampler or a clock.
+
+The learning rate is multiplied only for the duration of ``optimizer.step()`` (a step pre-hook sets it, a post-hook
+puts the user's value back), so whatever the user or a ``torch.optim.lr_scheduler`` writes into
+``param_groups[i]["lr"]`` stays theirs: the controller composes with any scheduler, and a saved
+``optimizer.state_dict()`` holds the unscaled values.  Momentum, Adam's betas and weight decay are adjusted the
+same way when asked to keep their horizons in examples.  Optimizer state is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from noisescale.controllers.rules import HORIZONS, Horizon, horizon_beta, weight_decay_for
+from noisescale.errors import ConfigError
+
+__all__ = ["OptimizerScaling", "check_horizons"]
+
+
+def check_horizons(optimizer: Any, keep: Sequence[str]) -> tuple[Horizon, ...]:
+    """The valid, de-duplicated ``keep_horizons``; each must find something to keep in ``optimizer``."""
+    out: list[Horizon] = []
+    for h in keep:
+        if h not in HORIZONS:
+            raise ConfigError(f"unknown horizon {h!r} in keep_horizons; expected some of {list(HORIZONS)}")
+        if optimizer is None:
+            raise ConfigError(f"keep_horizons={list(keep)} adjusts an optimizer: pass optimizer=your_optimizer")
+        groups = optimizer.param_groups
+        found = {
+            "momentum": any(g.get("momentum") or g.get("betas") for g in groups),
+            "beta2": any(g.get("betas") for g in groups),
+            "weight_decay": any(g.get("weight_decay") for g in groups),
+        }[h]
+        if not found:
+            raise ConfigError(
+                f"keep_horizons has {h!r}, but no parameter group of {type(optimizer).__name__} has "
+                + {"momentum": "momentum or betas", "beta2": "betas", "weight_decay": "weight_decay > 0"}[h]
+                + f"; drop {h!r}"
+            )
+        if h not in out:
+            out.append(h)
+    return tuple(out)
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class OptimizerScaling:
+    """Step hooks on one optimizer that apply ``lr_scale`` (and the horizons) for the length of each step.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``.
+        keep: horizons to keep constant in examples (see ``noisescale.controllers.rules``).
+        on_lr: called with the first parameter group's learning rate as used by each step.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        keep: Sequence[Horizon] = (),
+        on_lr: Callable[[float], None] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for i, g in enumerate(optimizer.param_groups):
+            if "lr" not in g:
+                raise ConfigError(f"param group {i} of {type(optimizer).__name__} has no 'lr' to scale")
+        self.optimizer = optimizer
+        self.keep = tuple(keep)
+        self.on_lr = on_lr
+        self.lr_scale = 1.0
+        self.ratio = 1.0
+        self._saved: list[dict[str, Any]] | None = None
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before),
+            optimizer.register_step_post_hook(self._after),
+        ]
+
+    def set(self, lr_scale: float, ratio: float) -> None:
+        """Use ``lr_scale`` and the batch ratio ``B / B0`` from the next ``optimizer.step()`` on."""
+        self.lr_scale, self.ratio = float(lr_scale), float(ratio)
+
+    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._restore()  # a step that raised last time left its values in place
+        saved = []
+        for g in optimizer.param_groups:
+            keep: dict[str, Any] = {"lr": g["lr"]}
+            g["lr"] = g["lr"] * self.lr_scale  # a tensor lr becomes a new tensor; the user's comes back after the step
+            if "momentum" in self.keep and _real(g.get("momentum")) and g["momentum"] > 0:
+                keep["momentum"] = g["momentum"]
+                g["momentum"] = horizon_beta(g["momentum"], self.ratio)
+            betas = g.get("betas")
+            if isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) for b in betas):
+                b1, b2 = betas
+                if "momentum" in self.keep:
+                    b1 = horizon_beta(b1, self.ratio)
+                if "beta2" in self.keep:
+                    b2 = horizon_beta(b2, self.ratio)
+                if (b1, b2) != betas:
+                    keep["betas"] = betas
+                    g["betas"] = (b1, b2)
+            if "weight_decay" in self.keep and _real(g.get("weight_decay")) and g["weight_decay"] > 0:
+                keep["weight_decay"] = g["weight_decay"]
+                g["weight_decay"] = weight_decay_for(g["weight_decay"], self.ratio, self.lr_scale)
+            saved.append(keep)
+        self._saved = saved
+        if self.on_lr is not None and optimizer.param_groups:
+            self.on_lr(float(optimizer.param_groups[0]["lr"]))
+
+    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        for g, keep in zip(self.optimizer.param_groups, self._saved, strict=True):
+            g.update(keep)
+        self._saved = None
+
+    def close(self) -> None:
+        """Remove the hooks (and put back any value a raising step left)."""
+        self._restore()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
