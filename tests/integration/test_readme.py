@@ -35,6 +35,8 @@ EXCLUDED = {
     "noisescale demo --task charlm": "about a minute of training on 2 cores; test_cli.py trains it for 3 steps",
     "noisescale demo --noisy-labels 0.05": "800 steps of training with per-example scores; test_groups_cli.py runs "
     "it for 150 steps",
+    "python benchmarks/adaptive.py": "about 90 minutes of training on 2 cores (fixed batches, ramps, the controller "
+    "and its ablations, several seeds); tests/unit/test_controller_*.py test the controller itself",
     "torchrun --standalone --nproc-per-node 2 examples/ddp_train.py": "torchrun: two processes training for "
     "minutes; tests/distributed/ run the rank source on 2 gloo processes",
     "torchrun --standalone --nproc-per-node 8 examples/ddp_train.py": "needs 8 GPUs",
@@ -44,6 +46,8 @@ EXCLUDED = {
 EXCLUDED_PYTHON = {
     "model = DDP(model)": "a fragment of examples/ddp_train.py (no process group outside torchrun)",
     "monitor = ns.GNSMonitor(model, sinks=": "one line showing the sinks argument (docs/sinks.md has whole examples)",
+    "sampler = ns.AdaptiveBatchSampler(": "the controller's calls in a loop, elided (noisescale demo --adaptive runs "
+    "the whole loop; tests/unit/test_controller_apply.py tests it)",
     "m = monitor.step(batch_size=len(x), groups=": "two lines showing the step's arguments (docs/sources.md has the "
     "whole loop)",
 }

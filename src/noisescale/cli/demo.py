@@ -129,7 +129,13 @@ def _adaptive(args: argparse.Namespace) -> int:
     from noisescale.demo import DemoError
     from noisescale.demo.adaptive import AdaptiveOptions, adaptive_table, run_adaptive_demo
 
-    if args.task != "digits" or args.compare_sources or args.source != "auto" or args.micro_batches or args.noisy_labels:
+    if (
+        args.task != "digits"
+        or args.compare_sources
+        or args.source != "auto"
+        or args.micro_batches
+        or args.noisy_labels
+    ):
         return fail(
             "--adaptive trains the digits task with the example source; drop --task, --source, "
             "--micro-batches, --compare-sources and --noisy-labels"

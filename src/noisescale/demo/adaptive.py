@@ -9,6 +9,7 @@ the examples, and the losses at the end; each run is recorded for ``noisescale s
 
 from __future__ import annotations
 
+import shlex
 import sys
 import textwrap
 import time
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from noisescale.controllers import BatchSizeController, ExampleClock
+from noisescale.demo.explain import look_further
 from noisescale.demo.task import DemoError
 from noisescale.monitor import GNSMonitor
 from noisescale.store import Run, check_run_name
@@ -223,11 +225,12 @@ def adaptive_table(result: AdaptiveResult) -> str:
             100,
         ),
     ]
+    fixed, adaptive = shlex.quote(str(f.path)), shlex.quote(str(a.path))
     lines += [
         "",
-        "Look further (batch size and learning rate over examples seen are in both runs)",
-        f"  noisescale show {f.path}",
-        f"  noisescale show {a.path}",
-        f"  noisescale report {a.path} -o report.html",
+        *look_further(
+            "Look further (batch size and learning rate over examples seen are in both runs)",
+            [f"show {fixed}", f"show {adaptive}", f"report {adaptive} -o report.html"],
+        ),
     ]
     return "\n".join(lines)

@@ -88,17 +88,18 @@ def explain(result: DemoResult) -> str:
                 + ("agree within their bands." if sources_agree(result) else "DISAGREE at some checkpoint.")
             )
     path = shlex.quote(str(result.path))
+    lines += ["", *look_further("Look further", [f"show {path}", f"report {path} -o report.html"])]
+    return "\n".join(lines)
+
+
+def look_further(title: str, commands: list[str]) -> list[str]:
+    """``title`` and the ``noisescale`` commands that follow a demo, each runnable as printed in this shell."""
     cmd = noisescale_command()
-    lines += [
-        "",
-        "Look further",
-        f"  {cmd} show {path}",
-        f"  {cmd} report {path} -o report.html",
-    ]
+    lines = [title, *(f"  {cmd} {c}" for c in commands)]
     activate = Path(sys.executable).parent / "activate"
     if cmd != "noisescale" and activate.exists():
         lines.append(f"  (to type `noisescale` alone, put its virtualenv on your PATH: . {_shown(activate)})")
-    return "\n".join(lines)
+    return lines
 
 
 def noisescale_command() -> str:
