@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The tests also run tiny Hugging Face models and the logging sinks' libraries; `make demo` does not need them.
+# The tests also run tiny Hugging Face models, the logging sinks' libraries and the training frameworks;
+# `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,tensorboard,wandb,mlflow]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,tensorboard,wandb,mlflow,lightning]"
 	touch $(HF_STAMP)
 
 venv: $(STAMP)
