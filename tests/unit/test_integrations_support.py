@@ -52,6 +52,7 @@ def test_importing_the_package_imports_no_framework():
     "module, blocked, extra",
     [
         ("noisescale.integrations.lightning", ("lightning", "lightning.pytorch"), "lightning"),
+        ("noisescale.integrations.huggingface", ("transformers", "transformers.trainer_callback"), "hf"),
     ],
 )
 def test_a_missing_framework_names_its_extra(monkeypatch, module, blocked, extra):
