@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 # The tests also run tiny Hugging Face models, the logging sinks' libraries and the training frameworks;
 # `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,tensorboard,wandb,mlflow,lightning,trl]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,tensorboard,wandb,mlflow,lightning,trl,accelerate]"
 	touch $(HF_STAMP)
 
 venv: $(STAMP)

@@ -53,6 +53,7 @@ def test_importing_the_package_imports_no_framework():
     [
         ("noisescale.integrations.lightning", ("lightning", "lightning.pytorch"), "lightning"),
         ("noisescale.integrations.huggingface", ("transformers", "transformers.trainer_callback"), "hf"),
+        ("noisescale.integrations.accelerate", ("accelerate",), "accelerate"),
     ],
 )
 def test_a_missing_framework_names_its_extra(monkeypatch, module, blocked, extra):
