@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HF_STAMP := $(VENV)/.installed-hf
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv demo test lint typecheck bench clean
 
@@ -17,15 +18,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The tests also run tiny Hugging Face models, the logging sinks' libraries and the training frameworks;
-# `make demo` does not need them.
+# The tests also run tiny Hugging Face models, the logging sinks' libraries, the training frameworks, the dashboard
+# (with a headless browser) and draw with matplotlib; `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,tensorboard,wandb,mlflow,lightning,trl,accelerate]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report,tensorboard,wandb,mlflow,dashboard,dashboard-test,lightning,trl,accelerate]"
 	touch $(HF_STAMP)
+
+# What the commands the demo and the README print need besides the core: matplotlib for `report --png`.
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo,report]"
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/noisescale demo
 
 test: $(HF_STAMP)

@@ -10,12 +10,17 @@ Run:  python examples/hf_causal_lm.py [--steps 200] [--checkpointing] [--bf16]
 
 import argparse
 import math
+import sys
 import time
 
 import torch
-import transformers
 
 import noisescale as ns
+
+try:
+    import transformers
+except ImportError:
+    sys.exit("examples/hf_causal_lm.py needs transformers, which is not installed: pip install 'noisescale[hf]'")
 from noisescale.demo.charlm import load_corpus
 
 

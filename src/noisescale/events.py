@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "Metrics"]
+from noisescale.errors import ConfigError
+
+__all__ = ["Event", "Metrics", "metric_values"]
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,31 @@ class Metrics:
     examples: int | None
     wall_time: float
     values: Mapping[str, float | None]
+
+
+def metric_values(metrics: Mapping[str, object]) -> dict[str, object]:
+    """``metrics`` checked: names non-empty strings, values numbers, ``None`` or one-element tensors.
+
+    A tensor is detached and copied now (asynchronously: no host synchronisation), so a later in-place change by the
+    caller (an accumulator's ``zero_()``) cannot alter what is recorded; it is read where the value is written.
+
+    Raises:
+        ConfigError: for anything else, naming the metric.
+    """
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"metrics must be a mapping like {{'loss': 0.3}}, got {type(metrics).__name__}")
+    out: dict[str, object] = {}
+    for key, raw in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
+        value: Any = raw
+        if callable(getattr(value, "detach", None)) and callable(getattr(value, "numel", None)):  # a tensor
+            if value.numel() != 1:
+                raise ConfigError(
+                    f"metric {key!r} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+                )
+            value = value.detach().clone()
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
+        out[key] = value
+    return out

@@ -31,9 +31,9 @@ from noisescale.estimators.engine import StepEngine
 from noisescale.estimators.rows import RowLayout
 from noisescale.estimators.smoothing import decay_for
 from noisescale.estimators.step import StepConstants
-from noisescale.events import Event, Metrics
+from noisescale.events import Event, Metrics, metric_values
 from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
-from noisescale.sink import CallbackSink, Sink, is_sink
+from noisescale.sink import BaseSink, CallbackSink, Sink, is_sink
 from noisescale.sink_queue import SinkQueue
 from noisescale.source_choice import Source, SourceChoice
 from noisescale.stats import BigBatchNorms, ParamSums, SmallBatchStats
@@ -232,7 +232,7 @@ class GNSMonitor:
         Raises:
             ConfigError: a name is not a non-empty string, or a value is not a number or one-element tensor.
         """
-        values = _checked_metrics(metrics)
+        values = metric_values(metrics)
         at = self.step_count if step is None else _checked_step(step)
         examples = self.examples if at == self.step_count else None
         # Values may still be tensors here: the sinks' thread reads them (SinkQueue), so no sync happens now.
@@ -380,7 +380,7 @@ class GNSMonitor:
         return self._layout
 
 
-class _LogMeasurementSink:
+class _LogMeasurementSink(BaseSink):
     """An object with only ``log_measurement(measurement)`` (``run=`` before the sink seam), as a sink."""
 
     def __init__(self, run: Any) -> None:
@@ -388,18 +388,6 @@ class _LogMeasurementSink:
 
     def on_measurement(self, measurement: Measurement) -> None:
         self.run.log_measurement(measurement)
-
-    def on_metrics(self, metrics: Metrics) -> None:
-        return None
-
-    def on_event(self, event: Event) -> None:
-        return None
-
-    def flush(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
     def __repr__(self) -> str:
         return repr(self.run)
@@ -438,24 +426,6 @@ def _checked_step(step: object) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"step must be a non-negative int (the monitor numbers its steps from 1), got {step!r}")
     return step
-
-
-def _checked_metrics(metrics: Mapping[str, object]) -> dict[str, object]:
-    if not isinstance(metrics, Mapping):
-        raise ConfigError(f"metrics must be a mapping like {{'loss': 0.3}}, got {type(metrics).__name__}")
-    out: dict[str, object] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got shape {value.shape}")
-            # Copy now (asynchronously, no sync) so a later in-place change by the caller cannot alter it.
-            value = value.detach().clone()
-        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
-        out[key] = value
-    return out
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -12,21 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from noisescale.columns import COLUMNS
+
 __all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
 
 Status = Literal["ok", "skipped", "undefined"]
-
-COLUMNS = (
-    "b_simple",
-    "b_simple_low",
-    "b_simple_high",
-    "b_simple_raw",
-    "grad_sq",
-    "trace_cov",
-    "grad_sq_raw",
-    "trace_cov_raw",
-)
-"""The columns of a measurement table, in order; one row for the whole model, then one per layer/module."""
 
 
 def _clean(v: float) -> float | None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from noisescale.cli.main import main
+from noisescale.cli.main import build_parser, main
 from noisescale.demo import DemoOptions, run_demo
 from noisescale.demo.explain import explain, sources_agree
 from noisescale.demo.progress import ProgressBar
@@ -84,7 +84,7 @@ def test_report_writes_one_self_contained_html_file(demo_run, tmp_path, capsys):
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
-    assert page.count("<svg") == 5 and "per parameter tensor" in page
+    assert page.count("<svg") == 15 and "per parameter tensor" in page  # five charts, three x axes each
     assert digest(__import__("pathlib").Path(path)) == before  # reading never writes
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left behind
 
@@ -99,10 +99,27 @@ def test_report_png_or_a_clear_message(demo_run, tmp_path, capsys):
         assert rc == 1
         err = capsys.readouterr().err
         one_line_error(err)
-        assert "pip install matplotlib" in err
+        assert "pip install 'noisescale[report]'" in err
         assert not out.exists() and list(tmp_path.iterdir()) == []
     else:
         assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_png_without_matplotlib_names_the_extra(demo_run, tmp_path):
+    """Through the real entry point, with matplotlib made unimportable: one line, exit 1, no file."""
+    _, path = demo_run
+    out = tmp_path / "r.png"
+    blocked = "import sys; sys.modules['matplotlib'] = None; from noisescale.cli.main import main; sys.exit(main())"
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, "report", path, "--png", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    one_line_error(proc.stderr)
+    assert "pip install 'noisescale[report]'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_refuses_to_overwrite_the_run_file(demo_run, capsys):
@@ -256,3 +273,54 @@ def test_progress_bar_draws_only_on_a_terminal():
     quiet = Tty()
     ProgressBar(10, stream=quiet, enabled=False).update(10, loss=None, b_simple=None, band=None)
     assert quiet.getvalue() == ""
+
+
+def test_the_commands_default_folder_is_the_stores():
+    from noisescale.cli.args import DEFAULT_DIR
+    from noisescale.store import DEFAULT_DIR as STORE_DEFAULT_DIR
+
+    assert DEFAULT_DIR == STORE_DEFAULT_DIR
+    for command in (["show", "x"], ["report", "x"], ["runs"], ["demo"], ["export", "x", "--to", "csv"]):
+        assert build_parser().parse_args(command).dir == DEFAULT_DIR
+
+
+class Recording(io.StringIO):
+    """A stream that remembers, for each write, whether a flush came before the next write."""
+
+    def __init__(self, tty=False):
+        super().__init__()
+        self.tty = tty
+        self.writes = []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.writes.append([text, False])
+        return super().write(text)
+
+    def flush(self):
+        if self.writes:
+            self.writes[-1][1] = True
+        super().flush()
+
+
+def test_without_a_terminal_the_demo_prints_a_flushed_line_per_tenth(tmp_path):
+    out, err = Recording(), Recording()
+    run_demo(DemoOptions(dir=str(tmp_path), steps=20, batch_size=16), stream=err, out=out)
+    assert err.getvalue() == ""  # no bar without a terminal
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("noisescale demo: training digits, 20 steps of batch 16")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == [f"{2 * i}/20" for i in range(1, 11)]
+    assert all("loss " in s and "B_simple " in s for s in steps)
+    assert all(flushed for _, flushed in out.writes)  # each line reaches a pipe as it is written
+
+
+def test_on_a_terminal_the_bar_alone_shows_progress(tmp_path):
+    out, err = Recording(tty=True), Recording(tty=True)
+    run_demo(DemoOptions(dir=str(tmp_path), steps=6, batch_size=16), stream=err, out=out)
+    assert out.getvalue() == "" and "\r" in err.getvalue()
+    quiet_out = Recording()
+    run_demo(DemoOptions(dir=str(tmp_path), steps=6, batch_size=16, progress=False), stream=err, out=quiet_out)
+    assert quiet_out.getvalue() == ""

@@ -53,7 +53,11 @@ def test_export_to_csv(run_file, tmp_path, capsys):
         for c in (*COLUMNS, "wall_time", "coverage"):
             assert (None if row[c] == "" else float(row[c])) == want[c], c
     with open(out / "layers.csv", newline="") as f:
-        got = {(r["name"], int(r["step"])): float(r["b_simple"]) for r in csv.DictReader(f) if r["kind"] == "param"}
+        got = {
+            (r["name"], int(r["step"])): None if r["b_simple"] == "" else float(r["b_simple"])
+            for r in csv.DictReader(f)
+            if r["kind"] == "param"
+        }
     assert got == layer
     with open(out / "metrics.csv", newline="") as f:
         assert [float(r["value"]) for r in csv.DictReader(f)] == loss.value
@@ -81,8 +85,11 @@ def test_export_to_tensorboard(run_file, tmp_path):
             s = reader.layer_series(name, "trace_cov", kind="module")
             assert read(f"noisescale/modules/{name}/trace_cov") == dict(zip(s.examples, s.value))
         loss = reader.metric("loss")
-    assert read("noisescale/b_simple") == {r["examples"]: r["b_simple"] for r in stored}
-    assert read("noisescale/band/low") == {r["examples"]: r["b_simple_low"] for r in stored}
+    # An undefined value (None in the store) is not written: TensorBoard has no missing value.
+    assert read("noisescale/b_simple") == {r["examples"]: r["b_simple"] for r in stored if r["b_simple"] is not None}
+    assert read("noisescale/band/low") == {
+        r["examples"]: r["b_simple_low"] for r in stored if r["b_simple_low"] is not None
+    }
     assert read("loss") == dict(zip(loss.examples, loss.value))
     assert sorted(e.step for e in acc.Tensors("noisescale/events/text_summary")) == [24, 32]
 

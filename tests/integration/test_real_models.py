@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers.norms import LayerNorm
 from tests.helpers.reference import per_example_sq_norms, torch_func_sq_norms
 from torch import nn
 
@@ -50,21 +51,11 @@ def _assert_exact(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rt
 # -- nanoGPT -------------------------------------------------------------------------------------------------------
 
 
-class NanoLayerNorm(nn.Module):
-    def __init__(self, ndim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class NanoBlock(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.ln_1, self.ln_2 = NanoLayerNorm(d, True), NanoLayerNorm(d, True)
+        self.ln_1, self.ln_2 = LayerNorm(d, bias=True), LayerNorm(d, bias=True)
         self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
@@ -84,7 +75,7 @@ class NanoGPT(nn.Module):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
         self.h = nn.ModuleList(NanoBlock(d, heads) for _ in range(layers))
-        self.ln_f = NanoLayerNorm(d, True)
+        self.ln_f = LayerNorm(d, bias=True)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.wte.weight = self.lm_head.weight
 

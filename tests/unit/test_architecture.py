@@ -20,14 +20,14 @@ PACKAGE = Path(noisescale.__file__).resolve().parent
 
 # Innermost first; each entry is a set of top-level names under noisescale/ (a module or a subpackage).
 LAYERS: list[set[str]] = [
-    {"errors", "events", "stats", "device_index", "grad_norms", "types", "version"},
+    {"errors", "events", "stats", "device_index", "grad_norms", "types", "version", "columns"},
     {"distributed"},
     {"collectors"},
     {"estimators"},
     {"controllers", "alerts"},
     {"sink", "sink_queue", "source_choice", "monitor"},
     {"store"},
-    {"sinks", "report", "plan"},
+    {"sinks", "report", "planning"},
     {"integrations", "dashboard", "demo"},
     {"cli"},
 ]

@@ -48,6 +48,24 @@ def _sums(batch: int, per_example: list[float], signal: list[float], kind: str) 
     return small, big
 
 
+def _measurement(
+    engine: StepEngine, layout: RowLayout, i: int, small: ParamSums, big: ParamSums, c: StepConstants
+) -> Measurement:
+    out = engine.step(layout, small, big, c)
+    return Measurement(
+        table=out.table,
+        flags=out.flags,
+        layer_names=layout.layer_names,
+        module_names=layout.module_names,
+        step=i,
+        examples=i * c.batch_size,
+        batch_size=c.batch_size,
+        source="example",
+        coverage=1.0,
+        undefined_reason=None if c.defined else "too few small batches",
+    )
+
+
 def _check(m: Measurement) -> None:
     rows = [m.total, *m.layers.values(), *m.modules.values()]
     if m.status == "ok":
@@ -78,19 +96,7 @@ def test_the_band_holds_the_value_on_every_step(series, path):
             defined=defined,
         )
         small_sums = ParamSums(small if path == "host" else torch.tensor(small, dtype=torch.float64))
-        out = engine.step(layout, small_sums, ParamSums(big), c)
-        m = Measurement(
-            table=out.table,
-            flags=out.flags,
-            layer_names=layout.layer_names,
-            module_names=layout.module_names,
-            step=i,
-            examples=i * batch,
-            batch_size=batch,
-            source="example",
-            coverage=1.0,
-            undefined_reason=None if defined else "too few small batches",
-        )
+        m = _measurement(engine, layout, i, small_sums, ParamSums(big), c)
         _check(m)
 
 
@@ -103,18 +109,7 @@ def test_a_significantly_negative_signal_is_undefined_with_the_reason():
         c = StepConstants(
             n_small=32, inv_size_sum=32.0, batch_size=32, beta=decay_for(32, 500.0), z=engine.z, defined=True
         )
-        out = engine.step(layout, ParamSums([32.0, 32.0, 32.0]), ParamSums([1e-6, 1e-6, 1e-6]), c)
-        m = Measurement(
-            table=out.table,
-            flags=out.flags,
-            layer_names=layout.layer_names,
-            module_names=layout.module_names,
-            step=i,
-            examples=32 * i,
-            batch_size=32,
-            source="example",
-            coverage=1.0,
-        )
+        m = _measurement(engine, layout, i, ParamSums([32.0, 32.0, 32.0]), ParamSums([1e-6, 1e-6, 1e-6]), c)
         _check(m)
     assert m is not None and m.status == "undefined" and m.b_simple is None
     assert "negative beyond its own noise" in (m.undefined_reason or "")

@@ -4,37 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tests.helpers.norms import LayerNorm, T5LayerNorm
 from tests.helpers.reference import per_example_sq_norms
 from torch import nn
 
 from noisescale.collectors.example import ExampleCollector
 from noisescale.errors import UnsupportedLayerError
-
-
-class LayerNorm(nn.Module):
-    """nanoGPT's: F.layer_norm with a fixed epsilon and an optional bias."""
-
-    def __init__(self, ndim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class T5LayerNorm(nn.Module):
-    """T5's: an RMSNorm (no mean subtraction, no bias) under a LayerNorm name."""
-
-    def __init__(self, ndim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.variance_epsilon = 1e-6
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
 
 
 class ScaledNorm(nn.Module):

@@ -22,6 +22,7 @@ EXPECTED_ALL = {
     "alerts",
     "list_runs",
     "open_run",
+    "plan",
     "register_norm_rule",
     "sinks",
     "two_batch_estimate",
@@ -65,3 +66,13 @@ def test_import_loads_only_torch_and_the_standard_library_and_patches_nothing():
     assert result["changed"] == []
     assert "noisescale.store" not in result["new"]  # exported lazily
     assert "noisescale.alerts" not in result["new"] and "noisescale.sinks" not in result["new"]
+    assert "sqlite3" not in result["new"]
+
+
+def test_plan_is_the_function_and_its_package_imports_every_way():
+    # ``ns.plan`` is the function; its package is ``noisescale.planning``, so neither shadows the other.
+    import noisescale.planning.schedules as schedules
+    from noisescale.planning import Fixed, planner
+
+    assert ns.plan is planner.plan and callable(ns.plan)
+    assert schedules.Fixed is Fixed and Fixed(8).batch_size == 8

@@ -1,10 +1,12 @@
 """The run store: writing in the background, reading back (live and read-only), names, schema, bad files."""
 
 import hashlib
+import math
 import shutil
 import sqlite3
 import threading
 import time
+from math import inf
 
 import pytest
 import torch
@@ -105,8 +107,11 @@ def test_monitor_measurements_round_trip(tmp_path):
         loss = r.metric("loss")
         assert len(loss) == 12 and loss.examples == b.examples  # filled from the measurement of the step
         assert all(v is not None and v > 0 for v in loss.value)
-        arr = loss.to_numpy()
-        assert arr.shape == (12, 4) and arr[0, 0] == 1 and arr[0, 1] == 16
+        values = loss.to_numpy()
+        assert values.shape == (12,) and values.tolist() == pytest.approx(loss.value)
+        table = loss.to_table()
+        assert table.shape == (12, 4) and table[0, 0] == 1 and table[0, 1] == 16
+        assert table[:, 3].tolist() == values.tolist() and table[:, 2].tolist() == loss.wall_time
         assert r.events()[0]["kind"] == "note" and r.events()[0]["data"] == {"k": 1}
         assert r.events()[0]["examples"] == 6 * 16
         s = summarize(r)
@@ -357,3 +362,23 @@ def test_the_run_file_alone_holds_the_run_even_if_a_reader_was_attached_at_close
     with open_run(copy) as r:
         assert r.num_steps() == 1 and r.info.status == "finished"
     assert [p.name for p in (tmp_path / "b").iterdir()] == [copy.name] and digest(copy) == before
+
+
+def test_series_to_numpy_gives_the_values_with_nan_for_undefined():
+    from noisescale.store import Series
+
+    s = Series("b_simple", step=[1, 2, 3], examples=[8, None, 24], wall_time=[0.5, 1.0, 1.5], value=[2.0, None, inf])
+    values = s.to_numpy()
+    assert values.shape == (3,) and values.dtype.name == "float64"
+    assert values[0] == 2.0 and math.isnan(values[1]) and values[2] == inf
+    table = s.to_table()
+    assert table.shape == (3, 4) and table[0].tolist() == [1.0, 8.0, 0.5, 2.0]
+    assert math.isnan(table[1, 1]) and math.isnan(table[1, 3]) and table[2, 3] == inf
+
+
+def test_the_run_records_the_installed_version(tmp_path):
+    import importlib.metadata
+
+    path = small_run(tmp_path, steps=1)
+    with open_run(path) as r:
+        assert r.info.noisescale_version == importlib.metadata.version("noisescale")

@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 import pytest
 
 from noisescale.report import render_html
-from noisescale.report.svg import Band, Line, heatmap, line_chart, nice_ticks, palette
+from noisescale.report.svg import Band, Line, heatmap, line_chart, palette
+from noisescale.report.ticks import nice_ticks
 from noisescale.store import Run, open_run
 from noisescale.types import COLUMNS
 
@@ -74,7 +75,8 @@ def test_report_is_self_contained_well_formed_and_escaped(tmp_path):
     checker.feed(page)
     checker.close()
     assert checker.stack == [] and checker.refs == []
-    assert page.count("<svg") == 5  # B_simple, loss, |G|^2, tr(Sigma), per-layer heat map
+    # B_simple, loss, |G|^2, tr(Sigma), per-layer heat map; each against examples, steps and wall time
+    assert page.count("<svg") == 15
     assert {"polygon", "path", "rect"} <= checker.tags
     assert "B_simple, micro-batch source" in page and "test_accuracy" in page
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from noisescale.cli.args import positive_float, positive_int
+from noisescale.cli.args import add_dir_argument, positive_float, positive_int
 
 __all__ = ["register", "run"]
 
@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", choices=("digits", "charlm"), default="digits", help="what to train (default: digits)")
-    p.add_argument("--dir", default="runs", help="folder for the run file (default: ./runs)")
+    add_dir_argument(p, positional=False, help="folder for the run file")
     p.add_argument("--name", default=None, help="run name (default: the task name)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 800 digits, 300 charlm)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -52,6 +52,10 @@ def register(sub: Any) -> None:
         help="also measure with 4 micro-batches on the same steps and check that both sources agree (exit 1 if not)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or explanation; print the run file only")
+    p.add_argument(
+        "--dashboard", action="store_true", help="serve the live dashboard over --dir while training (dashboard extra)"
+    )
+    p.add_argument("--dashboard-port", type=int, default=8765, help="its port (default: 8765, else any free one)")
     p.set_defaults(handler=run)
 
 
@@ -77,14 +81,25 @@ def run(args: argparse.Namespace) -> int:
         compare_sources=args.compare_sources,
         progress=not args.quiet,
     )
+    server = None
+    if args.dashboard:
+        from noisescale.dashboard.beside import start_beside
+
+        server = start_beside(args.dir, port=args.dashboard_port)
     try:
         result = run_demo(options)
-    except DemoError as e:
-        return fail(str(e))
+    except BaseException as e:
+        if server is not None:
+            server.close()
+        if isinstance(e, DemoError):
+            return fail(str(e))
+        raise
     if args.quiet:
         print(result.path)
     else:
         print(explain(result))
+    if server is not None:
+        server.linger()  # serves on until Ctrl+C when a person is at the terminal
     if args.compare_sources and not sources_agree(result):
         return fail("--compare-sources: the per-example and micro-batch sources disagree (see the table above)")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from noisescale.cli.args import add_run_argument, open_run_argument
 from noisescale.cli.exits import EXIT_OK, fail
 
 __all__ = ["register", "run"]
@@ -22,7 +23,7 @@ def register(sub: Any) -> None:
         "noisescale.sinks.TensorBoard) or CSV files (as noisescale.sinks.CSV).  RUN is a run file, or a run id or "
         "name inside --dir.  A run still training is exported as far as it is written.",
     )
-    p.add_argument("run", metavar="RUN", help="run file path, run id, or run name")
+    add_run_argument(p)
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument(
         "-o",
@@ -31,7 +32,6 @@ def register(sub: Any) -> None:
         default=None,
         help="folder to create (must be new or empty; default: ./<run file name>-<format>)",
     )
-    p.add_argument("--dir", default="runs", help="folder to look RUN up in (default: ./runs)")
     p.add_argument(
         "--x",
         choices=("step", "examples"),
@@ -43,10 +43,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from noisescale.sinks.replay import replay
-    from noisescale.store import open_run
     from noisescale.types import COLUMNS
 
-    with open_run(args.run, dir=args.dir) as reader:
+    with open_run_argument(args) as reader:
         out = Path(args.out) if args.out is not None else Path(f"{reader.path.stem}-{args.to}")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             return fail(f"{str(out)!r} already exists and is not an empty folder: choose a new --out")

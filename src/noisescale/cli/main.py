@@ -10,8 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import noisescale.cli.dashboard as dashboard_cmd
 import noisescale.cli.demo as demo_cmd
 import noisescale.cli.export as export_cmd
+import noisescale.cli.plan as plan_cmd
 import noisescale.cli.report as report_cmd
 import noisescale.cli.runs as runs_cmd
 import noisescale.cli.show as show_cmd
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"noisescale {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, export_cmd):
+    for module in (demo_cmd, show_cmd, report_cmd, runs_cmd, export_cmd, plan_cmd, dashboard_cmd):
         module.register(sub)
     return parser
 

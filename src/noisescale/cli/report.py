@@ -8,6 +8,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from noisescale.cli.args import add_run_argument, open_run_argument
+
 __all__ = ["register", "run"]
 
 
@@ -19,20 +21,25 @@ def register(sub: Any) -> None:
         "band and the batch size, the loss, |G|^2 and tr(Sigma), a per-layer heat map and the config. "
         "RUN is a run file, or a run id or name inside --dir.",
     )
-    p.add_argument("run", metavar="RUN", help="run file path, run id, or run name")
+    add_run_argument(p)
     p.add_argument("-o", "--output", default=None, help="file to write (default: report.html, or report.png)")
-    p.add_argument("--dir", default="runs", help="folder to look RUN up in (default: ./runs)")
     p.add_argument("--png", action="store_true", help="write a static PNG image instead (needs matplotlib)")
+    p.add_argument(
+        "--x",
+        choices=("examples", "steps", "time"),  # noisescale.report.xaxis.X_AXES, not imported for --help
+        default="examples",
+        help="x axis of the charts: examples seen (default), optimizer steps, or wall time; the HTML page can "
+        "switch between them",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from noisescale.cli.exits import fail
     from noisescale.report import render_html, render_png
-    from noisescale.store import open_run
 
     out = Path(args.output or ("report.png" if args.png else "report.html"))
-    with open_run(args.run, dir=args.dir) as reader:
+    with open_run_argument(args) as reader:
         run_file = reader.path.resolve()
         target = out.resolve()
         if target in (run_file, Path(f"{run_file}-wal"), Path(f"{run_file}-shm")):
@@ -40,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir():
             return fail(f"{str(out)!r} is a folder; pass a file name, e.g. -o {out / 'report.html'}")
         if args.png:
-            _write_atomic(out, lambda p: render_png(reader, p))
+            _write_atomic(out, lambda p: render_png(reader, p, x=args.x))
         else:
-            page = render_html(reader)
+            page = render_html(reader, x=args.x)
             _write_atomic(out, lambda p: Path(p).write_text(page, encoding="utf-8"))
     print(out)
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from noisescale.cli.args import add_dir_argument, add_json_argument
 from noisescale.cli.format import dumps_json, fmt_duration, fmt_num, table
 
 __all__ = ["register", "run"]
@@ -19,8 +20,8 @@ def register(sub: Any) -> None:
         "value, first and last fifth) and the loss.  Unreadable files are reported on stderr and make the exit "
         "code 1; nothing is modified.",
     )
-    p.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder of run files (default: ./runs)")
-    p.add_argument("--json", action="store_true", help="print the runs' summaries as JSON")
+    add_dir_argument(p, positional=True, help="folder of run files")
+    add_json_argument(p, "print the runs' summaries as JSON")
     p.set_defaults(handler=run)
 
 

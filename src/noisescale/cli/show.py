@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from noisescale.cli.args import add_json_argument, add_run_argument, open_run_argument
 from noisescale.cli.format import dumps_json, fmt_duration, fmt_num, fmt_time, table
 
 __all__ = ["register", "run", "text_summary"]
@@ -23,16 +24,15 @@ def register(sub: Any) -> None:
         "RUN is a run file, or a run id or name inside --dir (a name used twice means the latest run). "
         "Safe on a run that is still training: the file is opened read-only.",
     )
-    p.add_argument("run", metavar="RUN", help="run file path, run id, or run name")
-    p.add_argument("--dir", default="runs", help="folder to look RUN up in (default: ./runs)")
-    p.add_argument("--json", action="store_true", help="print the summary and every series as JSON")
+    add_run_argument(p)
+    add_json_argument(p, "print the summary and every series as JSON")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from noisescale.store import open_run, summarize
+    from noisescale.store import summarize
 
-    with open_run(args.run, dir=args.dir) as reader, reader.snapshot():
+    with open_run_argument(args) as reader, reader.snapshot():
         summary = summarize(reader)
         if args.json:
             doc = {

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import shlex
+import shutil
+import sys
 import textwrap
+from pathlib import Path
 
 from noisescale.demo.train import DemoResult
 
-__all__ = ["explain", "sources_agree"]
+__all__ = ["explain", "noisescale_command", "sources_agree"]
 
 WIDTH = 100
 
@@ -85,13 +88,40 @@ def explain(result: DemoResult) -> str:
                 + ("agree within their bands." if sources_agree(result) else "DISAGREE at some checkpoint.")
             )
     path = shlex.quote(str(result.path))
+    cmd = noisescale_command()
     lines += [
         "",
         "Look further",
-        f"  noisescale show {path}",
-        f"  noisescale report {path} -o report.html",
+        f"  {cmd} show {path}",
+        f"  {cmd} report {path} -o report.html",
     ]
+    activate = Path(sys.executable).parent / "activate"
+    if cmd != "noisescale" and activate.exists():
+        lines.append(f"  (to type `noisescale` alone, put its virtualenv on your PATH: . {_shown(activate)})")
     return "\n".join(lines)
+
+
+def noisescale_command() -> str:
+    """How this shell calls the running noisescale: ``noisescale`` when that name on PATH is this installation,
+    else the path of its script (``.venv/bin/noisescale`` after ``make demo``, whose virtualenv is not active), or
+    ``python -m noisescale``."""
+    script = Path(sys.executable).parent / "noisescale"
+    found = shutil.which("noisescale")
+    if found is not None and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "noisescale"
+    if script.exists():
+        return _shown(script)
+    return f"{shlex.quote(sys.executable)} -m noisescale"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when inside it (``.venv/bin/noisescale``), else absolute; quoted."""
+    try:
+        rel = path.absolute().relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(path.absolute()))
+    text = str(rel)
+    return shlex.quote(text if "/" in text else f"./{text}")
 
 
 _MEANING = {

@@ -6,6 +6,7 @@ It is an ordinary loop (nanoGPT-style): sample a batch, split it into micro-batc
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Literal, TextIO
 import torch
 
 from noisescale.demo.overhead import measure_overhead
-from noisescale.demo.progress import ProgressBar
+from noisescale.demo.progress import CheckpointLines, ProgressBar, is_terminal
 from noisescale.demo.task import DemoError, Task
 from noisescale.monitor import GNSMonitor
 from noisescale.store import Run, RunReader, check_run_name, summarize
@@ -89,8 +90,12 @@ def make_task(options: DemoOptions) -> tuple[Task, dict[str, Any]]:
     raise DemoError(f"unknown demo task {options.task!r}; expected one of {list(TASKS)}")
 
 
-def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResult:
+def run_demo(options: DemoOptions, *, stream: TextIO | None = None, out: TextIO | None = None) -> DemoResult:
     """Train the demo task with the monitor on, recording a run; returns where it is and what it showed.
+
+    Progress (``options.progress``) is a bar redrawn on ``stream`` (default stderr) when it is a terminal; when
+    ``out`` (default stdout) is not a terminal, or the bar cannot draw, one line per tenth of the run goes to
+    ``out`` instead, flushed as it is written.
 
     Raises:
         DemoError: the task cannot run here (missing scikit-learn, ...), with what to do.
@@ -126,6 +131,9 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
         source = "example"
     model, optimizer = task.model, task.optimizer
     bar = ProgressBar(steps, stream=stream, enabled=options.progress)
+    out = sys.stdout if out is None else out
+    lines = CheckpointLines(steps, stream=out, enabled=options.progress and not (bar.enabled and is_terminal(out)))
+    lines.header(f"noisescale demo: training {task.name}, {steps} steps of batch {batch_size}; a line every tenth")
     checkpoints: list[Checkpoint] = []
     marks = {max(1, round(steps * i / 5)) for i in range(1, 6)}
     with Run(options.name or task.name, dir=options.dir, config=config) as run:
@@ -179,14 +187,12 @@ def run_demo(options: DemoOptions, *, stream: TextIO | None = None) -> DemoResul
                         )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if bar.due(step):  # reading the values syncs with the device: only when the bar redraws
-                    band = (m.b_simple_low, m.b_simple_high)
-                    bar.update(
-                        step,
-                        loss=float(loss_sum),
-                        b_simple=m.b_simple,
-                        band=None if None in band else band,  # type: ignore[arg-type]
-                    )
+                if bar.due(step) or lines.due(step):  # reading the values syncs with the device: only then
+                    lo, hi = m.b_simple_low, m.b_simple_high
+                    band = (lo, hi) if lo is not None and hi is not None else None
+                    loss_now, b_now = float(loss_sum), m.b_simple
+                    bar.update(step, loss=loss_now, b_simple=b_now, band=band)
+                    lines.update(step, loss=loss_now, b_simple=b_now, band=band)
         finally:
             torch.set_num_threads(threads)
             bar.close()

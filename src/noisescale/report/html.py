@@ -1,8 +1,10 @@
 """``noisescale report``: one self-contained HTML page for a run, with inline SVG charts (works offline).
 
-Charts, all against examples seen: B_simple with its band and the batch size; the loss (and other metrics);
-the smoothed ``|G|^2`` and ``tr(Sigma)``; a per-layer heat map of B_simple over time.  Then the config and the
-events.  The page holds no script and references nothing outside itself.
+Charts: B_simple with its band and the batch size; the loss (and other metrics); the smoothed ``|G|^2`` and
+``tr(Sigma)``; a per-layer heat map of B_simple over time.  Each is drawn against examples seen, optimizer steps
+and wall time, and a switch at the top shows one of them (radio buttons and CSS).  Hovering a chart shows its
+values (SVG titles).  Then the config and the events.  The page holds no script and references nothing outside
+itself.
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
+from noisescale.errors import ConfigError
 from noisescale.report.svg import PALETTE, Band, Line, heatmap, line_chart
-from noisescale.store.reader import RunReader
+from noisescale.report.xaxis import X_AXES, XAxis, XScale, x_scale
+from noisescale.store.reader import RunReader, Series
 from noisescale.store.summary import summarize
 
 __all__ = ["render_html"]
 
 HEATMAP_COLUMNS = 120
+HEATMAP_CELLS = 30_000  # heat map cells for all three x axes together, above which only the chosen one is drawn
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 24px auto;
        max-width: 780px; padding: 0 12px; }
@@ -34,53 +40,87 @@ code, pre { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; } pre { b
 """
 
 
-def render_html(reader: RunReader) -> str:
-    """The report page of the run ``reader`` reads (one consistent snapshot of the file)."""
+def render_html(reader: RunReader, *, x: XAxis = "examples") -> str:
+    """The report page of the run ``reader`` reads (one consistent snapshot of the file).
+
+    Every chart is drawn against examples seen, optimizer steps and wall time; ``x`` is the one shown first, and
+    a switch at the top of the page (plain HTML and CSS, no script) shows the others.
+    """
+    if x not in X_AXES:
+        raise ConfigError(f"x axis must be one of {list(X_AXES)}, got {x!r}")
     with reader.snapshot():
         s = summarize(reader)
         rows = reader.measurements()
         metrics = {k: reader.metric(k) for k in reader.metric_names()}
         matrix = reader.layer_matrix("b_simple", kind="param", max_steps=HEATMAP_COLUMNS)
         events = reader.events()
-    ex = [float(r["examples"]) for r in rows]
+    scales = [x_scale(k, start=s["started_at"], duration=s["duration_s"]) for k in X_AXES]
+    wall_of_step = {r["step"]: r["wall_time"] for r in rows}
+
+    def row_xs(scale: XScale) -> list[float | None]:
+        return [scale.of(r["step"], r["examples"], r["wall_time"]) for r in rows]
+
+    def series_xs(scale: XScale, series: Series) -> tuple[list[float | None], XScale]:
+        xs = [scale.of(st, e, w) for st, e, w in zip(series.step, series.examples, series.wall_time, strict=True)]
+        if scale.kind == "examples" and series.step and all(v is None for v in xs):
+            steps = x_scale("steps")  # logged with no examples count and no measurement at its steps
+            return [float(v) for v in series.step], steps
+        return xs, scale
+
+    def switch(chart: Callable[[XScale], str]) -> str:
+        """The chart once per x axis, each in the block the page's switch shows."""
+        return "\n".join(f'<div class="xv xv-{sc.kind}">{chart(sc)}</div>' for sc in scales)
+
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>noisescale: {escape(s['name'])} ({escape(s['id'])})</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{_CSS}{_switch_css()}</style></head><body>",
+        *(f'<input type="radio" name="x" id="x-{k}" class="xr"{" checked" if k == x else ""}>' for k in X_AXES),
+        "<main>",
         f"<h1>{escape(s['name'])}</h1>",
         f'<p class="sub">run {escape(s["id"])} &middot; {escape(s["status"])} &middot; started '
         f"{escape(_t(s['started_at']))} &middot; {escape(_dur(s['duration_s']))}</p>",
         _summary_table(s),
+        '<p class="xbar">x axis: '
+        + " ".join(f'<label for="x-{sc.kind}">{escape(_X_NAMES[sc.kind])}</label>' for sc in scales)
+        + ' <span class="hint">(hover a chart for its values)</span></p>',
     ]
 
     # 1. B_simple, band, batch size
-    lines = [
-        Line(ex, [r["b_simple"] for r in rows], "B_simple (smoothed)", PALETTE[0], 2.0),
-        Line(ex, [float(r["batch_size"]) for r in rows], "batch size", "#444444", 1.4, dash=True),
-    ]
-    bands = [Band(ex, [r["b_simple_low"] for r in rows], [r["b_simple_high"] for r in rows], "band", PALETTE[0])]
     other = metrics.get("microbatch/b_simple")
-    if other is not None and len(other):
-        ox = [float(e) if e is not None else None for e in other.examples]
-        lines.insert(1, Line(ox, other.value, "B_simple, micro-batch source", PALETTE[1], 1.4))
-        lo, hi = metrics.get("microbatch/b_simple_low"), metrics.get("microbatch/b_simple_high")
-        if lo is not None and hi is not None and len(lo) == len(hi) == len(other):
-            bands.append(Band(ox, lo.value, hi.value, "micro-batch band", PALETTE[1], 0.12))
-    parts += [
-        "<h2>B_simple and the batch size</h2>",
-        line_chart(
+    lo_other, hi_other = metrics.get("microbatch/b_simple_low"), metrics.get("microbatch/b_simple_high")
+
+    def b_simple_chart(scale: XScale) -> str:
+        xs = row_xs(scale)
+        lines = [
+            Line(xs, [r["b_simple"] for r in rows], "B_simple (smoothed)", PALETTE[0], 2.0),
+            Line(xs, [float(r["batch_size"]) for r in rows], "batch size", "#444444", 1.4, dash=True),
+        ]
+        bands = [Band(xs, [r["b_simple_low"] for r in rows], [r["b_simple_high"] for r in rows], "band", PALETTE[0])]
+        if other is not None and len(other):
+            ox, _ = series_xs(scale, other)
+            lines.insert(1, Line(ox, other.value, "B_simple, micro-batch source", PALETTE[1], 1.4))
+            if lo_other is not None and hi_other is not None and len(lo_other) == len(hi_other) == len(other):
+                bands.append(Band(ox, lo_other.value, hi_other.value, "micro-batch band", PALETTE[1], 0.12))
+        return line_chart(
             title="B_simple",
-            x_label="examples seen",
+            x_label=scale.label,
             y_label="examples (log scale)",
             lines=lines,
             bands=bands,
             log_y=True,
-        ),
+            x_format=scale.format,
+        )
+
+    parts += [
+        "<h2>B_simple and the batch size</h2>",
+        switch(b_simple_chart),
         '<p class="note">B_simple = tr(&Sigma;) / |G|&sup2;, the batch size at which a batch gradient\'s noise '
         "equals its signal: a rough guide to the critical batch size (McCandlish et al. 2018). Where the batch size "
         "line is below it, a larger batch would cut the steps needed; above it, examples are partly wasted. "
-        "The shaded band is the uncertainty of the smoothed value.</p>",
+        "The shaded band is the uncertainty of the smoothed value; a dashed mark on the frame shows where it runs "
+        "past the chart (unbounded above while |G|&sup2; cannot be told from zero).</p>",
     ]
 
     # 2. loss and other metrics
@@ -88,22 +128,21 @@ def render_html(reader: RunReader) -> str:
     if curves:
         parts.append("<h2>Loss</h2>" if "loss" in curves else "<h2>Metrics</h2>")
         for i, (k, series) in enumerate(sorted(curves.items(), key=lambda kv: (kv[0] != "loss", kv[0]))):
-            xs = [float(e) if e is not None else None for e in series.examples]
-            if all(x is None for x in xs):
-                xs, x_label = [float(v) for v in series.step], "step"
-            else:
-                x_label = "examples seen"
-            positive = all(v is None or v > 0 for v in series.value)
-            parts.append(
-                line_chart(
+
+            def metric_chart(scale: XScale, k: str = k, series: Series = series, i: int = i) -> str:
+                xs, used = series_xs(scale, series)
+                positive = all(v is None or v > 0 for v in series.value)
+                return line_chart(
                     title=k,
-                    x_label=x_label,
+                    x_label=used.label,
                     y_label=k + (" (log scale)" if positive else ""),
                     lines=[Line(xs, series.value, k, PALETTE[(2 + i) % len(PALETTE)])],
                     log_y=positive,
                     height=240,
+                    x_format=used.format,
                 )
-            )
+
+            parts.append(switch(metric_chart))
     finals = {k: v.value[-1] for k, v in metrics.items() if len(v) == 1 and v.value[-1] is not None}
     if finals:
         parts.append(
@@ -115,36 +154,52 @@ def render_html(reader: RunReader) -> str:
         )
 
     # 3. |G|^2 and tr(Sigma)
-    parts += [
-        "<h2>|G|&sup2; and tr(&Sigma;)</h2>",
-        *(
-            line_chart(
+    parts.append("<h2>|G|&sup2; and tr(&Sigma;)</h2>")
+    for key, label, color in (("grad_sq", "|G|^2", PALETTE[2]), ("trace_cov", "tr(Sigma)", PALETTE[3])):
+
+        def component_chart(scale: XScale, key: str = key, label: str = label, color: str = color) -> str:
+            return line_chart(
                 title=label,
-                x_label="examples seen",
+                x_label=scale.label,
                 y_label=f"{label} (log scale)",
-                lines=[Line(ex, [r[key] for r in rows], f"{label} (smoothed)", color)],
+                lines=[Line(row_xs(scale), [r[key] for r in rows], f"{label} (smoothed)", color)],
                 log_y=True,
                 height=220,
+                x_format=scale.format,
             )
-            for key, label, color in (("grad_sq", "|G|^2", PALETTE[2]), ("trace_cov", "tr(Sigma)", PALETTE[3]))
-        ),
+
+        parts.append(switch(component_chart))
+    parts.append(
         '<p class="note">The signal |G|&sup2; (squared norm of the true gradient) and the noise tr(&Sigma;) '
-        "(total variance of one example's gradient), each smoothed on its own; B_simple is their ratio.</p>",
-    ]
+        "(total variance of one example's gradient), each smoothed on its own; B_simple is their ratio.</p>"
+    )
 
     # 4. per-layer heat map
     parts.append("<h2>B_simple per parameter tensor</h2>")
     if matrix.names:
-        parts.append(
-            heatmap(
+
+        def layer_map(scale: XScale) -> str:
+            xs = [scale.of(st, e, wall_of_step.get(st)) for st, e in zip(matrix.step, matrix.examples, strict=True)]
+            return heatmap(
                 title="per-layer B_simple",
                 row_labels=matrix.names,
-                xs=[float(e) for e in matrix.examples],
+                xs=[float("nan") if v is None else v for v in xs],
                 values=matrix.values,
-                x_label="examples seen",
+                x_label=scale.label,
                 value_label="B_simple",
+                x_format=scale.format,
             )
-        )
+
+        if len(matrix.names) * len(matrix.step) * len(X_AXES) <= HEATMAP_CELLS:
+            parts.append(switch(layer_map))
+        else:  # many layers: one map, on the chosen axis, keeps the page small
+            chosen = next(sc for sc in scales if sc.kind == x)
+            parts.append(layer_map(chosen))
+            parts.append(
+                f'<p class="note">Drawn against {escape(_X_NAMES[x])} whatever the switch says (with this many '
+                "layers one map keeps the page small); <code>noisescale report --x steps|examples|time</code> "
+                "chooses.</p>"
+            )
     else:
         parts.append('<p class="note">No per-layer values were recorded (per_layer=False).</p>')
 
@@ -176,8 +231,26 @@ def render_html(reader: RunReader) -> str:
         f"{escape(reader.info.noisescale_version)}, schema {reader.schema_version} &middot; report made "
         f"{escape(_t(time.time()))}</p>"
     )
-    parts.append("</body></html>")
+    parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+_X_NAMES = {"examples": "examples seen", "steps": "steps", "time": "wall time"}
+
+
+def _switch_css() -> str:
+    """Show the charts of the checked x axis only, and mark its label (radio buttons and ``:checked``)."""
+    shown = ", ".join(f"#x-{k}:checked ~ main .xv-{k}" for k in X_AXES)
+    marked = ", ".join(f'#x-{k}:checked ~ main label[for="x-{k}"]' for k in X_AXES)
+    return (
+        "\n.xr { position: absolute; opacity: 0; pointer-events: none; } .xv { display: none; }"
+        f"\n{shown} {{ display: block; }}"
+        "\n.xbar label { cursor: pointer; padding: 1px 8px; border: 1px solid #bbb; border-radius: 10px; "
+        "margin-right: 4px; }"
+        f"\n{marked} {{ background: #1f77b4; border-color: #1f77b4; color: #fff; }}"
+        "\n.xbar .hint { color: #777; font-size: 12px; } .hover:hover { fill-opacity: 0.06; }"
+        "\n.clipped { fill: #555; }"
+    )
 
 
 def _summary_table(s: dict[str, Any]) -> str:

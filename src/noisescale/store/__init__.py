@@ -10,7 +10,12 @@ Record with ``Run`` (pass it to ``GNSMonitor(model, run=run)`` for every measure
 ...     with open_run(run.path) as reader:
 ...         print(reader.info.name, reader.info.status, reader.info.config, reader.metric("loss").value)
 doc finished {'lr': 0.1} [0.5]
+
+The read side (``open_run``, ``RunReader``, ``summarize``) needs only the standard library, so the command line
+reads runs without importing torch; ``Run``, the writer, is imported on first use.
 """
+
+from typing import TYPE_CHECKING
 
 from noisescale.store.catalog import DEFAULT_DIR, list_runs, open_run, resolve_run, run_files
 from noisescale.store.errors import StoreError
@@ -18,7 +23,9 @@ from noisescale.store.naming import check_run_name
 from noisescale.store.reader import MEASUREMENT_FIELDS, LayerMatrix, RunInfo, RunReader, Series
 from noisescale.store.schema import SCHEMA_VERSION
 from noisescale.store.summary import summarize
-from noisescale.store.writer import Run
+
+if TYPE_CHECKING:
+    from noisescale.store.writer import Run
 
 __all__ = [
     "DEFAULT_DIR",
@@ -37,3 +44,12 @@ __all__ = [
     "run_files",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The writer imports torch (it reads tensors a training loop logs): loaded only when a run is recorded.
+    if name == "Run":
+        from noisescale.store.writer import Run
+
+        return Run
+    raise AttributeError(f"module 'noisescale.store' has no attribute {name!r}")

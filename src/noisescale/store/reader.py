@@ -20,15 +20,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from noisescale.columns import COLUMNS
 from noisescale.store.errors import StoreError
 from noisescale.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, read_schema_version
-from noisescale.types import COLUMNS
 
 __all__ = ["MEASUREMENT_FIELDS", "LayerMatrix", "RunInfo", "RunReader", "Series", "open_run_file"]
 
 MEASUREMENT_FIELDS = ("batch_size", "coverage", "skipped_steps", *COLUMNS)
 """Numeric columns of the monitor's measurements that ``RunReader.series`` returns."""
 SERIES_COLUMNS = ("step", "examples", "wall_time", "value")
+"""The columns of ``Series.to_table()``."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 LayerKind = Literal["param", "module"]
 
@@ -87,14 +88,23 @@ class Series:
         return len(self.step)
 
     def to_numpy(self) -> Any:
-        """A float64 array of shape ``(n, 4)``: columns ``step, examples, wall_time, value`` (NaN for ``None``).
+        """The values as a float64 array of shape ``(n,)`` (NaN for ``None``; ``inf`` kept).
+
+        Imports NumPy (``pip install numpy``); ``to_table()`` gives steps, examples and times beside them.
+        """
+        np = _numpy()
+        return np.array([float("nan") if v is None else v for v in self.value], dtype=np.float64)
+
+    def to_table(self) -> Any:
+        """A float64 array of shape ``(n, 4)``: columns ``step, examples, wall_time, value`` (NaN for ``None``),
+        as named in ``SERIES_COLUMNS``.
 
         Imports NumPy (``pip install numpy``).
         """
         np = _numpy()
         nan = float("nan")
         cols: tuple[list[Any], ...] = (self.step, self.examples, self.wall_time, self.value)
-        out = np.empty((len(self.step), 4), dtype=np.float64)
+        out = np.empty((len(self.step), len(cols)), dtype=np.float64)
         for j, col in enumerate(cols):
             out[:, j] = [nan if v is None else v for v in col]
         return out
@@ -315,6 +325,13 @@ class RunReader:
             examples=[int(e) for _, e in steps_rows],
             values=values,
         )
+
+    # -- raw SQL -----------------------------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one SQL statement on the file, for readers that need an aggregate the methods above do not
+        offer (the dashboard's downsampling).  The connection is read-only: a statement that writes fails."""
+        return self._query(sql, params)
 
     # -- internals ---------------------------------------------------------------------------------------------
 

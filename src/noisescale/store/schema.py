@@ -12,8 +12,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from noisescale.columns import COLUMNS
 from noisescale.store.errors import StoreError
-from noisescale.types import COLUMNS
 
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration", "apply_migrations", "read_schema_version"]
 

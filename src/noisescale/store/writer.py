@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 import torch
 
+from noisescale.columns import COLUMNS
 from noisescale.errors import ConfigError
-from noisescale.events import Event, Metrics
+from noisescale.events import Event, Metrics, metric_values
 from noisescale.store.errors import StoreError
 from noisescale.store.naming import check_run_name, new_run_id, run_file_name
 from noisescale.store.schema import apply_migrations
-from noisescale.types import COLUMNS
 
 __all__ = ["Run", "RunStatus"]
 
@@ -60,13 +60,15 @@ class Run:
         config: JSON-ready settings of the run (values JSON cannot hold are stored as their ``str``).
         flush_interval: seconds within which anything logged is committed to disk.
 
-    Use it as ``GNSMonitor(model, run=run)`` to record every measurement, log your own numbers with
-    ``run.log(step, {"loss": loss})`` and close it (or use ``with``) to flush::
+    Use it as ``GNSMonitor(model, run=run)`` to record every measurement, log your own numbers at the monitor's
+    step (``m.step``, counted from 1) with ``run.log(m.step, {"loss": loss})``, and close it (or use ``with``) to
+    flush::
 
         with Run("digits", config={"lr": 0.1}) as run:
             monitor = GNSMonitor(model, run=run)
             ...
-            run.log(step, {"loss": loss})
+            m = monitor.step(batch_size=len(x))
+            run.log(m.step, {"loss": loss})
 
     On a data-parallel rank other than 0 (``torch.distributed`` initialised at construction), the run is
     inactive: ``active`` is ``False``, ``path`` is ``None`` and nothing is written.
@@ -145,7 +147,7 @@ class Run:
         self._queue.put(("event", event.wall_time, event.step, event.kind, event.message, data, event.examples))
 
     def log(self, step: int, metrics: Mapping[str, Any], *, examples: int | None = None) -> None:
-        """Queue your own numbers for ``step``, e.g. ``run.log(step, {"loss": loss})``.
+        """Queue your own numbers for ``step``, e.g. ``run.log(m.step, {"loss": loss})`` after ``m = monitor.step()``.
 
         Values may be Python numbers or one-element tensors (detached and copied here, read on the writer thread,
         so a device tensor costs the training loop no sync).  ``examples`` defaults to the examples seen at the
@@ -157,21 +159,7 @@ class Run:
         step = _check_int("step", step)
         if examples is not None:
             examples = _check_int("examples", examples)
-        if not isinstance(metrics, Mapping):
-            raise ConfigError(f"metrics must be a mapping like {{'loss': 0.3}}, got {type(metrics).__name__}")
-        items = []
-        for key, value in metrics.items():
-            if not isinstance(key, str) or not key:
-                raise ConfigError(f"metric names must be non-empty strings, got {key!r}")
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value.shape}")
-                # Drop the autograd graph now and copy (asynchronously, no sync) so a later in-place change by the
-                # caller (an accumulator's zero_()) cannot alter what is recorded; read on the writer thread.
-                value = value.detach().clone()
-            elif isinstance(value, bool) or (not isinstance(value, (int, float)) and value is not None):
-                raise ConfigError(f"metric {key!r} must be a number or a one-element tensor, got {value!r}")
-            items.append((key, value))
+        items = list(metric_values(metrics).items())  # tensors copied now, read on the writer thread
         self._queue.put(("log", time.time(), step, examples, items))
 
     def event(self, kind: str, message: str = "", *, step: int | None = None, data: Any = None) -> None:

@@ -7,7 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["affine_rule", "as_float", "bmm_float", "flatten_sequence", "rounding_tolerance"]
+__all__ = [
+    "affine_rule",
+    "as_float",
+    "bmm_float",
+    "first_tensor",
+    "flatten_sequence",
+    "output_size",
+    "rounding_tolerance",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 _OUT_DTYPE_BMM: dict[str, bool] = {}  # device type -> whether bmm takes out_dtype for half inputs
@@ -79,3 +87,16 @@ def affine_rule(
     if want_b:
         out["bias"] = b_sq
     return out
+
+
+def first_tensor(inputs: tuple[object, ...]) -> torch.Tensor:
+    """A layer's first input, for a ``reference``; ``TypeError`` when it is not a tensor (another computation)."""
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the first input is not a tensor")
+    return x
+
+
+def output_size(out: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(out, its largest magnitude)``: a ``reference``'s answer for a layer whose output terms are that size."""
+    return out, float(out.abs().max()) if out.numel() else 0.0

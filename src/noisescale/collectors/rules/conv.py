@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisescale.collectors.rules.common import as_float
+from noisescale.collectors.rules.common import as_float, first_tensor
 from noisescale.collectors.rules.linear import sq_norm_of_sum_over_positions
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
@@ -111,9 +111,7 @@ def conv_weight_sq_norms(patches: torch.Tensor, grad_output: torch.Tensor, *, gr
 def conv_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
     """What ``nn.Conv{1,2,3}d.forward`` outputs for ``inputs``, in float64, and the size of the terms it sums."""
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("the first input is not a tensor")
+    x = first_tensor(inputs)
     bias = None if module.bias is None else module.bias.double()
     out = module._conv_forward(x.double(), module.weight.double(), bias)
     terms = module._conv_forward(x.double().abs(), module.weight.double().abs(), None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import affine_rule, as_float
+from noisescale.collectors.rules.common import affine_rule, as_float, first_tensor, output_size
 from noisescale.collectors.rules.registry import register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
@@ -44,13 +44,10 @@ def group_norm_sq_norms(
 def group_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
     """What ``nn.GroupNorm.forward`` outputs for ``inputs``, in float64, and its size."""
     assert isinstance(module, nn.GroupNorm)
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("the first input is not a tensor")
+    x = first_tensor(inputs)
     w = None if module.weight is None else module.weight.double()
     b = None if module.bias is None else module.bias.double()
-    out = torch.nn.functional.group_norm(x.double(), module.num_groups, w, b, module.eps)
-    return out, float(out.abs().max()) if out.numel() else 0.0
+    return output_size(torch.nn.functional.group_norm(x.double(), module.num_groups, w, b, module.eps))
 
 
 @register_norm_rule(nn.GroupNorm, normalization=True, reference=group_norm_reference)

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import as_float, bmm_float, flatten_sequence
+from noisescale.collectors.rules.common import as_float, bmm_float, first_tensor, flatten_sequence
 from noisescale.collectors.rules.registry import register_norm_rule
 
 __all__ = [
@@ -165,7 +165,7 @@ def affine_map_sq_norms(x: torch.Tensor, g: torch.Tensor, *, weight: bool, bias:
 
 def linear_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
     """What ``nn.Linear.forward`` outputs for ``inputs``, in float64, and the size of the terms it sums."""
-    x = _first_tensor(inputs)
+    x = first_tensor(inputs)
     weight, bias = module.weight, module.bias
     assert isinstance(weight, torch.Tensor)
     xw, w = x.double(), weight.double()
@@ -173,13 +173,6 @@ def linear_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[tor
     out = torch.nn.functional.linear(xw, w, b)
     scale = float((xw.abs() @ w.abs().T).max()) if x.numel() else 0.0
     return out, scale + (float(b.abs().max()) if b is not None else 0.0)
-
-
-def _first_tensor(inputs: tuple[object, ...]) -> torch.Tensor:
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("the first input is not a tensor")
-    return x
 
 
 @register_norm_rule(nn.Linear, reference=linear_reference)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from noisescale.collectors.rules.common import affine_rule, as_float, rounding_tolerance
+from noisescale.collectors.rules.common import affine_rule, as_float, first_tensor, output_size, rounding_tolerance
 from noisescale.collectors.rules.registry import Recognized, recognize_layers, register_norm_rule
 from noisescale.errors import UnsupportedLayerError
 
@@ -119,29 +119,23 @@ def rms_norm_sq_norms(
 def layer_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
     """What ``nn.LayerNorm.forward`` outputs for ``inputs``, in float64, and its size."""
     assert isinstance(module, nn.LayerNorm)
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("the first input is not a tensor")
+    x = first_tensor(inputs)
     w = None if module.weight is None else module.weight.double()
     b = None if module.bias is None else module.bias.double()
-    out = torch.nn.functional.layer_norm(x.double(), module.normalized_shape, w, b, module.eps)
-    return out, float(out.abs().max()) if out.numel() else 0.0
+    return output_size(torch.nn.functional.layer_norm(x.double(), module.normalized_shape, w, b, module.eps))
 
 
 def rms_norm_reference(module: nn.Module, inputs: tuple[object, ...]) -> tuple[torch.Tensor, float]:
     """What ``nn.RMSNorm.forward`` outputs for ``inputs``, in float64, and its size."""
     assert isinstance(module, nn.RMSNorm)
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError("the first input is not a tensor")
+    x = first_tensor(inputs)
     w = None if module.weight is None else module.weight.double()
     eps = (
         module.eps
         if module.eps is not None
         else torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     )
-    out = torch.nn.functional.rms_norm(x.double(), module.normalized_shape, w, eps)
-    return out, float(out.abs().max()) if out.numel() else 0.0
+    return output_size(torch.nn.functional.rms_norm(x.double(), module.normalized_shape, w, eps))
 
 
 @register_norm_rule(nn.LayerNorm, normalization=True, reference=layer_norm_reference)
