@@ -123,3 +123,12 @@ def test_an_accelerate_version_outside_the_range_fails_at_construction(monkeypat
     monkeypatch.setattr(accelerate, "__version__", "0.34.2")
     with pytest.raises(FrameworkVersionError, match=r"supports accelerate>=1\.0,<2, found accelerate 0\.34\.2"):
         AccelerateMonitor(accelerate.Accelerator(cpu=True), tiny_net())
+
+
+def test_the_accelerators_grad_scaler_reaches_the_monitor(monkeypatch):
+    accelerator = accelerate.Accelerator(cpu=True)  # no GradScaler on the CPU: the wiring is what is checked
+    scaler = torch.amp.GradScaler("cpu")
+    monkeypatch.setattr(accelerator, "scaler", scaler)
+    gns = AccelerateMonitor(accelerator, tiny_net())
+    assert gns.monitor.scaler is scaler
+    gns.close()

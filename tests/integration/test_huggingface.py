@@ -252,3 +252,25 @@ def test_values_are_never_nan_in_the_logs(tmp_path):
     assert all(log["noisescale/batch_size"] == 1 for log in training_logs)
     assert cb.latest is not None and cb.latest.status == "undefined"
     assert not any(isinstance(v, float) and math.isnan(v) for log in training_logs for v in log.values())
+
+
+def test_the_accelerators_grad_scaler_reaches_the_monitor():
+    # fp16 training on a GPU scales the loss with the GradScaler that accelerate's optimizer wrapper holds; the
+    # monitor divides by its scale (no GPU here: the wiring is checked, the unscaling itself in test_monitor)
+    scaler = torch.amp.GradScaler("cpu")
+
+    class Optimizer:
+        pass
+
+    class Args:
+        world_size, n_gpu = 1, 1
+
+    class State:
+        global_step, stateful_callbacks = 0, {}
+
+    optimizer = Optimizer()
+    optimizer.scaler = scaler  # type: ignore[attr-defined]
+    cb = NoiseScaleTrainerCallback()
+    cb.on_train_begin(Args(), State(), None, model=Regression(tiny_net()), optimizer=optimizer)
+    assert cb.monitor is not None and cb.monitor.scaler is scaler
+    cb.on_train_end(Args(), State(), None)

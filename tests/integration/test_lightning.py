@@ -196,3 +196,38 @@ def test_strategies_it_cannot_measure_are_refused():
 
     with pytest.raises(ConfigError, match="single-device and DDP"):
         _check_strategy(FakeTrainer())
+
+
+def test_a_grad_scaler_is_unscaled_as_in_the_plain_loop(tmp_path):
+    """float16 autocast with a GradScaler (Lightning's 16-mixed plugin, on the CPU here): |G|^2 and tr(Sigma) are
+    reported unscaled, as by a plain loop that passes the same scaler to the monitor."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    x, y = regression_data(n=16)
+    net = tiny_net()
+    plain_net = copy.deepcopy(net)
+    rows: list[ns.Measurement] = []
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    t = trainer(
+        tmp_path,
+        [NoiseScaleCallback(callbacks=[rows.append])],
+        plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)],
+        accumulate_grad_batches=2,
+    )
+    t.fit(Regression(net, LR), loader(x, y))
+
+    plain_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = torch.optim.SGD(plain_net.parameters(), lr=LR)
+    want = []
+    with ns.GNSMonitor(plain_net, scaler=plain_scaler) as monitor:
+        for step in steps_of(x, y, MICRO, 2):
+            for xb, yb in step:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = nn.functional.mse_loss(plain_net(xb), yb)
+                plain_scaler.scale(loss / len(step)).backward()
+            want.append(row(monitor.step(batch_size=sum(len(xb) for xb, _ in step))))
+            plain_scaler.step(opt)
+            plain_scaler.update()
+            opt.zero_grad()
+    assert_same_series([row(m) for m in rows], want, rel=1e-6)
+    assert all(m.grad_sq_raw is not None and abs(m.grad_sq_raw) < 1e3 for m in rows)  # not times 2^20
