@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
-# The tests also run tiny Hugging Face models, the logging sinks' libraries, the dashboard (with a headless
-# browser) and draw with matplotlib; `make demo` does not need them.
+# The tests also run tiny Hugging Face models, the logging sinks' libraries, the training frameworks, the dashboard
+# (with a headless browser) and draw with matplotlib; `make demo` does not need them.
 $(HF_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report,tensorboard,wandb,mlflow,dashboard,dashboard-test]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,hf,report,tensorboard,wandb,mlflow,dashboard,dashboard-test,lightning,trl,accelerate]"
 	touch $(HF_STAMP)
 
 # What the commands the demo and the README print need besides the core: matplotlib for `report --png`.

@@ -40,11 +40,15 @@ EXCLUDED = {
     "torchrun --standalone --nproc-per-node 2 examples/ddp_train.py": "torchrun: two processes training for "
     "minutes; tests/distributed/ run the rank source on 2 gloo processes",
     "torchrun --standalone --nproc-per-node 8 examples/ddp_train.py": "needs 8 GPUs",
+    "python examples/preference_noise.py": "three DPO runs, minutes on 2 cores; test_examples_integrations.py runs it "
+    "for 4 steps",
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id gns --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 "
     "examples/ddp_train.py": "needs two machines with 8 GPUs each and a network between them",
 }
 EXCLUDED_PYTHON = {
     "model = DDP(model)": "a fragment of examples/ddp_train.py (no process group outside torchrun)",
+    "from noisescale.integrations.lightning import": "fragments showing the callbacks (docs/integrations.md); the "
+    "examples run them whole in tests/integration/test_examples_integrations.py",
     "monitor = ns.GNSMonitor(model, sinks=": "one line showing the sinks argument (docs/sinks.md has whole examples)",
     "sampler = ns.AdaptiveBatchSampler(": "the controller's calls in a loop, elided (noisescale demo --adaptive runs "
     "the whole loop; tests/unit/test_controller_apply.py tests it)",

@@ -1,0 +1,96 @@
+"""The monitor's options as a callback takes them: checked when the callback is built, used when training starts.
+
+A framework callback is built before the model is wrapped for training (DDP, FSDP2) and before the process group
+exists, so the ``GNSMonitor`` itself can only be created when training starts.  Bad options still fail at the
+callback's construction: ``check()`` builds a probe monitor on a one-parameter model with the same options, so the
+messages are the monitor's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from noisescale.errors import ConfigError
+from noisescale.monitor import GNSMonitor
+from noisescale.sink import Sink, is_sink
+from noisescale.source_choice import SOURCES, Source
+from noisescale.types import Measurement
+
+__all__ = ["MonitorOptions"]
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """Everything a callback passes on to ``GNSMonitor`` (see its docstring for each option)."""
+
+    source: Source = "auto"
+    per_layer: bool = True
+    halflife: float | None = None
+    confidence: float = 0.9
+    on_unsupported: Any = None
+    scope: Any = "all"
+    loss_couples_examples: bool = False
+    sinks: Sequence[Sink] = ()
+    callbacks: Sequence[Callable[[Measurement], object]] = field(default=())
+
+    def check(self) -> None:
+        """Raise the monitor's own ``ConfigError`` for a bad option, before any training.
+
+        Raises:
+            ConfigError: an unknown source, an out-of-range option, or something that is not a sink or callable.
+        """
+        if self.source not in SOURCES:
+            raise ConfigError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        if isinstance(self.sinks, (str, bytes)) or not isinstance(self.sinks, Sequence):
+            raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(self.sinks).__name__}")
+        for s in self.sinks:
+            if not is_sink(s):
+                raise ConfigError(
+                    f"{type(s).__name__} is not a sink: a sink needs on_measurement, on_metrics, on_event, flush and "
+                    "close methods (subclass noisescale.sink.BaseSink and override what you need)"
+                )
+        for cb in self.callbacks:
+            if not callable(cb):
+                raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
+        # The rank source needs a DDP model, which does not exist yet: the probe checks the other options.
+        probe_source: Source = "auto" if self.source == "rank" else self.source
+        probe = GNSMonitor(
+            nn.Linear(1, 1),
+            source=probe_source,
+            per_layer=self.per_layer,
+            halflife=self.halflife,
+            confidence=self.confidence,
+            on_unsupported=self.on_unsupported,
+            scope=self.scope,
+            loss_couples_examples=self.loss_couples_examples,
+        )
+        probe.close()
+
+    def build(self, model: nn.Module, *, run: Any = None, scaler: Any = None, **overrides: Any) -> GNSMonitor:
+        """The monitor for ``model`` (the model as the framework trains it: wrapped in DDP, sharded).
+
+        Args:
+            model: the model.
+            run: a run store for ``GNSMonitor(run=)`` (left open when the monitor closes).
+            scaler: the framework's ``GradScaler``, if it scales the loss.
+            overrides: options that replace this object's (``source``, ``loss_couples_examples``).
+        """
+        kwargs: dict[str, Any] = {
+            "source": self.source,
+            "per_layer": self.per_layer,
+            "halflife": self.halflife,
+            "confidence": self.confidence,
+            "on_unsupported": self.on_unsupported,
+            "scope": self.scope,
+            "loss_couples_examples": self.loss_couples_examples,
+            "sinks": list(self.sinks),
+            "callbacks": list(self.callbacks),
+            "run": run,
+            "scaler": scaler,
+        }
+        kwargs.update(overrides)
+        return GNSMonitor(model, **kwargs)
