@@ -34,7 +34,7 @@ GROUP_FIELDS = (
     "alignment_high",
     "alignment_raw",
 )
-"""The numbers of one group at one step, in order (``estimators.groups.GROUP_COLUMNS``)."""
+"""The numbers of one group at one step, in order (the columns of ``estimators.groups``' tables)."""
 
 
 def _clean(v: float) -> float | None:

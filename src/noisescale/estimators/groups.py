@@ -40,6 +40,7 @@ import torch
 
 from noisescale.estimators.scalar import RowState, update_row
 from noisescale.estimators.smoothing import EMAState, ema_init, ema_update
+from noisescale.group_types import GROUP_FIELDS
 
 __all__ = [
     "FEATURES",
@@ -54,24 +55,7 @@ __all__ = [
 FEATURES = ("n", "sq", "within", "within_pairs", "cross", "cross_pairs", "spread")
 """Rows of ``part_sums``: ``n_s, A_s, P_s, N_s, Q_s, M_s, D_s`` (see the module docstring)."""
 KINDS = ("own", "share", "proj", "rel")
-GROUP_COLUMNS = (
-    "share",
-    "share_low",
-    "share_high",
-    "share_raw",
-    "b_simple",
-    "b_simple_low",
-    "b_simple_high",
-    "b_simple_raw",
-    "grad_sq",
-    "trace_cov",
-    "grad_sq_raw",
-    "trace_cov_raw",
-    "alignment",
-    "alignment_low",
-    "alignment_high",
-    "alignment_raw",
-)
+GROUP_COLUMNS = GROUP_FIELDS
 """The numbers of one group at one step (``noisescale.group_types.GroupMeasurement``), in order."""
 
 _NAN = float("nan")
