@@ -68,3 +68,21 @@ def test_dashboard_help_names_the_security_defaults(capsys):
     assert main(["dashboard", "--help"]) == 0
     text = capsys.readouterr().out
     assert "127.0.0.1" in text and "--token" in text and "NOISESCALE_DASHBOARD_TOKEN" in text
+
+
+def test_the_adaptive_demo_serves_the_dashboard_and_stops_it_when_it_fails(tmp_path, monkeypatch, capsys):
+    import noisescale.demo.adaptive as adaptive_demo
+
+    started: list[DashboardServer] = []
+    original_start = DashboardServer.start
+    monkeypatch.setattr(
+        DashboardServer, "start", lambda self, timeout=10.0: started.append(self) or original_start(self)
+    )
+
+    def fake_adaptive(options, *, stream=None):
+        assert started and started[0]._thread is not None  # serving while it trains
+        raise demo_package.DemoError("no data here")
+
+    monkeypatch.setattr(adaptive_demo, "run_adaptive_demo", fake_adaptive)
+    code = main(["demo", "--adaptive", "--dir", str(tmp_path), "--dashboard", "--dashboard-port", "0", "-q"])
+    assert code == 1 and "no data here" in capsys.readouterr().err and started[0]._thread is None

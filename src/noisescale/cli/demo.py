@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from noisescale.cli.args import add_dir_argument, positive_float, positive_int
 
 __all__ = ["register", "run"]
+
+T = TypeVar("T")
 
 DESCRIPTION = """\
 Train a small model on data that ships with Python (no download) with the noise-scale monitor on, record the
@@ -96,19 +99,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         noisy_labels=args.noisy_labels,
     )
-    server = None
-    if args.dashboard:
-        from noisescale.dashboard.beside import start_beside
-
-        server = start_beside(args.dir, port=args.dashboard_port)
     try:
-        result = run_demo(options)
-    except BaseException as e:
-        if server is not None:
-            server.close()
-        if isinstance(e, DemoError):
-            return fail(str(e))
-        raise
+        result, server = _beside_dashboard(args, lambda: run_demo(options))
+    except DemoError as e:
+        return fail(str(e))
     if args.quiet:
         print(result.path)
     else:
@@ -151,20 +145,26 @@ def _adaptive(args: argparse.Namespace) -> int:
         halflife=args.halflife,
         progress=not args.quiet,
     )
-    server = None
-    if args.dashboard:
-        from noisescale.dashboard.beside import start_beside
-
-        server = start_beside(args.dir, port=args.dashboard_port)
     try:
-        result = run_adaptive_demo(options)
-    except BaseException as e:
-        if server is not None:
-            server.close()
-        if isinstance(e, DemoError):
-            return fail(str(e))
-        raise
+        result, server = _beside_dashboard(args, lambda: run_adaptive_demo(options))
+    except DemoError as e:
+        return fail(str(e))
     print(f"{result.fixed.path}\n{result.adaptive.path}" if args.quiet else adaptive_table(result))
     if server is not None:
-        server.linger()
+        server.linger()  # serves on until Ctrl+C when a person is at the terminal
     return 0
+
+
+def _beside_dashboard(args: argparse.Namespace, train: Callable[[], T]) -> tuple[T, Any]:
+    """``train()``, with ``--dashboard`` serving ``--dir`` beside it; returns its result and the server (or
+    ``None``), which is stopped if the training raises."""
+    if not args.dashboard:
+        return train(), None
+    from noisescale.dashboard.beside import start_beside
+
+    server = start_beside(args.dir, port=args.dashboard_port)
+    try:
+        return train(), server
+    except BaseException:
+        server.close()
+        raise
