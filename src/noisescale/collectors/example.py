@@ -37,7 +37,7 @@ from noisescale.grad_norms import dense_values
 from noisescale.stats import ParamSums, SmallBatchStats
 
 if TYPE_CHECKING:
-    from noisescale.collectors.groups import ExampleObserver
+    from noisescale.collectors.observer import ExampleObserver
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
 
