@@ -28,6 +28,7 @@ changing it during training is not safe, and a controller that could change the 
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -49,7 +50,7 @@ from noisescale.source_choice import Source
 from noisescale.store import Run
 from noisescale.types import Measurement
 
-__all__ = ["PAIRED_CONFIGS", "SUPPORTED", "NoiseScaleTrainerCallback"]
+__all__ = ["PAIRED_CONFIGS", "SUPPORTED", "TRL_SUPPORTED", "NoiseScaleTrainerCallback"]
 
 SUPPORTED = Supported(
     distribution="transformers",
@@ -58,6 +59,15 @@ SUPPORTED = Supported(
     extra="hf",
     what="noisescale.integrations.huggingface.NoiseScaleTrainerCallback",
 )
+
+TRL_SUPPORTED = Supported(
+    distribution="trl",
+    minimum=(1, 0),
+    below=(2,),
+    extra="trl",
+    what="noisescale.integrations.huggingface.NoiseScaleTrainerCallback (with TRL's trainers)",
+)
+"""TRL's range: how its preference trainers lay out a pair (two rows of one pass) is what the callback counts on."""
 
 _transformers = require("transformers", SUPPORTED)
 _callbacks = require("transformers.trainer_callback", SUPPORTED)
@@ -129,6 +139,7 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         restored_by_trainer: bool = False,
     ) -> None:
         SUPPORTED.check(SUPPORTED.installed(_transformers))
+        _check_trl()
         if restored_by_trainer:  # built by Trainer._load_callback_state from state(): take over the live callback
             self._take_over()
             return
@@ -217,6 +228,8 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
                 "multi-process training with the Lightning callback or with GNSMonitor(ddp_model) in an Accelerate "
                 "loop (noisescale.integrations.accelerate)"
             )
+        if any(cls.__module__.split(".")[0] == "trl" for cls in type(args).__mro__):
+            _check_trl(required=True)
         paired = _paired_config(args)
         self._per_example = self.rows_per_example or (2 if paired else 1)
         couples = self.loss_couples_examples if self.loss_couples_examples is not None else paired
@@ -351,6 +364,15 @@ def _check_trainer_controller(controller: object) -> BatchSizeController:
             "lr_rule='adascale', optimizer='later'), or drive the batch with the Lightning callback or a plain loop"
         )
     return ctrl
+
+
+def _check_trl(*, required: bool = False) -> None:
+    """Refuse a TRL outside ``TRL_SUPPORTED`` once it is imported (a plain Trainer run never needs it)."""
+    trl = sys.modules.get("trl")
+    if trl is None and required:
+        trl = require("trl", TRL_SUPPORTED)
+    if trl is not None:
+        TRL_SUPPORTED.check(TRL_SUPPORTED.installed(trl))
 
 
 def _num(value: Any) -> bool:
