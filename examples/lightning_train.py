@@ -2,9 +2,11 @@
 
 An MLP learns scikit-learn's bundled digits with ``lightning.pytorch``.  ``NoiseScaleCallback`` measures B_simple
 at every optimizer step (all micro-batches of ``accumulate_grad_batches``, all DDP processes), adds it to the
-trainer's logs every ``log_every_n_steps``, records every step in a run store and raises alerts.
+trainer's logs every ``log_every_n_steps``, records every step in a run store and raises alerts.  With
+``--adaptive`` it also drives the batch: an ``ns.BatchSizeController`` chooses how many micro-batches make a step
+(``accumulate_grad_batches``, changed at Lightning's safe points) and scales the learning rate by AdaScale's gain.
 
-Run:  python examples/lightning_train.py [--accumulate 4] [--devices 2] [--epochs 3]
+Run:  python examples/lightning_train.py [--accumulate 4 | --adaptive] [--devices 2] [--epochs 3]
       (needs lightning and scikit-learn: pip install 'noisescale[lightning,demo]')
       then: noisescale show runs/   (or noisescale report RUN -o report.html)
 """
@@ -52,7 +54,10 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1, help="CPU processes (DDP over gloo when > 1)")
     ap.add_argument("--runs", default="runs", help="folder of the run store")
     ap.add_argument("--every", type=int, default=25, help="print every N steps")
+    ap.add_argument("--adaptive", action="store_true", help="let the controller choose the accumulation and lr")
     args = ap.parse_args()
+    if args.adaptive and args.accumulate != 1:
+        ap.error("--adaptive chooses the accumulation itself: leave --accumulate at 1")
 
     L.seed_everything(0, verbose=False)
     digits = load_digits()
@@ -67,7 +72,23 @@ def main() -> None:
             b = "undefined" if m.b_simple is None else f"{m.b_simple:.0f}"
             print(f"step {m.step:4d}  batch {m.batch_size}  B_simple {b}{band}  ({m.source})", flush=True)
 
+    controller = None
+    if args.adaptive:
+        step_batch = args.batch * args.devices  # one micro-batch on every process
+        controller = ns.BatchSizeController(
+            "gns",
+            micro_batch=args.batch,
+            world_size=args.devices,
+            min_batch=step_batch,
+            max_batch=8 * step_batch,
+            quantize="pow2",
+            dwell=2_000,  # examples between two changes: early estimates are noisy
+            lr_rule="adascale",  # the learning rate below is tuned for one micro-batch a step
+            optimizer="later",  # the callback attaches the optimizer Lightning creates
+        )
     noise = NoiseScaleCallback(
+        "example" if args.adaptive else "auto",  # micro-batches measure nothing at one per step
+        controller=controller,
         run=args.runs,  # a run store, written by global rank 0
         run_name="lightning-digits",
         run_config=vars(args),
@@ -90,6 +111,8 @@ def main() -> None:
     trainer.fit(DigitsMLP(lr=0.05), loader)
     if trainer.is_global_zero:
         print(f"{noise.monitor.step_count} steps measured ({noise.monitor.source} source); run store {noise.run.path}")
+        if controller is not None:
+            print(f"controller: {controller.state.changes} batch changes, now {controller.batch_size} examples a step")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def train(
     stop: int | None = None,
     state: Path | None = None,
     save: Path | None = None,
+    controller: Any = None,
     **kwargs: Any,
 ) -> tuple[list[ns.Measurement], Any]:
     """Steps ``start`` to ``stop`` of the loop of examples/accelerate_train.py, measured."""
@@ -57,6 +58,9 @@ def train(
     rows: list[ns.Measurement] = []
     gns = AccelerateMonitor(accelerator, model, callbacks=[rows.append], **kwargs)
     accelerator.register_for_checkpointing(gns)
+    if controller is not None:  # built with optimizer="later": the prepared optimizer's own torch optimizer
+        controller.attach(opt.optimizer)
+        accelerator.register_for_checkpointing(controller)
     if state is not None:
         accelerator.load_state(str(state))
     for i, (xb, yb) in enumerate(loader):
@@ -66,7 +70,9 @@ def train(
             break
         with accelerator.accumulate(model):
             accelerator.backward(nn.functional.mse_loss(model(xb), yb))
-            gns.after_backward(len(xb))
+            m = gns.after_backward(len(xb))
+            if m is not None and controller is not None:
+                controller.step(m)  # its multiplier scales the opt.step() below
             if accelerator.sync_gradients and clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), clip)
             opt.step()
@@ -105,6 +111,41 @@ def test_save_state_and_load_state_continue_exactly(tmp_path):
     assert [m.step for m in rest] == [3, 4]
     assert_same_series([row(m) for m in first + rest], [row(m) for m in straight], rel=1e-12)
     assert rules2.state_dict()["history"] == rules.state_dict()["history"]
+
+
+class RunRecorder:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def event(self, kind: str, message: str = "", *, step: int | None = None, data: Any = None) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+def test_a_controller_is_saved_and_loaded_with_the_monitor(tmp_path):
+    x, y = regression_data(n=32)  # 4 steps of two micro-batches
+
+    def controller(run: RunRecorder) -> ns.BatchSizeController:
+        return ns.BatchSizeController(
+            "constant", batch_size=2 * MICRO, base_batch=1, lr_rule="adascale", optimizer="later", run=run
+        )
+
+    straight_run, first_run, rest_run = RunRecorder(), RunRecorder(), RunRecorder()
+    straight_net = tiny_net()
+    straight, _ = train(straight_net, x, y, accumulation=2, controller=(c0 := controller(straight_run)))
+    first, _ = train(tiny_net(), x, y, accumulation=2, stop=2, save=tmp_path / "ckpt", controller=controller(first_run))
+    net = tiny_net(seed=3)
+    rest, _ = train(
+        net, x, y, accumulation=2, start=2, state=tmp_path / "ckpt", controller=(c2 := controller(rest_run))
+    )
+    assert_same_series([row(m) for m in first + rest], [row(m) for m in straight], rel=1e-12)
+    assert first_run.metrics + rest_run.metrics == straight_run.metrics  # lr_scale and the lr each step used
+    assert len({m["lr_scale"] for _, m in straight_run.metrics if "lr_scale" in m}) > 1
+    assert c2.state_dict() == c0.state_dict()
+    for a, b in zip(net.parameters(), straight_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_arguments_are_refused():

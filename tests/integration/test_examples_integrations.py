@@ -33,6 +33,22 @@ def test_lightning_example(tmp_path):
     assert len(list(tmp_path.glob("lightning-digits-*.sqlite"))) == 1
 
 
+def test_lightning_example_drives_the_batch(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("sklearn")
+    args = ["--adaptive", "--epochs", "4", "--every", "20", "--runs", str(tmp_path)]
+    out = run("lightning_train.py", *args, cwd=tmp_path)
+    sizes = [int(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
+    assert sizes and sizes[0] == 32 and all(b in (32, 64, 128, 256) for b in sizes)
+    assert "controller:" in out and "(example)" in out
+    import noisescale as ns
+
+    (path,) = tmp_path.glob("lightning-digits-*.sqlite")
+    with ns.open_run(path) as reader:
+        events = [e for e in reader.events() if e["kind"] == "controller"]
+        assert len(events) >= 1 and events[0]["data"]["before"]["accumulation"] == 1
+
+
 def test_hf_trainer_example(tmp_path):
     pytest.importorskip("transformers")
     out = run(

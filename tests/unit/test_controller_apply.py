@@ -212,3 +212,58 @@ def test_bad_wrapper_configuration(kwargs, match):
         kwargs["sampler"] = ns.AdaptiveBatchSampler(1000, 32, num_replicas=2, rank=0)
     with pytest.raises(ConfigError, match=match):
         ns.BatchSizeController("gns", min_batch=32, max_batch=512, **kwargs)
+
+
+def test_a_decision_made_inside_the_steps_closure_applies_to_that_step():
+    """Lightning runs backward (and so the measurement and the decision) inside optimizer.step(closure), after the
+    step's pre-hook: the multiplier decided there still scales that step, and the lr logged is the one it used."""
+    p = _param_and_grad(grad=0.0)
+    opt = torch.optim.SGD([p], lr=1.0)
+    run = Recorder()
+    ctrl = ns.BatchSizeController("gns", min_batch=32, max_batch=256, lr_rule="adascale", optimizer=opt, run=run)
+
+    def closure(step: int, b: float) -> torch.Tensor:
+        p.grad = torch.ones(3)
+        ctrl.step(M(step, 32 * step, b))
+        return torch.zeros(())
+
+    opt.step(lambda: closure(1, 32.0))  # adascale at the base batch: 1; the target 32 holds
+    assert torch.allclose(p.detach(), torch.zeros(3))
+    ctrl.step(M(2, 64, 1e9))  # decides 64; the next gradient is measured at 64
+    opt.step(lambda: closure(3, 1e9))  # measured at 64 with noise dominating: the gain is 64 / 32
+    assert torch.allclose(p.detach(), torch.full((3,), -2.0))
+    assert opt.param_groups[0]["lr"] == 1.0
+    assert [(s, m["lr"]) for s, m in run.metrics if "lr" in m] == [(1, 1.0), (3, pytest.approx(2.0))]
+
+
+def test_an_optimizer_attached_later():
+    p = _param_and_grad()
+    opt = torch.optim.AdamW([p], lr=0.1)
+    ctrl = ns.BatchSizeController("constant", batch_size=64, base_batch=32, lr_rule="linear", optimizer="later")
+    assert ctrl.optimizer is None and ctrl.awaits_optimizer
+    with pytest.raises(ConfigError, match="attach"):
+        ctrl.step(M(1, 64, None))
+    run = Recorder()
+    ctrl.attach(opt, run=run)
+    assert ctrl.optimizer is opt and ctrl.lr == pytest.approx(0.2)
+    ctrl.step(M(1, 64, None))
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    opt.step()
+    assert seen == [pytest.approx(0.2)] and run.metrics[-1] == (1, {"lr": pytest.approx(0.2)})
+    with pytest.raises(ConfigError, match="optimizer='later'"):
+        ctrl.attach(opt)
+    with pytest.raises(ConfigError, match="already has a run"):
+        ctrl.attach(run=Recorder())
+
+
+def test_optimizer_later_is_checked_at_construction():
+    with pytest.raises(ConfigError, match="not both"):
+        ns.BatchSizeController("constant", batch_size=32, lr_rule="linear", optimizer="later", base_lr=0.1)
+    with pytest.raises(ConfigError, match="'later'"):
+        ns.BatchSizeController("constant", batch_size=32, optimizer="sgd")
+    with pytest.raises(ConfigError, match="unknown horizon"):
+        ns.BatchSizeController("constant", batch_size=32, optimizer="later", keep_horizons=("beta3",))
+    ctrl = ns.BatchSizeController("constant", batch_size=32, optimizer="later", keep_horizons=("beta2",))
+    with pytest.raises(ConfigError, match="beta2"):
+        ctrl.attach(torch.optim.SGD([_param_and_grad()], lr=0.1))  # SGD has no betas

@@ -5,6 +5,11 @@ puts the user's value back), so whatever the user or a ``torch.optim.lr_schedule
 ``param_groups[i]["lr"]`` stays theirs: the controller composes with any scheduler, and a saved
 ``optimizer.state_dict()`` holds the unscaled values.  Momentum, Adam's betas and weight decay are adjusted the
 same way when asked to keep their horizons in examples.  Optimizer state is never touched.
+
+An optimizer may run the closure that computes the gradient inside its own ``step(closure)`` (Lightning does): the
+step's pre-hook then runs before the gradient exists, so before the decision about it.  The optimizer reads the
+learning rate only after the closure, so a ``set()`` made while a step runs is applied to that step at once, and the
+learning rate a step used is reported when it ends.
 """
 
 from __future__ import annotations
@@ -17,7 +22,18 @@ import torch
 from noisescale.controllers.rules import HORIZONS, Horizon, horizon_beta, weight_decay_for
 from noisescale.errors import ConfigError
 
-__all__ = ["OptimizerScaling", "check_horizons"]
+__all__ = ["OptimizerScaling", "check_horizon_names", "check_horizons"]
+
+
+def check_horizon_names(keep: Sequence[str]) -> tuple[Horizon, ...]:
+    """The valid, de-duplicated ``keep_horizons``, before there is an optimizer to check them against."""
+    out: list[Horizon] = []
+    for h in keep:
+        if h not in HORIZONS:
+            raise ConfigError(f"unknown horizon {h!r} in keep_horizons; expected some of {list(HORIZONS)}")
+        if h not in out:
+            out.append(h)
+    return tuple(out)
 
 
 def check_horizons(optimizer: Any, keep: Sequence[str]) -> tuple[Horizon, ...]:
@@ -55,7 +71,7 @@ class OptimizerScaling:
     Args:
         optimizer: a ``torch.optim.Optimizer``.
         keep: horizons to keep constant in examples (see ``noisescale.controllers.rules``).
-        on_lr: called with the first parameter group's learning rate as used by each step.
+        on_lr: called with the first parameter group's learning rate as used by each step, when the step ends.
     """
 
     def __init__(
@@ -75,17 +91,26 @@ class OptimizerScaling:
         self.lr_scale = 1.0
         self.ratio = 1.0
         self._saved: list[dict[str, Any]] | None = None
+        self._running = False  # between a step's pre-hook and its post-hook
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
 
     def set(self, lr_scale: float, ratio: float) -> None:
-        """Use ``lr_scale`` and the batch ratio ``B / B0`` from the next ``optimizer.step()`` on."""
+        """Use ``lr_scale`` and the batch ratio ``B / B0`` from the next ``optimizer.step()`` on, or from now on
+        when called while a step runs (inside the closure of ``optimizer.step(closure)``)."""
         self.lr_scale, self.ratio = float(lr_scale), float(ratio)
+        if self._saved is not None and self._running:
+            self._restore()
+            self._scale(self.optimizer)
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._restore()  # a step that raised last time left its values in place
+        self._scale(optimizer)
+        self._running = True
+
+    def _scale(self, optimizer: Any) -> None:
         saved = []
         for g in optimizer.param_groups:
             keep: dict[str, Any] = {"lr": g["lr"]}
@@ -108,10 +133,11 @@ class OptimizerScaling:
                 g["weight_decay"] = weight_decay_for(g["weight_decay"], self.ratio, self.lr_scale)
             saved.append(keep)
         self._saved = saved
-        if self.on_lr is not None and optimizer.param_groups:
-            self.on_lr(float(optimizer.param_groups[0]["lr"]))
 
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._running = False
+        if self.on_lr is not None and optimizer.param_groups:
+            self.on_lr(float(optimizer.param_groups[0]["lr"]))
         self._restore()
 
     def _restore(self) -> None:
@@ -123,6 +149,7 @@ class OptimizerScaling:
 
     def close(self) -> None:
         """Remove the hooks (and put back any value a raising step left)."""
+        self._running = False
         self._restore()
         for h in self._handles:
             h.remove()

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from noisescale.controllers.apply import OptimizerScaling, check_horizons
+from noisescale.controllers.apply import OptimizerScaling, check_horizon_names, check_horizons
 from noisescale.controllers.clock import ExampleClock
 from noisescale.controllers.config import ControllerConfig, PolicyName, Stall
 from noisescale.controllers.grid import Quantize
@@ -64,7 +64,8 @@ class BatchSizeController:
         lr_rule: ``"none"``, ``"linear"``, ``"sqrt"``, ``"adascale"`` (see ``noisescale.controllers.rules``).
         base_batch: the batch your learning rate is tuned for (default: ``batch_size``).
         stall: a ``noisescale.controllers.Stall`` response, off by default.
-        optimizer: the optimizer whose learning rate is scaled around each ``step()``.
+        optimizer: the optimizer whose learning rate is scaled around each ``step()``; ``"later"`` when a framework
+            creates it after the controller (a framework callback then calls ``attach()`` when training starts).
         base_lr: with no optimizer, the learning rate ``decision.lr`` scales (you apply it).
         keep_horizons: some of ``"momentum"`` (SGD momentum, Adam's beta1), ``"beta2"``, ``"weight_decay"``:
             keep their timescales constant in examples when the batch changes.
@@ -146,7 +147,14 @@ class BatchSizeController:
             or base_lr <= 0
         ):
             raise ConfigError(f"base_lr must be a positive learning rate, got {base_lr!r}")
-        if lr_rule != "none" and optimizer is None and base_lr is None:
+        later = isinstance(optimizer, str) and optimizer == "later"
+        if isinstance(optimizer, str) and not later:
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer or 'later', got {optimizer!r}")
+        if later:
+            optimizer = None
+            if base_lr is not None:
+                raise ConfigError("pass optimizer='later' or base_lr=, not both: the attached optimizer's lr is scaled")
+        if lr_rule != "none" and optimizer is None and base_lr is None and not later:
             raise ConfigError(
                 f"lr_rule={lr_rule!r} scales a learning rate, but none was given: pass optimizer=your_optimizer "
                 "(its learning rate is multiplied for each optimizer.step()), or base_lr=... to read decision "
@@ -154,7 +162,7 @@ class BatchSizeController:
             )
         if optimizer is not None and base_lr is not None:
             raise ConfigError("pass optimizer= or base_lr=, not both: an optimizer's own learning rate is scaled")
-        keep = check_horizons(optimizer, keep_horizons)
+        keep = check_horizon_names(keep_horizons) if later else check_horizons(optimizer, keep_horizons)
         if sampler is not None and self.config.grid.high > sampler.n:
             raise ConfigError(
                 f"max_batch={self.config.grid.high} is larger than the sampler's dataset ({sampler.n:,} examples); "
@@ -166,6 +174,8 @@ class BatchSizeController:
             raise ConfigError(
                 f"run must have an event(kind, message, step=, data=) method (an ns.Run), got {type(run).__name__}"
             )
+        self.awaits_optimizer = later
+        self._keep = keep
         self.base_lr = None if base_lr is None else float(base_lr)
         self.sampler, self.clock, self.run = sampler, clock, run
         self._log = getattr(run, "log", None) if run is not None else None
@@ -174,6 +184,40 @@ class BatchSizeController:
         self._lr_step = 0
         self._scaling = OptimizerScaling(optimizer, keep, on_lr=self._log_lr) if optimizer is not None else None
         self._apply(self._scale_now(), self.state.batch_size)
+
+    def attach(self, optimizer: Any = None, *, run: Any = None) -> None:
+        """Give a controller built with ``optimizer="later"`` its optimizer (and, if it has none, a run).
+
+        For framework callbacks, which see the optimizer only once training starts.  The learning rate of every
+        ``optimizer.step()`` from now on is scaled, as if the optimizer had been passed at construction.
+
+        Args:
+            optimizer: the ``torch.optim.Optimizer`` that trains (not a wrapper around it).
+            run: where decisions go, when the controller was built without ``run=``.
+
+        Raises:
+            ConfigError: the controller was not built with ``optimizer="later"``, already has its optimizer or run,
+                or ``keep_horizons`` find nothing to keep in this optimizer.
+        """
+        if optimizer is not None:
+            if not self.awaits_optimizer:
+                raise ConfigError(
+                    "this controller was built with an optimizer (or none to scale): build it with optimizer='later' "
+                    "for a framework to attach its optimizer"
+                )
+            keep = check_horizons(optimizer, self._keep)
+            self._scaling = OptimizerScaling(optimizer, keep, on_lr=self._log_lr)
+            self.awaits_optimizer = False
+            self._apply(self._lr_scale, self.state.batch_size)
+        if run is not None:
+            if self.run is not None:
+                raise ConfigError("this controller already has a run: build it without run= to attach one")
+            if not callable(getattr(run, "event", None)):
+                raise ConfigError(
+                    f"run must have an event(kind, message, step=, data=) method, got {type(run).__name__}"
+                )
+            self.run = run
+            self._log = getattr(run, "log", None)
 
     # -- what the loop reads -----------------------------------------------------------------------------------
 
@@ -186,6 +230,11 @@ class BatchSizeController:
     def accumulation(self) -> int | None:
         """Backward passes per optimizer step on each rank for the next batch (``None`` without micro_batch)."""
         return self.config.accumulation(self.state.batch_size)
+
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer whose learning rate is scaled (``None`` without one, or until one is attached)."""
+        return self._scaling.optimizer if self._scaling is not None else None
 
     @property
     def lr_scale(self) -> float:
@@ -210,6 +259,12 @@ class BatchSizeController:
             loss: the step's training loss, needed with a stall response (a number or a one-element tensor,
                 read here: one device sync).  Under DDP pass the same value on every rank (e.g. all-reduced).
         """
+        if self.awaits_optimizer:
+            raise ConfigError(
+                "this controller was built with optimizer='later' and no optimizer was attached: pass it to a "
+                "framework callback (controller=...), which attaches the trainer's optimizer, or call "
+                "ctrl.attach(optimizer) before the first step"
+            )
         before = self.state
         decision, self.state = self.config.update(m, before, loss=None if loss is None else float(loss))
         self.decision = decision

@@ -1,4 +1,4 @@
-"""What an integration keeps in a framework's checkpoint: the monitor's state and that of its stateful sinks.
+"""What an integration keeps in a framework's checkpoint: the monitor's state, its stateful sinks' and a controller's.
 
 The monitor's state (its step count, examples, and the moving averages behind B_simple) is what makes a resumed
 run continue exactly where it stopped; an alert engine among the sinks keeps its alerts' states and the history
@@ -27,15 +27,17 @@ def _stateful(sink: object) -> bool:
     return callable(getattr(sink, "state_dict", None)) and callable(getattr(sink, "load_state_dict", None))
 
 
-def bundle(monitor: GNSMonitor, sinks: Sequence[object]) -> dict[str, Any]:
+def bundle(monitor: GNSMonitor, sinks: Sequence[object], controller: Any = None) -> dict[str, Any]:
     """The monitor's state and each stateful sink's (``None`` for the others), after the sinks caught up.
 
     Args:
         monitor: the monitor.
         sinks: the sinks given to it, in order.
+        controller: a ``BatchSizeController`` the callback drives, whose state is saved too (key ``"controller"``).
     """
     monitor.flush()  # every measurement queued so far has reached the sinks, so their states include it
-    return {
+    extra = {} if controller is None else {"controller": controller.state_dict()}
+    return extra | {
         "version": BUNDLE_VERSION,
         "monitor": monitor.state_dict(),
         "sinks": [
@@ -45,15 +47,21 @@ def bundle(monitor: GNSMonitor, sinks: Sequence[object]) -> dict[str, Any]:
     }
 
 
-def restore(monitor: GNSMonitor, sinks: Sequence[object], state: dict[str, Any]) -> None:
-    """Load ``bundle()`` into a monitor and its sinks (matched by position and type).
+def restore(monitor: GNSMonitor, sinks: Sequence[object], state: dict[str, Any], controller: Any = None) -> None:
+    """Load ``bundle()`` into a monitor, its sinks (matched by position and type) and a controller.
 
     Raises:
-        ConfigError: an unknown bundle version, or sinks that do not match those the state was saved with.
+        ConfigError: an unknown bundle version, sinks that do not match those the state was saved with, or a
+            controller and a state saved without one.
     """
     if not isinstance(state, dict) or state.get("version") != BUNDLE_VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
         raise ConfigError(f"unsupported noisescale checkpoint state version {found!r}; expected {BUNDLE_VERSION}")
+    if controller is not None and state.get("controller") is None:
+        raise ConfigError(
+            "the checkpoint was saved without a batch-size controller, and this callback drives one: resume without "
+            "controller=, or from a checkpoint saved with it"
+        )
     monitor.load_state_dict(state["monitor"])
     saved = list(state.get("sinks") or [])
     for i, sink in enumerate(sinks):
@@ -66,6 +74,8 @@ def restore(monitor: GNSMonitor, sinks: Sequence[object], state: dict[str, Any])
                 f"{[None if e is None else e.get('type') for e in saved]}; pass the same sinks, in the same order"
             )
         sink.load_state_dict(entry["state"])  # type: ignore[attr-defined]
+    if controller is not None:
+        controller.load_state_dict(state["controller"])
 
 
 def to_json(value: Any) -> Any:

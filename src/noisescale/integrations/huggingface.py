@@ -17,11 +17,18 @@ Preference trainers run the chosen and the rejected completion of each pair as t
 their loss couples the two: with TRL's ``DPOConfig`` or ``RewardConfig`` the callback counts two rows as one
 example and tells the monitor that the loss couples the rows (``loss_couples_examples``), so ``source="auto"``
 measures micro-batches of pairs (use ``gradient_accumulation_steps >= 2``).
+
+With ``controller=`` the callback couples the learning rate to the measurement: each step's measurement goes to an
+``ns.BatchSizeController`` (built with ``optimizer="later"``; the callback attaches the Trainer's optimizer), whose
+multiplier scales that step's ``optimizer.step()``.  The batch itself stays fixed: the Trainer computes its epochs,
+its scheduler's total steps and Accelerate's gradient synchronisation from ``gradient_accumulation_steps`` once, so
+changing it during training is not safe, and a controller that could change the batch is refused.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -29,8 +36,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from noisescale.controllers.controller import BatchSizeController
 from noisescale.errors import ConfigError, StepError
 from noisescale.integrations._checkpoint import bundle, from_json, restore, to_json
+from noisescale.integrations._driving import MonitorRun, check_controller, fixed_batch, innermost_optimizer
 from noisescale.integrations._examples import first_tensor_rows
 from noisescale.integrations._log_values import DEFAULT_COLUMNS, check_columns, log_values
 from noisescale.integrations._options import MonitorOptions
@@ -41,7 +50,7 @@ from noisescale.source_choice import Source
 from noisescale.store import Run
 from noisescale.types import Measurement
 
-__all__ = ["PAIRED_CONFIGS", "SUPPORTED", "NoiseScaleTrainerCallback"]
+__all__ = ["PAIRED_CONFIGS", "SUPPORTED", "TRL_SUPPORTED", "NoiseScaleTrainerCallback"]
 
 SUPPORTED = Supported(
     distribution="transformers",
@@ -50,6 +59,15 @@ SUPPORTED = Supported(
     extra="hf",
     what="noisescale.integrations.huggingface.NoiseScaleTrainerCallback",
 )
+
+TRL_SUPPORTED = Supported(
+    distribution="trl",
+    minimum=(1, 0),
+    below=(2,),
+    extra="trl",
+    what="noisescale.integrations.huggingface.NoiseScaleTrainerCallback (with TRL's trainers)",
+)
+"""TRL's range: how its preference trainers lay out a pair (two rows of one pass) is what the callback counts on."""
 
 _transformers = require("transformers", SUPPORTED)
 _callbacks = require("transformers.trainer_callback", SUPPORTED)
@@ -83,6 +101,10 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
             (``noisescale/b_simple``, ``noisescale/band/low``, ..., with ``noisescale/batch_size``).
         loss_couples_examples: as for ``GNSMonitor``; ``None``: ``True`` for the paired TRL configurations.
         per_layer, halflife, confidence, on_unsupported, scope: as for ``GNSMonitor``.
+        controller: an ``ns.BatchSizeController`` with a fixed batch (``"constant"``, or ``min_batch == max_batch``)
+            equal to ``per_device_train_batch_size x gradient_accumulation_steps``, built with ``optimizer="later"``:
+            its learning-rate multiplier (e.g. ``lr_rule="adascale"`` with ``base_batch`` the batch your learning
+            rate was tuned for) scales every optimizer step; its metrics and state follow the monitor's.
 
     Checkpoints: the state goes into ``trainer_state.json`` (``ExportableState``), and the callback restores it
     itself when training resumes from a checkpoint.  With ``restore_callback_states_from_checkpoint=True`` the
@@ -113,9 +135,11 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         on_unsupported: Any = None,
         scope: Any = "all",
         loss_couples_examples: bool | None = None,
+        controller: BatchSizeController | None = None,
         restored_by_trainer: bool = False,
     ) -> None:
         SUPPORTED.check(SUPPORTED.installed(_transformers))
+        _check_trl()
         if restored_by_trainer:  # built by Trainer._load_callback_state from state(): take over the live callback
             self._take_over()
             return
@@ -146,6 +170,7 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         self.rows_per_example = rows_per_example
         self.loss_couples_examples = loss_couples_examples
         self.log_columns = check_columns(log_columns)
+        self.controller = None if controller is None else _check_trainer_controller(controller)
 
         self.monitor: GNSMonitor | None = None
         self.run: Any = run if run is not None and not isinstance(run, (str, os.PathLike)) else None
@@ -165,7 +190,7 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
 
     def state(self) -> dict[str, Any]:
         """JSON-ready state for ``trainer_state.json``: the monitor's and its stateful sinks' (tensors as lists)."""
-        saved = to_json(bundle(self.monitor, self.options.sinks)) if self.monitor is not None else None
+        saved = to_json(bundle(self.monitor, self.options.sinks, self.controller)) if self.monitor is not None else None
         return {"args": {"restored_by_trainer": True}, "attributes": {"saved_state": saved}}
 
     def _take_over(self) -> None:
@@ -203,6 +228,8 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
                 "multi-process training with the Lightning callback or with GNSMonitor(ddp_model) in an Accelerate "
                 "loop (noisescale.integrations.accelerate)"
             )
+        if any(cls.__module__.split(".")[0] == "trl" for cls in type(args).__mro__):
+            _check_trl(required=True)
         paired = _paired_config(args)
         self._per_example = self.rows_per_example or (2 if paired else 1)
         couples = self.loss_couples_examples if self.loss_couples_examples is not None else paired
@@ -222,8 +249,27 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
                 )
             saved = (entry or {}).get("attributes", {}).get("saved_state")
         if saved is not None:
-            restore(self.monitor, self.options.sinks, from_json(saved))
+            restore(self.monitor, self.options.sinks, from_json(saved), self.controller)
             self.saved_state = None
+        if self.controller is not None:
+            self._attach_controller(args, optimizer)
+
+    def _attach_controller(self, args: Any, optimizer: Any) -> None:
+        ctrl = self.controller
+        assert ctrl is not None and self.monitor is not None
+        batch = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+        if ctrl.batch_size != batch:
+            raise ConfigError(
+                f"the controller's batch is {ctrl.batch_size}, the Trainer's per_device_train_batch_size x "
+                f"gradient_accumulation_steps is {batch}: build the controller with batch_size={batch} (and "
+                "base_batch= the batch your learning rate was tuned for)"
+            )
+        if ctrl.awaits_optimizer:
+            if optimizer is None:
+                raise ConfigError("the Trainer passed no optimizer to the callback: the controller cannot scale it")
+            ctrl.attach(innermost_optimizer(optimizer))
+        if ctrl.run is None:
+            ctrl.attach(run=MonitorRun(self.monitor))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close("finished")
@@ -237,6 +283,8 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
             self._hook = None
         if self.monitor is not None:
             self.monitor.close()
+        if self.controller is not None:
+            self.controller.close()  # its hooks leave the optimizer; its state stays readable
         if self._owns_run and self.run is not None:
             self.run.close(status=status)
 
@@ -285,11 +333,15 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         batch = sum(self._micro)
         self._micro = []
         self.latest = self.monitor.step(batch, micro_batch_sizes=sizes)
+        if self.controller is not None:
+            self.controller.step(self.latest)  # its multiplier scales the optimizer step that follows
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs or self.monitor is None:
             return  # evaluation or end-of-training summaries carry no training loss: nothing measured to add
-        self.monitor.log({k: v for k, v in (("loss", logs.get("loss")), ("lr", logs.get("learning_rate"))) if _num(v)})
+        # With a controller, "lr" is the learning rate each step used (logged by the controller), not the schedule's.
+        lr = None if self.controller is not None else logs.get("learning_rate")
+        self.monitor.log({k: v for k, v in (("loss", logs.get("loss")), ("lr", lr)) if _num(v)})
         if self.latest is None or not self.log_columns:
             return
         values = log_values(self.latest, self.log_columns)  # reads the measurement: at the logging cadence only
@@ -297,6 +349,30 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         history = state.log_history
         if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
             history[-1].update(values)  # the Trainer copied logs into its history before calling the callbacks
+
+
+def _check_trainer_controller(controller: object) -> BatchSizeController:
+    ctrl = check_controller(controller, "NoiseScaleTrainerCallback")
+    if not fixed_batch(ctrl):
+        raise ConfigError(
+            "NoiseScaleTrainerCallback couples the learning rate only: the Trainer computes its epochs, its "
+            "scheduler's total steps and Accelerate's gradient synchronisation from gradient_accumulation_steps once, "
+            f"so changing the batch during training is not safe, and this controller (policy={ctrl.config.policy!r}, "
+            f"batches {ctrl.config.grid.low} to {ctrl.config.grid.high}) may change it. Build one with a fixed batch, "
+            "e.g. ns.BatchSizeController('constant', batch_size=<per_device_train_batch_size x "
+            "gradient_accumulation_steps>, base_batch=<the batch your learning rate was tuned for>, "
+            "lr_rule='adascale', optimizer='later'), or drive the batch with the Lightning callback or a plain loop"
+        )
+    return ctrl
+
+
+def _check_trl(*, required: bool = False) -> None:
+    """Refuse a TRL outside ``TRL_SUPPORTED`` once it is imported (a plain Trainer run never needs it)."""
+    trl = sys.modules.get("trl")
+    if trl is None and required:
+        trl = require("trl", TRL_SUPPORTED)
+    if trl is not None:
+        TRL_SUPPORTED.check(TRL_SUPPORTED.installed(trl))
 
 
 def _num(value: Any) -> bool:

@@ -14,6 +14,15 @@ micro-batches (``accumulate_grad_batches``) on all ranks (``batch_size`` is the 
 
 Under DDP (``strategy="ddp"``, ``"ddp_spawn"``, ...) the monitor is built on the DDP-wrapped model, so
 ``source="auto"`` measures each rank's local gradient (``rank``) and every rank reports the same numbers.
+
+With ``controller=`` (an ``ns.BatchSizeController`` built with ``micro_batch=`` and ``optimizer="later"``) the
+callback also drives the batch: each step's measurement goes to the controller, whose learning-rate multiplier is
+applied to that step's ``optimizer.step()``, and its accumulation becomes ``trainer.accumulate_grad_batches`` at the
+next safe point.  Lightning counts accumulation from the start of each epoch (a step ends when the epoch's batch
+count is a multiple of ``accumulate_grad_batches``, and gradients are zeroed at the same points), so a new
+accumulation ``k`` can start only where the batches done in the epoch are a multiple of ``k``, or at an epoch's
+start; a decision that falls elsewhere is held (the controller sees a ``"deferred"`` measurement) and made again at
+the next step.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from typing import Any
 
 import torch
 
+from noisescale.controllers.controller import BatchSizeController
 from noisescale.errors import ConfigError, StepError
 from noisescale.integrations._checkpoint import bundle, restore
+from noisescale.integrations._driving import Deferred, MonitorRun, check_controller
 from noisescale.integrations._examples import BatchSizeFn, count_examples
 from noisescale.integrations._log_values import DEFAULT_COLUMNS, check_columns, log_values
 from noisescale.integrations._options import MonitorOptions
@@ -71,6 +82,11 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         log_loss: send the step's mean training loss to the monitor's sinks as ``"loss"`` (automatic optimization),
             which the run store records and the ``loss_stalled`` alert reads.
         per_layer, halflife, confidence, on_unsupported, scope, loss_couples_examples: as for ``GNSMonitor``.
+        controller: an ``ns.BatchSizeController`` to drive, built with ``micro_batch=`` (the DataLoader's batch
+            size), ``world_size=`` (the trainer's) and ``optimizer="later"``: it sets ``accumulate_grad_batches``
+            (at safe points, see the module docstring) and scales the learning rate of every optimizer step; its
+            decisions go to the run and sinks, its state into the checkpoint.  No stall response (the callback
+            does not see the loss before the optimizer step).
 
     Raises:
         FrameworkVersionError: the installed lightning lies outside the supported range.
@@ -96,6 +112,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         on_unsupported: Any = None,
         scope: Any = "all",
         loss_couples_examples: bool = False,
+        controller: BatchSizeController | None = None,
     ) -> None:
         SUPPORTED.check(SUPPORTED.installed(_lightning))
         super().__init__()
@@ -122,6 +139,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         self.log_columns = check_columns(log_columns)
         self.prog_bar = bool(prog_bar)
         self.log_loss = bool(log_loss)
+        self.controller = None if controller is None else _check_lightning_controller(controller, source)
 
         self.monitor: GNSMonitor | None = None
         self.run: Any = run if run is not None and not isinstance(run, (str, os.PathLike)) else None
@@ -134,6 +152,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         self._stepped = False
         self._failed = False
         self._finished = False
+        self._trainer: Any = None
 
     # -- fit lifecycle ---------------------------------------------------------------------------------------------
 
@@ -161,8 +180,42 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.monitor = self.options.build(trainer.strategy.model, run=self.run, scaler=scaler)
         if self._pending_state is not None:
-            restore(self.monitor, self.options.sinks, self._pending_state)
+            restore(self.monitor, self.options.sinks, self._pending_state, self.controller)
             self._pending_state = None
+        if self.controller is not None:
+            self._start_driving(trainer, pl_module)
+
+    def _start_driving(self, trainer: Any, pl_module: Any) -> None:
+        ctrl = self.controller
+        assert ctrl is not None and self.monitor is not None
+        if not pl_module.automatic_optimization:
+            raise ConfigError(
+                "NoiseScaleCallback(controller=) sets accumulate_grad_batches, which manual optimization ignores: "
+                "use automatic optimization, or drive the controller from your training_step"
+            )
+        if ctrl.config.world_size != trainer.world_size:
+            raise ConfigError(
+                f"the controller was built for world_size={ctrl.config.world_size}, the trainer runs on "
+                f"{trainer.world_size} processes: build it with world_size={trainer.world_size}"
+            )
+        if any(type(cb).__name__ == "GradientAccumulationScheduler" for cb in trainer.callbacks):
+            raise ConfigError(
+                "NoiseScaleCallback(controller=) and GradientAccumulationScheduler both set accumulate_grad_batches: "
+                "remove one of them"
+            )
+        start = ctrl.accumulation
+        assert start is not None
+        if self._trainer is None and trainer.accumulate_grad_batches not in (1, start):
+            raise ConfigError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) but the controller starts at "
+                f"{start} micro-batches a step and sets it itself: leave accumulate_grad_batches at 1"
+            )
+        self._trainer = trainer
+        ctrl.attach(
+            trainer.optimizers[0] if ctrl.awaits_optimizer else None,
+            run=MonitorRun(self.monitor) if ctrl.run is None else None,
+        )
+        trainer.accumulate_grad_batches = start  # the controller's, also after a resume
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._failed = True
@@ -173,6 +226,8 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         self._finished = True
         if self.monitor is not None:
             self.monitor.close()
+        if self.controller is not None:
+            self.controller.close()  # its hooks leave the optimizer; its state stays readable
         if self._owns_run and self.run is not None:
             self.run.close(status="failed" if self._failed else "finished")
 
@@ -190,14 +245,16 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         # Called after the step's last backward pass, before Lightning clips the gradients and steps.
         if not self._micro or self.monitor is None:
             return  # no backward pass (training_step returned None): nothing was measured, nothing is stepped
-        local = sum(self._micro)
-        sizes = self._micro if len(set(self._micro)) > 1 else None
-        self._micro = []
+        micro, self._micro = self._micro, []
+        local = sum(micro)
+        sizes = micro if len(set(micro)) > 1 else None
         # Every rank holds as many examples as this one (Lightning's DistributedSampler pads the last batch); the
         # monitor checks that on its first step under DDP.
         m = self.monitor.step(local * trainer.world_size, micro_batch_sizes=sizes)
         self.latest = m
         self._stepped = True
+        if self.controller is not None:
+            self._drive(trainer, m, micro)
         if self.log_columns and trainer._logger_connector.should_update_logs:
             # Reading the numbers waits for the device: only at the trainer's own logging cadence.
             pl_module.log_dict(
@@ -207,6 +264,31 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
                 prog_bar=self.prog_bar,
                 batch_size=m.batch_size,
             )
+
+    def _drive(self, trainer: Any, m: Measurement, micro: list[int]) -> None:
+        """Feed the controller this step's measurement (its multiplier applies to this step's optimizer.step())."""
+        ctrl = self.controller
+        assert ctrl is not None
+        unit = ctrl.config.micro_batch
+        assert unit is not None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done = progress.current.ready  # batches of this epoch so far, this one included
+        epoch_ends = progress.is_last_batch or done == trainer.num_training_batches
+        if any(n > unit for n in micro) or (not epoch_ends and any(n != unit for n in micro)):
+            raise ConfigError(
+                f"the controller was built for micro_batch={unit} examples per backward pass on one rank, this step's "
+                f"batches had {micro}: build it with micro_batch=<the DataLoader's batch_size>"
+            )
+        decision, _ = ctrl.config.update(m, ctrl.state)  # pure: what the controller would decide now
+        k = ctrl.config.accumulation(decision.batch_size)
+        if k != ctrl.accumulation and not epoch_ends and k and done % k:
+            m = Deferred(  # type: ignore[assignment]
+                m,
+                f"batch {decision.batch_before} -> {decision.batch_size} waits for a safe point: Lightning counts "
+                f"accumulation from the epoch's start, and the {done} batches of this epoch so far are not a multiple "
+                f"of {k}",
+            )
+        ctrl.step(m)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._batch_examples = None
@@ -220,13 +302,17 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
             if self._losses and self.monitor is not None:
                 self.monitor.log({"loss": torch.stack(self._losses).mean()})  # read on the sink thread: no sync
             self._losses = []
+            if self.controller is not None:
+                # A step boundary the controller's accumulation can start at (_drive deferred it otherwise).
+                trainer.accumulate_grad_batches = self.controller.accumulation
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor's state and its stateful sinks' (an alert engine's), saved in Lightning's checkpoint."""
+        """The monitor's state, its stateful sinks' (an alert engine's) and the controller's, saved in Lightning's
+        checkpoint."""
         if self.monitor is not None:
-            return bundle(self.monitor, self.options.sinks)
+            return bundle(self.monitor, self.options.sinks, self.controller)
         return dict(self._pending_state or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -234,9 +320,32 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         if not state_dict:
             return
         if self.monitor is not None:
-            restore(self.monitor, self.options.sinks, state_dict)
+            restore(self.monitor, self.options.sinks, state_dict, self.controller)
+            if self.controller is not None and self._trainer is not None:
+                self._trainer.accumulate_grad_batches = self.controller.accumulation
         else:
             self._pending_state = dict(state_dict)
+
+
+def _check_lightning_controller(controller: object, source: str) -> BatchSizeController:
+    ctrl = check_controller(controller, "NoiseScaleCallback")
+    cfg = ctrl.config
+    if cfg.micro_batch is None:
+        raise ConfigError(
+            "NoiseScaleCallback drives the batch through accumulate_grad_batches: build the controller with "
+            "micro_batch=<the DataLoader's batch_size on one rank>"
+        )
+    start = ctrl.accumulation or 1
+    if (
+        cfg.world_size == 1
+        and cfg.accumulation(cfg.grid.low) == 1
+        and (source == "microbatch" or (source == "auto" and start >= 2))
+    ):
+        raise ConfigError(
+            f"the controller may go down to one micro-batch a step, where source={source!r} (micro-batches, chosen "
+            f"from the first step's {start}) has a single small batch and measures nothing: pass source='example'"
+        )
+    return ctrl
 
 
 def _check_strategy(trainer: Any) -> None:
