@@ -12,7 +12,7 @@ With ``--accum 2`` every step runs two micro-batches per rank, the first under `
 or ``--budget F`` the monitor measures one step in ``N`` (``GNSMonitor(every=N)``) or within ``F`` of the training
 time (``budget=F``; rank 0 decides, every rank follows); each block is then ``--steps`` rounded up to whole periods
 of ``N`` (20 steps under a budget) and summarised by its mean instead of its median, for both modes, so the measured
-steps are counted.
+steps are counted; the budget's clock runs only inside ``ns_rank``'s own steps.
 
 Modes run interleaved: each trial runs a block of steps of every mode in a fresh random order (the same order on
 every rank, since each step is a collective), and the *paired ratio* is the median over trials of
@@ -105,6 +105,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         monitor = ns.GNSMonitor(model, source="rank", **_cadence(args)) if name == "ns_rank" else None
         runs[name] = {"model": model, "monitor": monitor, "opt": torch.optim.SGD(model.parameters(), lr=1e-3), "i": 0}
         runs[name]["measured"] = 0
+    # A budget times the interval between two monitor.step() calls as a training step; between two blocks that
+    # would hold the plain mode's block too, so its clock runs only inside this mode's own steps.
+    own = {"spent": 0.0, "began": 0.0}
+    if args.budget is not None:
+        runs["ns_rank"]["monitor"]._cadence._clock = lambda: own["spent"] + time.perf_counter() - own["began"]
 
     def step(name: str) -> tuple[float, float]:
         r = runs[name]
@@ -112,6 +117,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         x, y = batches[r["i"] % N_BATCHES]
         r["i"] += 1
         c0, t0 = time.process_time(), time.perf_counter()
+        own["began"] = t0
         opt.zero_grad(set_to_none=True)
         for k, (xm, ym) in enumerate(zip(x.chunk(args.accum), y.chunk(args.accum), strict=True)):
             with model.no_sync() if k < args.accum - 1 else _null():
@@ -119,7 +125,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         if monitor is not None:
             r["measured"] += monitor.step(batch_size=args.batch).measured_step == r["i"]  # reads no number
         opt.step()
-        return time.perf_counter() - t0, time.process_time() - c0
+        t1 = time.perf_counter()
+        if monitor is not None:
+            own["spent"] += t1 - t0
+        return t1 - t0, time.process_time() - c0
 
     for name in MODES:  # warm-up (DDP rebuilds its buckets after the first step)
         for _ in range(args.warmup):
@@ -290,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nDDP step, {args.world} processes x {args.threads} thread(s), gloo, CPU; MLP of "
         f"{results[0]['params'] / 1e6:.2f} M parameters, {args.accum} micro-batch(es) per rank; {args.trials} "
-        f"interleaved trials of {args.steps} steps per mode; CPU = process time of rank 0, all threads\n"
+        f"interleaved trials of {_period(args) * -(-args.steps // _period(args))} steps per mode; "
+        "CPU = process time of rank 0, all threads\n"
     )
     print(
         "| batch (per rank) | plain wall ms | ns_rank wall ms | paired wall ratio: median [q1, q3] | target "
