@@ -8,7 +8,11 @@ Modes, built on every rank from the same initial parameters and fed the same bat
   norm of the local gradient before DDP averages it, and ``monitor.step()`` (one all-gather of the statistics,
   the estimate, the averages) on every step; no number is read back, as in a loop that logs now and then.
 
-With ``--accum 2`` every step runs two micro-batches per rank, the first under ``no_sync()``.
+With ``--accum 2`` every step runs two micro-batches per rank, the first under ``no_sync()``.  With ``--every N``
+or ``--budget F`` the monitor measures one step in ``N`` (``GNSMonitor(every=N)``) or within ``F`` of the training
+time (``budget=F``; rank 0 decides, every rank follows); each block is then ``--steps`` rounded up to whole periods
+of ``N`` (20 steps under a budget) and summarised by its mean instead of its median, for both modes, so the measured
+steps are counted; the budget's clock runs only inside ``ns_rank``'s own steps.
 
 Modes run interleaved: each trial runs a block of steps of every mode in a fresh random order (the same order on
 every rank, since each step is a collective), and the *paired ratio* is the median over trials of
@@ -98,8 +102,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
     runs: dict[str, dict[str, Any]] = {}
     for name in MODES:
         model = DDP(copy.deepcopy(base))
-        monitor = ns.GNSMonitor(model, source="rank") if name == "ns_rank" else None
+        monitor = ns.GNSMonitor(model, source="rank", **_cadence(args)) if name == "ns_rank" else None
         runs[name] = {"model": model, "monitor": monitor, "opt": torch.optim.SGD(model.parameters(), lr=1e-3), "i": 0}
+        runs[name]["measured"] = 0
+    # A budget times the interval between two monitor.step() calls as a training step; between two blocks that
+    # would hold the plain mode's block too, so its clock runs only inside this mode's own steps.
+    own = {"spent": 0.0, "began": 0.0}
+    if args.budget is not None:
+        runs["ns_rank"]["monitor"]._cadence._clock = lambda: own["spent"] + time.perf_counter() - own["began"]
 
     def step(name: str) -> tuple[float, float]:
         r = runs[name]
@@ -107,18 +117,25 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         x, y = batches[r["i"] % N_BATCHES]
         r["i"] += 1
         c0, t0 = time.process_time(), time.perf_counter()
+        own["began"] = t0
         opt.zero_grad(set_to_none=True)
         for k, (xm, ym) in enumerate(zip(x.chunk(args.accum), y.chunk(args.accum), strict=True)):
             with model.no_sync() if k < args.accum - 1 else _null():
                 (F.cross_entropy(model(xm), ym) / args.accum).backward()
         if monitor is not None:
-            monitor.step(batch_size=args.batch)
+            r["measured"] += monitor.step(batch_size=args.batch).measured_step == r["i"]  # reads no number
         opt.step()
-        return time.perf_counter() - t0, time.process_time() - c0
+        t1 = time.perf_counter()
+        if monitor is not None:
+            own["spent"] += t1 - t0
+        return t1 - t0, time.process_time() - c0
 
     for name in MODES:  # warm-up (DDP rebuilds its buckets after the first step)
         for _ in range(args.warmup):
             step(name)
+    period = _period(args)
+    steps = period * -(-args.steps // period)  # whole periods of the cadence
+    summary = statistics.median if period == 1 else statistics.fmean
     rng = random.Random(args.seed)  # the same stream on every rank: the same mode order
     block_medians: dict[str, list[float]] = {n: [] for n in MODES}
     block_cpu: dict[str, list[float]] = {n: [] for n in MODES}
@@ -127,9 +144,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         order = list(MODES)
         rng.shuffle(order)
         for name in order:
-            ts = [step(name) for _ in range(args.steps)]
-            block_medians[name].append(statistics.median(t for t, _ in ts))
-            block_cpu[name].append(statistics.median(c for _, c in ts))
+            ts = [step(name) for _ in range(steps)]
+            block_medians[name].append(summary(t for t, _ in ts))
+            block_cpu[name].append(summary(c for _, c in ts))
             all_steps[name].extend(t for t, _ in ts)
 
     check = runs["ns_rank"]["monitor"].step  # one last measured step, read back, to show it measured something
@@ -147,6 +164,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
             "paired_ratio": dict(zip(("q1", "median", "q3"), _quartiles(ratios), strict=True)),
             "paired_cpu_ratio": dict(zip(("q1", "median", "q3"), _quartiles(cpu_ratios), strict=True)),
             "b_simple_raw_last": m.b_simple_raw,
+            "b_simple_last": m.b_simple,
+            "measured_share": runs["ns_rank"]["measured"] / max(runs["ns_rank"]["i"], 1),
             "params": sum(p.numel() for p in base.parameters()),
         }
         with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -155,6 +174,21 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         if r["monitor"] is not None:
             r["monitor"].close()
     dist.destroy_process_group()
+
+
+def _cadence(args: argparse.Namespace) -> dict[str, Any]:
+    """The monitor's cadence options from ``--every`` / ``--budget`` (none: every step)."""
+    if getattr(args, "budget", None) is not None:
+        return {"budget": args.budget}
+    every = getattr(args, "every", 1)
+    return {"every": every} if every != 1 else {}
+
+
+def _period(args: argparse.Namespace) -> int:
+    """Steps of one cadence period: a block holds whole periods, so each holds its share of measured steps."""
+    if getattr(args, "budget", None) is not None:
+        return 20
+    return int(getattr(args, "every", 1))
 
 
 class _null:
@@ -171,7 +205,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-DEFAULTS = {"world": 2, "threads": 1, "accum": 1, "width": 1024, "trials": 25, "steps": 6, "warmup": 5, "seed": 0}
+DEFAULTS = {
+    "world": 2,
+    "threads": 1,
+    "accum": 1,
+    "width": 1024,
+    "trials": 25,
+    "steps": 6,
+    "warmup": 5,
+    "seed": 0,
+    "every": 1,
+    "budget": None,
+}
 QUICK = {"trials": 3, "steps": 3, "warmup": 2, "width": 256}
 
 
@@ -215,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="steps per mode and trial")
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    cadence = p.add_mutually_exclusive_group()
+    cadence.add_argument("--every", type=int, default=DEFAULTS["every"], help="ns_rank measures one step in N")
+    cadence.add_argument("--budget", type=float, default=DEFAULTS["budget"], help="ns_rank under budget=F instead")
     p.add_argument("--quick", action="store_true", help="smoke test: few trials, a small model, one batch size")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -251,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nDDP step, {args.world} processes x {args.threads} thread(s), gloo, CPU; MLP of "
         f"{results[0]['params'] / 1e6:.2f} M parameters, {args.accum} micro-batch(es) per rank; {args.trials} "
-        f"interleaved trials of {args.steps} steps per mode; CPU = process time of rank 0, all threads\n"
+        f"interleaved trials of {_period(args) * -(-args.steps // _period(args))} steps per mode; "
+        "CPU = process time of rank 0, all threads\n"
     )
     print(
         "| batch (per rank) | plain wall ms | ns_rank wall ms | paired wall ratio: median [q1, q3] | target "

@@ -12,7 +12,7 @@ plain one for each source and mode over a grid of shapes, and writes it beside t
   and ``T`` in {64, 256, 1024}, ``--tokens`` tokens per batch (4096: batch 64, 16, 4);
 * ``mlp``: the 64-w-w-10 MLP over widths ``w`` (2-D inputs: the exact form is linear in the width);
 * ``cnn``: the digits CNN of ``overhead.py``; ``unet``: a small U-Net denoiser (``_workloads.TinyUNet``);
-* ``llm`` (only when asked): the peak tensor memory of one Llama-7B MLP projection (4096 -> 11008) on 4096 tokens,
+* ``llm`` (only when asked): the peak tensor memory of one Llama-7B MLP projection (4096 -> 11008) on 2 x 4096 tokens,
   plain, measured exactly, and with the buffers unbounded, to show what the chunked forms keep.
 
 Modes (``_modes.py``): ``plain``; ``ns_example`` (exact); ``ns_sketch64``; ``plain_accum`` and ``ns_microbatch``
@@ -231,19 +231,20 @@ def bench(wl: Workload, names: list[str], args: argparse.Namespace, rng: random.
 
 
 def llm_probe() -> dict[str, Any]:
-    """Peak tensor memory of one 4096 -> 11008 projection on 4096 tokens (batch 1): plain, the monitor with its
-    buffers bounded, and with them unbounded (what the materialised form would allocate)."""
+    """Peak tensor memory of one 4096 -> 11008 projection on 2 sequences of 4096 tokens (per-example norms need two
+    examples; at T = 4096 the materialised form is the cheaper one): plain, the monitor with its buffers bounded, and
+    with them unbounded (what the materialised form would allocate)."""
     import noisescale as ns
 
     torch.manual_seed(SEED)
     layer = nn.Linear(4096, 11008, bias=False)
-    x = torch.randn(1, 4096, 4096)
-    out: dict[str, Any] = {"shape": "Linear(4096, 11008) on (1, 4096, 4096): the materialised form is chosen"}
+    x = torch.randn(2, 4096, 4096)
+    out: dict[str, Any] = {"shape": "Linear(4096, 11008) on (2, 4096, 4096): the materialised form is chosen"}
 
     def step(monitor: Any) -> None:
         layer(x).square().mean().backward()
         if monitor is not None:
-            monitor.step(batch_size=1)
+            monitor.step(batch_size=2)
         layer.weight.grad = None
 
     saved = linear_forms.MAX_BUFFER

@@ -75,6 +75,55 @@ def test_every_rule_that_sketches_is_unbiased():
         assert bool((z.abs() <= 3.0).all()), (name, z)
 
 
+class _SharedAndPacked(nn.Module):
+    """The other paths that reach a sketch, at shapes where it pays with k = 4: two Linears reading one tensor
+    (which share its projection) and a 1x1 convolution (taken through the Linear forms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(32, 16)
+        self.k = nn.Linear(32, 16)
+        self.pointwise = nn.Conv2d(32, 32, 1)
+        self.head = nn.Linear(16 + 32, 3)
+
+    def forward(self, h: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        s = (torch.tanh(self.q(h)) * self.k(h)).mean(1)  # (B, T=64, 16) -> (B, 16)
+        c = torch.tanh(self.pointwise(img)).mean((2, 3))  # (B, 32)
+        return self.head(torch.cat([s, c], 1))
+
+
+def test_shared_projections_and_pointwise_convolutions_are_unbiased():
+    """The unbiasedness of the test above through a projection shared by two layers (their two estimates are
+    correlated, each is unbiased) and a 1x1 convolution."""
+    torch.manual_seed(0)
+    model = _SharedAndPacked().double()
+    g = torch.Generator().manual_seed(3)
+    h, img = torch.randn(4, 64, 32, generator=g).double(), torch.randn(4, 32, 8, 8, generator=g).double()
+    y = torch.arange(4) % 3
+
+    def norms(sketch: int | None, step: int) -> dict[str, torch.Tensor]:
+        col = ExampleCollector(model, keep_per_example=True, sketch=sketch)
+        col.arm(True, step=step)
+        nn.functional.cross_entropy(model(h, img), y, reduction="sum").backward()
+        out = {n: v.double() for n, v in col.per_example_sq_norms().items()}
+        col.close()
+        model.zero_grad()
+        return out
+
+    exact = norms(None, 1)
+    draws = [norms(4, step) for step in range(1, 251)]
+    sketched = {"q.weight", "k.weight", "pointwise.weight"}
+    assert sketched <= set(exact)
+    for name, ref in exact.items():
+        samples = torch.stack([d[name] for d in draws])  # (steps, B)
+        if name not in sketched:
+            torch.testing.assert_close(samples.amax(0), samples.amin(0), rtol=0.0, atol=0.0)  # exact every time
+            continue
+        assert bool((samples.std(0) > 1e-3 * ref).all()), name  # the sketch was used
+        z = (samples.mean(0) - ref) / (samples.std(0) / samples.shape[0] ** 0.5)
+        assert bool((z.abs() <= 3.0).all()), (name, z)
+
+
 def test_projections_are_fresh_each_step_and_reproducible():
     torch.manual_seed(0)
     model = _Sketchable().double()
