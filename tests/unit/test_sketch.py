@@ -206,3 +206,46 @@ def test_monitor_with_a_sketch_keeps_the_every_step_cadence_semantics():
     for step in (1, 4, 7):
         assert every3[step - 1].trace_cov_raw == every1[step - 1].trace_cov_raw
         assert every3[step - 1].grad_sq_raw == every1[step - 1].grad_sq_raw
+
+
+class _Attention(nn.Module):
+    """``nn.MultiheadAttention`` measured from the inside, at a shape where the sketch pays with k = 4 (T=64, E=32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_attention_projections_are_sketched_and_unbiased():
+    """The projections of ``nn.MultiheadAttention``, whose norms its own hooks compute, use the collector's sketch
+    and stay unbiased; the biases are exact."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    g = torch.Generator().manual_seed(5)
+    h, y = torch.randn(4, 64, 32, generator=g).double(), torch.arange(4) % 3
+
+    def norms(sketch: int | None, step: int) -> dict[str, torch.Tensor]:
+        col = ExampleCollector(model, keep_per_example=True, sketch=sketch)
+        col.arm(True, step=step)
+        nn.functional.cross_entropy(model(h), y, reduction="sum").backward()
+        out = {n: v.double() for n, v in col.per_example_sq_norms().items()}
+        col.close()
+        model.zero_grad()
+        return out
+
+    exact = norms(None, 1)
+    draws = [norms(4, step) for step in range(1, 251)]
+    sketched = {"attn.in_proj_weight", "attn.out_proj.weight"}
+    assert sketched <= set(exact)
+    for name, ref in exact.items():
+        samples = torch.stack([d[name] for d in draws])  # (steps, B)
+        if name not in sketched:
+            torch.testing.assert_close(samples.amax(0), samples.amin(0), rtol=0.0, atol=0.0)  # exact every time
+            continue
+        assert bool((samples.std(0) > 1e-3 * ref).all()), name  # the sketch was used
+        z = (samples.mean(0) - ref) / (samples.std(0) / samples.shape[0] ** 0.5)
+        assert bool((z.abs() <= 3.0).all()), (name, z)

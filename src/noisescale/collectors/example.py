@@ -12,10 +12,11 @@ Needs only activations and output gradients, never ``p.grad``, so it also works 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -148,6 +149,8 @@ class ExampleCollector(HookOwner):
                 functools.partial(self._on_hooked_norms, slots),
                 functools.partial(self._count_examples, hooked.module),
             )
+            if hasattr(hooks, "context"):
+                hooks.context = self._norm_context  # the sketch and Gram cache reach norms taken in its hooks
             installed = hooks.install()
             self._layer_hooks.append((hooks, installed))
             self._handles += installed
@@ -257,7 +260,7 @@ class ExampleCollector(HookOwner):
         observer = self.observer
         norms = None if observer is None else observer.on_layer(module, layer.rule, inputs, grad_output, layer.slots)
         if norms is None:
-            with use_gram_cache(self.gram_cache), use_sketch(self.sketch):
+            with self._norm_context():
                 norms = layer.rule(module, inputs, grad_output)
         index, tie = layer.slots, layer.tie
         for pname, sq in norms.items():
@@ -305,6 +308,12 @@ class ExampleCollector(HookOwner):
             self.observer.on_norms(sq)
         if keep and self.keep_per_example:
             self._per_example.setdefault(slot, []).append(sq.detach())
+
+    @contextlib.contextmanager
+    def _norm_context(self) -> Iterator[None]:
+        """Where per-example norms are computed: with this collector's Gram cache and sketch."""
+        with use_gram_cache(self.gram_cache), use_sketch(self.sketch):
+            yield
 
     # -- step interface ----------------------------------------------------------------------------------------
 

@@ -25,8 +25,10 @@ unpack them early, so every call goes through the dispatch mode there, at about 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +95,8 @@ class AttentionProjections:
         self._walk_checked = False  # the graph walk against the dispatch mode, on the first call without hooks
         self._spy: ProductSpy | None = None
         self._params: dict[str, nn.Parameter] = {}
+        # Set by the collector: the context its norms are computed in (its sketch; ``LayerHooks``).
+        self.context: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     def install(self) -> list[RemovableHandle]:
         """Register the forward hooks; returns their handles."""
@@ -182,7 +186,7 @@ class AttentionProjections:
         (x,) = kept.unpack() if isinstance(kept, SavedInputs) else kept
         assert isinstance(x, torch.Tensor)
         n = call.n
-        with torch.no_grad():  # backward(create_graph=True) keeps building a graph otherwise
+        with torch.no_grad(), self.context():  # no_grad: backward(create_graph=True) keeps building a graph otherwise
             # rows l N + n -> (N, L, features)
             x3 = x.reshape(-1, n, x.shape[-1]).transpose(0, 1)
             g3 = grad.reshape(-1, n, grad.shape[-1]).transpose(0, 1)

@@ -273,6 +273,9 @@ class LayerHooks(Protocol):
     Constructed as ``hooks(module, names, emit, count_examples)``: ``names`` are the parameters to measure, named
     from the layer (submodules' included, e.g. ``out_proj.weight``); ``emit(name, sq)`` receives each parameter's
     per-example squared norms once per forward call during the backward pass; ``count_examples(n)`` once per call.
+    Hooks that have a ``context`` attribute (a callable returning a context manager) get the collector's: they
+    compute their norms inside ``with self.context():``, so the collector's sketch and Gram cache apply to them
+    as to the rule layers.
     """
 
     def install(self) -> list[RemovableHandle]:
