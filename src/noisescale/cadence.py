@@ -14,7 +14,11 @@ decides there, and the collectors check what they must see once).
   the last decision, or the band is not bounded yet, as at the start): they may run ahead of the budget by the
   cost of ``BURST`` measurements, paid back at twice the steady cadence once B_simple settles or that credit is
   spent, so over a run the cost stays within ``f`` of the training time plus at most ``BURST + DECIDE_EVERY``
-  measurements.
+  measurements.  It never measures less often than ``PER_HALFLIFE`` times per smoothing half-life (``sparsest``,
+  from the monitor): sparser, each new raw estimate would weigh a third or more of the smoothed value, which then
+  wanders with it.  Where the budget alone would go sparser than that (a step so short that the monitor's
+  bookkeeping of the unmeasured steps is already most of ``f``), the half-life wins and the cadence event says
+  so: the budget is then exceeded, by the cost of those measurements.
 
 Every rank must measure the same steps (the statistics are summed over the ranks at each measured step).  A fixed
 ``every`` is the same everywhere; under ``budget=`` each rank times its own steps, so rank 0 decides and its choice
@@ -34,10 +38,21 @@ from typing import Any
 
 from noisescale.errors import ConfigError
 
-__all__ = ["BURST", "DECIDE_EVERY", "MAX_EVERY", "WARMUP_EVERY", "BudgetInputs", "Cadence", "budget_every"]
+__all__ = [
+    "BURST",
+    "DECIDE_EVERY",
+    "MAX_EVERY",
+    "PER_HALFLIFE",
+    "WARMUP_EVERY",
+    "BudgetInputs",
+    "Cadence",
+    "budget_every",
+]
 
 MAX_EVERY = 1000
 """The sparsest cadence the budget chooses (the smoothing needs measurements to average)."""
+PER_HALFLIFE = 2
+"""The fewest measurements per smoothing half-life the budget makes (each weighs at most about 30%)."""
 DECIDE_EVERY = 4
 """Measured steps between two decisions of the budget."""
 WARMUP_EVERY = 2
@@ -70,13 +85,14 @@ class BudgetInputs:
     moving: bool
 
 
-def budget_every(budget: float, x: BudgetInputs) -> int:
+def budget_every(budget: float, x: BudgetInputs, sparsest: int = MAX_EVERY) -> int:
     """The cadence for the next ``DECIDE_EVERY`` measurements (pure).
 
     The steady cadence ``N`` spends ``budget`` of the training time: ``(c + (N - 1) u) / (N p) = budget`` with
     ``c`` the cost of a measurement, ``u`` that of an unmeasured step and ``p`` a plain step.  While B_simple moves
     and the credit lasts (down to ``-BURST c``) it is a quarter of that; otherwise, while the measurements are
-    ahead of the budget, twice that, which pays back what was run ahead.
+    ahead of the budget, twice that, which pays back what was run ahead.  Never above ``sparsest`` (nor
+    ``MAX_EVERY``).
     """
     c, p, u = max(x.measure_cost, 0.0), max(x.plain, 1e-12), max(x.unmeasured_cost, 0.0)
     affordable = budget * p - u
@@ -90,7 +106,7 @@ def budget_every(budget: float, x: BudgetInputs) -> int:
         n = 2.0 * steady
     else:
         n = steady
-    return int(min(max(math.ceil(n - 1e-9), 1), MAX_EVERY))
+    return int(min(max(math.ceil(n - 1e-9), 1), MAX_EVERY, max(sparsest, 1)))
 
 
 class Cadence:
@@ -145,6 +161,8 @@ class Cadence:
         self._counts = {True: 0, False: 0}  # timed steps of each kind
         self._b_before: float | None = None
         self.inputs: BudgetInputs | None = None  # what the last decision was made from (diagnostics)
+        self.sparsest = MAX_EVERY  # the monitor sets it from the smoothing half-life
+        self.capped = False  # the last choice was held down to ``sparsest``
 
     @property
     def adaptive(self) -> bool:
@@ -229,7 +247,9 @@ class Cadence:
             credit=self.budget * self._elapsed - spent,
             moving=moving,
         )
-        return budget_every(self.budget, self.inputs)
+        every = budget_every(self.budget, self.inputs, self.sparsest)
+        self.capped = every < budget_every(self.budget, self.inputs)
+        return every
 
     def state_dict(self) -> dict[str, Any]:
         """The cadence and where it stands (timings are not kept: they belong to the machine that made them)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from noisescale.cadence import Cadence
+from noisescale.cadence import PER_HALFLIFE, Cadence
 from noisescale.collectors.base import BackwardWatch, Collector
 from noisescale.collectors.big_batch import BigBatchCapture
 from noisescale.collectors.example import Policy, Scope
@@ -286,7 +286,7 @@ class GNSMonitor:
         )
         self._sinks.put(measurement)
         self._last = measurement
-        self._next_step(True, started)
+        self._next_step(True, started, batch_size)
         if error is not None:
             raise error
         return measurement
@@ -410,15 +410,19 @@ class GNSMonitor:
         self._since += batch_size
         last = self._last if self._last is not None else self._restored_last()
         measurement = Measurement.unmeasured(last, step=self.step_count, examples=self.examples, batch_size=batch_size)
-        self._next_step(False, started)
+        self._next_step(False, started, batch_size)
         return measurement
 
-    def _next_step(self, measured: bool, started: float) -> None:
+    def _next_step(self, measured: bool, started: float, batch_size: int) -> None:
         """Record the cadence's choice, if it made one, and arm or disarm the hooks for the next step."""
+        if self.halflife is not None:  # a few measurements per smoothing half-life at least (``cadence``)
+            self._cadence.sparsest = max(1, int(self.halflife // (PER_HALFLIFE * batch_size)))
         chosen = self._cadence.finished(self.step_count, measured, started, self._read_band)
         if chosen is not None or (self.step_count == 1 and self._cadence.initial is not None):
             every = self._cadence.every
             how = "chosen within the budget" if self._cadence.adaptive else "fixed"
+            if self._cadence.adaptive and self._cadence.capped:
+                how = f"{PER_HALFLIFE} times per smoothing half-life at least; the budget alone would measure less"
             self.event("cadence", f"measuring one step in {every} ({how})", data={"every": every})
         nxt = self.step_count + 1
         armed = self._cadence.due(nxt)

@@ -284,6 +284,12 @@ def test_budget_is_denser_while_b_simple_moves_then_pays_back():
     assert budget_every(0.03, _inputs(credit=-0.01)) == 20
 
 
+def test_budget_never_measures_less_often_than_sparsest():
+    assert budget_every(0.03, _inputs(unmeasured_cost=0.05), sparsest=25) == 25  # alone: MAX_EVERY
+    assert budget_every(0.03, _inputs(), sparsest=25) == 10  # below the floor: the budget's own choice
+    assert budget_every(0.03, _inputs(credit=-0.01), sparsest=12) == 12  # paying back, held at the floor
+
+
 def _simulate(cadence: Cadence, steps: int, plain: float, cost: float, band) -> tuple[list[bool], float]:
     """Drive a cadence with a fake clock: unmeasured steps take ``plain`` s, measured ones ``plain + cost``."""
     clock = [0.0]
@@ -416,3 +422,31 @@ def test_a_measurement_read_from_two_threads_at_once():
         for t in threads:
             t.join()
         assert got == [("ok", 2.0), ("ok", 2.0)]
+
+
+def test_budget_measures_a_few_times_per_half_life_and_says_when_that_binds():
+    """Where the budget alone would measure very rarely (a measurement costs twice a plain step: one in 67 for 3%),
+    the cadence stops at two measurements per smoothing half-life (here 60 examples: one in 5 steps of 6) and the
+    cadence event says why."""
+    events = []
+
+    class Keep(BaseSink):
+        def on_event(self, event) -> None:
+            events.append((event.step, event.message, dict(event.data or {})))
+
+    torch.manual_seed(0)
+    model = _Net()
+    clock = [0.0]
+    measured = 0
+    with ns.GNSMonitor(model, source="example", budget=0.03, halflife=60, sinks=[Keep()]) as monitor:
+        monitor._cadence._clock = lambda: clock[0]
+        for ids, img, y in _batches(60):
+            nn.functional.cross_entropy(model(ids, img), y).backward()
+            clock[0] += 0.001 + (0.002 if monitor._armed else 0.0)
+            measured += monitor.step(batch_size=6).status != "unmeasured"
+            model.zero_grad()
+        monitor.flush()
+    chosen = [e for e in events if e[2].get("every", 0) > WARMUP_EVERY]
+    assert chosen and all(e[2]["every"] == 5 for e in chosen)
+    assert all("half-life" in message for _, message, _ in chosen)
+    assert measured >= 60 // 5
