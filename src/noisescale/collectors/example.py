@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,14 +26,22 @@ from torch.utils.hooks import RemovableHandle
 
 from noisescale.collectors import builtin  # noqa: F401  (registers the built-in rules, hooks and ties)
 from noisescale.collectors.base import AnyRank, BackwardWatch, HookOwner
-from noisescale.collectors.example_layout import Layout, LayoutEvidence, bind_inputs, flattened_from
-from noisescale.collectors.example_plan import ExamplePlan, LeftOut, RuleLayer, Scope, plan_example_statistics
+from noisescale.collectors.example_layout import (
+    Layout,
+    LayoutEvidence,
+    bind_inputs,
+    flattened_from,
+    is_reshape,
+    reshaped_base,
+)
+from noisescale.collectors.example_messages import AMBIGUOUS, CountEvidence, Policy, apply_policy
+from noisescale.collectors.example_plan import LeftOut, RuleLayer, Scope, plan_example_statistics
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
 from noisescale.collectors.rules.registry import ForwardCheck, LayerHooks, NormRule, TiedWeights
 from noisescale.collectors.rules.sketch import Sketch, use_sketch
 from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
 from noisescale.device_index import DeviceIndex
-from noisescale.errors import FALLBACK_HINT, SharedParameterError, StepError, UnsupportedLayerError
+from noisescale.errors import FALLBACK_HINT, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
 from noisescale.stats import ParamSums, SmallBatchStats
 
@@ -41,8 +49,6 @@ if TYPE_CHECKING:
     from noisescale.collectors.observer import ExampleObserver
 
 __all__ = ["ExampleCollector", "Policy", "Scope"]
-
-Policy = Literal["error", "warn", "ignore"]
 
 
 @dataclass
@@ -101,7 +107,7 @@ class ExampleCollector(HookOwner):
         self.keep_per_example = keep_per_example
         self.policy: Policy = on_unsupported
         plan = plan_example_statistics(model, scope)
-        _apply_policy(plan, on_unsupported)
+        apply_policy(plan, on_unsupported)
         if scope == "norm" and not plan.params:
             raise UnsupportedLayerError(
                 "scope='norm' found no trainable normalisation layer (LayerNorm, RMSNorm, ...) in the model; "
@@ -185,7 +191,7 @@ class ExampleCollector(HookOwner):
         lead = None
         if isinstance(x, torch.Tensor):
             self._shapes[module] = tuple(x.shape)
-            if x.dim() <= 2 and (self._flat_outputs or x._base is not None or _is_reshape(x.grad_fn)):
+            if x.dim() <= 2 and (self._flat_outputs or x._base is not None or is_reshape(x.grad_fn)):
                 lead = flattened_from(x, self._flat_outputs)
                 if lead is not None and output.grad_fn is not None:
                     self._flat_outputs[id(output.grad_fn)] = lead
@@ -203,7 +209,7 @@ class ExampleCollector(HookOwner):
             shape = None
         else:
             # A view's own node is dropped when the view is modified in place; the node of its base is not.
-            base = _reshaped_base(output, base, inputs)
+            base = reshaped_base(output, base, inputs)
             if base is None:
                 node, nr, shape = output.grad_fn, output.output_nr, None
             else:
@@ -250,7 +256,7 @@ class ExampleCollector(HookOwner):
     ) -> None:
         layout = Layout.of(inputs[0] if inputs else None, self._evidence.positions_first, lead)
         if layout.ambiguous:
-            self._refused[module] = _AMBIGUOUS.format(shape=self._shapes.get(module))
+            self._refused[module] = AMBIGUOUS.format(shape=self._shapes.get(module))
             return
         if layout.transpose or layout.lead is not None:
             inputs, grad_output = layout.apply(inputs, grad_output)
@@ -352,7 +358,7 @@ class ExampleCollector(HookOwner):
             return None
         usual = Counter(counts.values()).most_common(1)[0][0]
         if self.policy == "error" and (len(set(counts.values())) > 1 or self._refused):
-            raise StepError(self._disagreement(usual))
+            raise StepError(self._counts().disagreement(self._examples, self._refused, usual))
         return usual
 
     def collect(self, batch_size: int, micro_batch_sizes: Sequence[int] | None = None) -> SmallBatchStats:
@@ -371,9 +377,9 @@ class ExampleCollector(HookOwner):
         if odd or self._refused:
             if self.policy == "error":
                 if seen != batch_size and len(set(self._examples.values())) == 1:
-                    raise StepError(self._wrong_batch_size(batch_size, seen))
-                raise StepError(self._disagreement(batch_size))
-            reasons = {m: f"saw {self._why_count(m, n, batch_size)}" for m, n in odd.items()}
+                    raise StepError(self._counts().wrong_batch_size(self._examples, batch_size, seen))
+                raise StepError(self._counts().disagreement(self._examples, self._refused, batch_size))
+            reasons = {m: f"saw {self._counts().why_count(m, n, batch_size)}" for m, n in odd.items()}
             self._leave_out({**reasons, **self._refused}, batch_size)
         if self._steps == 0 and self._on_left_out is not None and self.left_out:
             self._on_left_out(self.left_out, self.coverage, self.plan.trainable_numel)
@@ -474,73 +480,9 @@ class ExampleCollector(HookOwner):
         self.coverage = measured / self.plan.trainable_numel if self.plan.trainable_numel else 0.0
         self._device = self.params[0][1].device if self.params else self._device
 
-    def _why_count(self, module: nn.Module, n: int, batch_size: int) -> str:
-        """Why a layer saw ``n`` examples in a step of ``batch_size``, from its input's shape and its calls."""
-        shape = self._shapes.get(module)
-        calls = self._calls.get(module, 1)
-        if shape and (shape[0] == 1 or (len(shape) == 1 and isinstance(module, nn.Embedding))):
-            return (
-                f"{n}. Its output is broadcast over the batch (an index of shape {shape}), so it has no per-example "
-                "gradient: give it one index row per example (Hugging Face models: pass "
-                "position_ids=torch.arange(T).expand(B, T))"
-            )
-        if calls > 1 and n == calls * batch_size:
-            return f"{n}. It ran {calls} times per example (shared weights, recurrence)"
-        if shape and len(shape) >= 2 and shape[1] == batch_size and shape[0] != batch_size:
-            return (
-                f"{n}. Its input of shape {shape} has the examples second (positions first), which no module of "
-                "the model declares with batch_first=False: pass batch-first inputs"
-            )
-        if shape and batch_size not in shape[:2] and n % batch_size:
-            return (
-                f"{n}. Its input of shape {shape} has no dimension of the batch's size: it is shared by the examples "
-                "(broadcast, like relative position buckets), so it has no per-example gradient"
-            )
-        if shape and len(shape) <= 2 and n > batch_size and n % batch_size == 0:
-            return (
-                f"{n}. Its {n} rows look like flattened tokens whose grouping into examples could not be traced to a "
-                "(B, T, ...) reshape: reshape a batch-first tensor right before the layer, or register a rule for it"
-            )
-        return str(n)
-
-    def _disagreement(self, batch_size: int) -> str:
-        parts = [
-            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {self._why_count(m, n, batch_size)}"
-            for m, n in self._examples.items()
-            if n != batch_size and m not in self._refused
-        ]
-        parts += [
-            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): refused: {why}"
-            for m, why in self._refused.items()
-        ]
-        return (
-            f"layers saw different numbers of examples in this step of {batch_size}, or were refused: "
-            + "; ".join(parts)
-            + ". Pass on_unsupported='warn' to measure the other layers (coverage is reported), or use "
-            + FALLBACK_HINT
-        )
-
-    def _wrong_batch_size(self, batch_size: int, seen: int) -> str:
-        message = (
-            f"batch_size={batch_size} was passed to step(), but the hooks saw {seen} examples since the last step; "
-            "pass the number of examples of the whole optimizer step (all micro-batches)"
-        )
-        hints = [
-            f"'{self._names.get(m, type(m).__name__)}' ({type(m).__name__}): {why}"
-            for m, n in self._examples.items()
-            if (why := self._why_count(m, n, batch_size)) != str(n)
-        ]
-        shapes = [s for s in self._shapes.values() if len(s) >= 2]
-        if hints and not (shapes and all(s[1] == batch_size for s in shapes)):
-            message += ". " + "; ".join(hints)
-        if shapes and all(s[1] == batch_size for s in shapes):
-            message += (
-                f". The layers' inputs have {batch_size} second ({shapes[0]}, ...): sequence-first layers "
-                "(batch_first=False, inputs of shape (T, B, ...)) are measured when a module of the model declares "
-                "batch_first=False (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.LSTM); otherwise pass "
-                "batch-first inputs"
-            )
-        return message
+    def _counts(self) -> CountEvidence:
+        """What the hooks saw of each layer in this step, to explain an example count (``example_messages``)."""
+        return CountEvidence(self._names, self._shapes, self._calls)
 
     def check_first_step(self, any_rank: AnyRank | None) -> None:
         """Refuse measured parameters whose gradients no hook of their layer saw (first step only).
@@ -619,54 +561,5 @@ class ExampleCollector(HookOwner):
             tie.reset()
 
 
-def _reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
-    """``base`` (``output._base``) if ``output`` is a pure reshape of it (same elements, same order) computed inside
-    the layer; ``None`` otherwise (a partial or permuted view, or a view of an input)."""
-    if base.grad_fn is None or base.numel() != output.numel():
-        return None
-    if not (output.is_contiguous() and base.is_contiguous()) or output.storage_offset() != base.storage_offset():
-        return None
-    if any(isinstance(t, torch.Tensor) and (t is base or t._base is base) for t in inputs):
-        return None
-    return base
-
-
-_AMBIGUOUS = (
-    "its input of shape {shape} starts with as many positions as examples in a model that puts positions first "
-    "(batch_first=False), so which dimension holds the examples cannot be told; use batch_first=True, or a "
-    "sequence length different from the batch size"
-)
-
-
-def _is_reshape(node: object) -> bool:
-    return node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
-
-
 def _layer(planned: RuleLayer) -> _Layer:
     return _Layer(planned.name, planned.rule.rule, dict(planned.slots), planned.tie, planned.rule.checks)
-
-
-def _apply_policy(plan: ExamplePlan, on_unsupported: Policy) -> None:
-    """Raise or warn, as ``on_unsupported`` says, about what the plan leaves out."""
-    if on_unsupported == "ignore":
-        return
-    problems = [p.describe() for p in plan.left_out if p.kind == "no_rule"]
-    if problems:
-        msg = (
-            "no per-example norm rule for these trainable layers: " + ", ".join(problems) + ". "
-            f"Register one with @noisescale.register_norm_rule(LayerClass), use {FALLBACK_HINT}, or pass "
-            "on_unsupported='warn' to measure the other layers (coverage is reported)."
-        )
-        if on_unsupported == "error":
-            raise UnsupportedLayerError(msg)
-        warnings.warn(msg, stacklevel=4)
-    shared = sorted({p.reason for p in plan.left_out if p.kind == "shared"})
-    if shared:
-        msg = (
-            "these tied weights cannot be measured per example (only an nn.Embedding tied to an nn.Linear head is): "
-            + "; ".join(shared)
-            + f". Pass on_unsupported='warn' to leave them out (coverage is reported), or use {FALLBACK_HINT}."
-        )
-        if on_unsupported == "error":
-            raise SharedParameterError(msg)
-        warnings.warn(msg, stacklevel=4)

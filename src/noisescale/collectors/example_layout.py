@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Layout", "LayoutEvidence", "bind_inputs", "flattened_from"]
+__all__ = ["Layout", "LayoutEvidence", "bind_inputs", "flattened_from", "is_reshape", "reshaped_base"]
 
 
 @functools.cache
@@ -235,3 +235,20 @@ class Layout:
 
 
 _BATCH_FIRST = Layout()
+
+
+def reshaped_base(output: torch.Tensor, base: torch.Tensor, inputs: tuple[object, ...]) -> torch.Tensor | None:
+    """``base`` (``output._base``) if ``output`` is a pure reshape of it (same elements, same order) computed inside
+    the layer; ``None`` otherwise (a partial or permuted view, or a view of an input)."""
+    if base.grad_fn is None or base.numel() != output.numel():
+        return None
+    if not (output.is_contiguous() and base.is_contiguous()) or output.storage_offset() != base.storage_offset():
+        return None
+    if any(isinstance(t, torch.Tensor) and (t is base or t._base is base) for t in inputs):
+        return None
+    return base
+
+
+def is_reshape(node: object) -> bool:
+    """Whether ``node`` (a ``grad_fn``) is a view or reshape."""
+    return node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
