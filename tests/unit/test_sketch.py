@@ -3,6 +3,8 @@ and the Fieller band still covers the truth on the Gaussian oracle with the sket
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -38,14 +40,34 @@ class _Sketchable(nn.Module):
 
 
 def _per_example(model: nn.Module, batch: tuple[torch.Tensor, ...], sketch: int | None, step: int) -> dict:
+    ids, img, y = batch
+    loss = lambda: nn.functional.cross_entropy(model(ids, img), y, reduction="sum")  # noqa: E731
+    return _collected_norms(model, loss, sketch, step)
+
+
+def _collected_norms(model: nn.Module, loss: Callable[[], torch.Tensor], sketch: int | None, step: int) -> dict:
+    """Each measured parameter's per-example squared norms of one backward pass of ``loss()``, in float64."""
     col = ExampleCollector(model, keep_per_example=True, sketch=sketch)
     col.arm(True, step=step)
-    ids, img, y = batch
-    nn.functional.cross_entropy(model(ids, img), y, reduction="sum").backward()
+    loss().backward()
     out = {n: v.double() for n, v in col.per_example_sq_norms().items()}
     col.close()
     model.zero_grad()
     return out
+
+
+def _assert_unbiased(exact: dict, draws: list[dict], sketched: set[str]) -> None:
+    """The sketched parameters' mean over ``draws`` equals the exact norms within 3 standard errors (and varies:
+    the sketch was used); the others are exact on every draw."""
+    assert sketched <= set(exact)
+    for name, ref in exact.items():
+        samples = torch.stack([d[name] for d in draws])  # (steps, B)
+        if name not in sketched:
+            torch.testing.assert_close(samples.amax(0), samples.amin(0), rtol=0.0, atol=0.0)  # exact every time
+            continue
+        assert bool((samples.std(0) > 1e-3 * ref).all()), name  # the sketch was used
+        z = (samples.mean(0) - ref) / (samples.std(0) / samples.shape[0] ** 0.5)
+        assert bool((z.abs() <= 3.0).all()), (name, z)
 
 
 def test_every_rule_that_sketches_is_unbiased():
@@ -101,27 +123,12 @@ def test_shared_projections_and_pointwise_convolutions_are_unbiased():
     h, img = torch.randn(4, 64, 32, generator=g).double(), torch.randn(4, 32, 8, 8, generator=g).double()
     y = torch.arange(4) % 3
 
-    def norms(sketch: int | None, step: int) -> dict[str, torch.Tensor]:
-        col = ExampleCollector(model, keep_per_example=True, sketch=sketch)
-        col.arm(True, step=step)
-        nn.functional.cross_entropy(model(h, img), y, reduction="sum").backward()
-        out = {n: v.double() for n, v in col.per_example_sq_norms().items()}
-        col.close()
-        model.zero_grad()
-        return out
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(h, img), y, reduction="sum")
 
-    exact = norms(None, 1)
-    draws = [norms(4, step) for step in range(1, 251)]
-    sketched = {"q.weight", "k.weight", "pointwise.weight"}
-    assert sketched <= set(exact)
-    for name, ref in exact.items():
-        samples = torch.stack([d[name] for d in draws])  # (steps, B)
-        if name not in sketched:
-            torch.testing.assert_close(samples.amax(0), samples.amin(0), rtol=0.0, atol=0.0)  # exact every time
-            continue
-        assert bool((samples.std(0) > 1e-3 * ref).all()), name  # the sketch was used
-        z = (samples.mean(0) - ref) / (samples.std(0) / samples.shape[0] ** 0.5)
-        assert bool((z.abs() <= 3.0).all()), (name, z)
+    exact = _collected_norms(model, loss, None, 1)
+    draws = [_collected_norms(model, loss, 4, step) for step in range(1, 251)]
+    _assert_unbiased(exact, draws, {"q.weight", "k.weight", "pointwise.weight"})
 
 
 def test_projections_are_fresh_each_step_and_reproducible():
@@ -228,24 +235,9 @@ def test_attention_projections_are_sketched_and_unbiased():
     g = torch.Generator().manual_seed(5)
     h, y = torch.randn(4, 64, 32, generator=g).double(), torch.arange(4) % 3
 
-    def norms(sketch: int | None, step: int) -> dict[str, torch.Tensor]:
-        col = ExampleCollector(model, keep_per_example=True, sketch=sketch)
-        col.arm(True, step=step)
-        nn.functional.cross_entropy(model(h), y, reduction="sum").backward()
-        out = {n: v.double() for n, v in col.per_example_sq_norms().items()}
-        col.close()
-        model.zero_grad()
-        return out
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(h), y, reduction="sum")
 
-    exact = norms(None, 1)
-    draws = [norms(4, step) for step in range(1, 251)]
-    sketched = {"attn.in_proj_weight", "attn.out_proj.weight"}
-    assert sketched <= set(exact)
-    for name, ref in exact.items():
-        samples = torch.stack([d[name] for d in draws])  # (steps, B)
-        if name not in sketched:
-            torch.testing.assert_close(samples.amax(0), samples.amin(0), rtol=0.0, atol=0.0)  # exact every time
-            continue
-        assert bool((samples.std(0) > 1e-3 * ref).all()), name  # the sketch was used
-        z = (samples.mean(0) - ref) / (samples.std(0) / samples.shape[0] ** 0.5)
-        assert bool((z.abs() <= 3.0).all()), (name, z)
+    exact = _collected_norms(model, loss, None, 1)
+    draws = [_collected_norms(model, loss, 4, step) for step in range(1, 251)]
+    _assert_unbiased(exact, draws, {"attn.in_proj_weight", "attn.out_proj.weight"})
