@@ -6,7 +6,10 @@ the command line name them too, and must not pay for importing torch to do so.
 
 from __future__ import annotations
 
-__all__ = ["COLUMNS"]
+from collections.abc import Sequence
+from typing import overload
+
+__all__ = ["COLUMNS", "RowsView"]
 
 COLUMNS = (
     "b_simple",
@@ -19,3 +22,24 @@ COLUMNS = (
     "trace_cov_raw",
 )
 """The columns of a measurement table, in order; one row for the whole model, then one per layer/module."""
+
+
+class RowsView(Sequence[list[float]]):
+    """A measurement table whose rows are worked out when read (``_row(i)``), a slice row by row.
+
+    Subclasses give ``__len__`` and ``_row``; reading the total row then never works out the per-layer rows.
+    """
+
+    def _row(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> list[float]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[list[float]]: ...
+
+    def __getitem__(self, i: int | slice) -> list[float] | list[list[float]]:
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(len(self)))]
+        return self._row(i)

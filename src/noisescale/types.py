@@ -10,12 +10,12 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from noisescale.group_types import ExampleScores, GroupMeasurement
 
-from noisescale.columns import COLUMNS
+from noisescale.columns import COLUMNS, RowsView
 
 __all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
 
@@ -52,7 +52,7 @@ def _without_band(row: Sequence[float]) -> list[float]:
 _RAW_COLUMNS = (3, 6, 7)  # b_simple_raw, grad_sq_raw, trace_cov_raw: this step alone
 
 
-class _CarriedRows(Sequence[list[float]]):
+class _CarriedRows(RowsView):
     """The rows of an unmeasured step: the last measurement's smoothed values and band, no raw values.
 
     Lazy like the rows it wraps: reading the total does not summarise every layer.
@@ -64,15 +64,7 @@ class _CarriedRows(Sequence[list[float]]):
     def __len__(self) -> int:
         return len(self._rows)
 
-    @overload
-    def __getitem__(self, i: int) -> list[float]: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[list[float]]: ...
-
-    def __getitem__(self, i: int | slice) -> list[float] | list[list[float]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _row(self, i: int) -> list[float]:
         row = list(self._rows[i])
         for c in _RAW_COLUMNS:
             row[c] = _NAN

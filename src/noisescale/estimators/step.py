@@ -14,10 +14,10 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import torch
 
+from noisescale.columns import RowsView
 from noisescale.estimators.scalar import RowState, summarize_row, update_row
 from noisescale.estimators.smoothing import EMAState, ema_update
 from noisescale.estimators.summary import summary_table
@@ -148,7 +148,7 @@ def host_table(state: tuple[RowState, ...], raws: list[tuple[float, float]], use
     return _LazyRows(state, raws, used, z)
 
 
-class _LazyRows(Sequence[list[float]]):
+class _LazyRows(RowsView):
     """The host table, each row summarised when first read: reading the total skips the per-layer rows."""
 
     def __init__(self, state: tuple[RowState, ...], raws: list[tuple[float, float]], used: list[bool], z: float):
@@ -158,15 +158,7 @@ class _LazyRows(Sequence[list[float]]):
     def __len__(self) -> int:
         return len(self._rows)
 
-    @overload
-    def __getitem__(self, i: int) -> list[float]: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[list[float]]: ...
-
-    def __getitem__(self, i: int | slice) -> list[float] | list[list[float]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _row(self, i: int) -> list[float]:
         row = self._rows[i]
         if row is None:
             state, raws, used, z = self._args
