@@ -35,8 +35,8 @@ from noisescale.estimators.step import StepConstants
 from noisescale.events import Event, Metrics, metric_values
 from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
 from noisescale.group_stats import DEFAULT_MAX_GROUPS, DEFAULT_SCORE_EVERY, GroupStats
-from noisescale.sink import BaseSink, CallbackSink, Sink, is_sink
-from noisescale.sink_queue import SinkQueue
+from noisescale.sink import Sink
+from noisescale.sink_queue import monitor_sinks
 from noisescale.source_choice import Source, SourceChoice
 from noisescale.stats import BigBatchNorms, ParamSums, SmallBatchStats
 from noisescale.types import Measurement
@@ -161,7 +161,7 @@ class GNSMonitor:
         if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1):
             raise ConfigError(f"sketch must be a positive int (random projections per layer, e.g. 64), got {sketch!r}")
         groups = GroupStats(max_groups=max_groups, score_every=score_every, confidence=confidence)
-        sink_queue = _sink_queue(sinks, callbacks, run)
+        sink_queue = monitor_sinks(sinks, callbacks, run)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no parameter with requires_grad=True: there is no gradient to measure")
 
@@ -534,48 +534,6 @@ class GNSMonitor:
                     f"{len(saved)} rows saved, {len(self._layout.row_names)} here; load it into the same model"
                 )
         return self._layout
-
-
-class _LogMeasurementSink(BaseSink):
-    """An object with only ``log_measurement(measurement)`` (``run=`` before the sink seam), as a sink."""
-
-    def __init__(self, run: Any) -> None:
-        self.run = run
-
-    def on_measurement(self, measurement: Measurement) -> None:
-        self.run.log_measurement(measurement)
-
-    def __repr__(self) -> str:
-        return repr(self.run)
-
-
-def _sink_queue(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measurement], object]], run: Any) -> SinkQueue:
-    """The monitor's sinks, checked: ``sinks=`` (closed with the monitor), ``callbacks=``, ``run=`` (left open)."""
-    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence):
-        raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(sinks).__name__}")
-    for s in sinks:
-        if not is_sink(s):
-            raise ConfigError(
-                f"{type(s).__name__} is not a sink: a sink needs on_measurement, on_metrics, on_event, flush and "
-                "close methods (subclass noisescale.sink.BaseSink and override what you need)"
-            )
-    for cb in callbacks:
-        if not callable(cb):
-            raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
-    all_sinks: list[Sink] = [*sinks, *(CallbackSink(cb) for cb in callbacks)]
-    owned = [True] * len(all_sinks)
-    if run is not None:
-        if is_sink(run):
-            all_sinks.append(run)
-        elif callable(getattr(run, "log_measurement", None)):
-            all_sinks.append(_LogMeasurementSink(run))
-        else:
-            raise ConfigError(
-                f"run must be a run store (ns.Run), a sink, or have a log_measurement(measurement) method, got "
-                f"{type(run).__name__}"
-            )
-        owned.append(False)
-    return SinkQueue(all_sinks, owned=owned)
 
 
 def _checked_step(step: object) -> int:

@@ -14,13 +14,17 @@ import math
 import queue
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from noisescale.errors import ConfigError
 from noisescale.events import Event, Metrics
-from noisescale.sink import Sink
+from noisescale.sink import BaseSink, CallbackSink, Sink, is_sink
 
-__all__ = ["SinkQueue"]
+if TYPE_CHECKING:
+    from noisescale.types import Measurement
+
+__all__ = ["SinkQueue", "monitor_sinks"]
 
 _STOP = object()
 
@@ -152,3 +156,48 @@ def _plain(value: Any) -> float | None:
         return None
     v = float(value.item()) if hasattr(value, "item") else float(value)
     return None if math.isnan(v) else v
+
+
+class _LogMeasurementSink(BaseSink):
+    """An object with only ``log_measurement(measurement)`` (``run=`` before the sink seam), as a sink."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def on_measurement(self, measurement: Measurement) -> None:
+        self.run.log_measurement(measurement)
+
+    def __repr__(self) -> str:
+        return repr(self.run)
+
+
+def monitor_sinks(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measurement], object]], run: Any) -> SinkQueue:
+    """A monitor's sinks, checked, in one queue.
+
+    ``sinks=`` are closed with the monitor, then come ``callbacks=``, then ``run=``, which its owner closes.
+    """
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence):
+        raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(sinks).__name__}")
+    for s in sinks:
+        if not is_sink(s):
+            raise ConfigError(
+                f"{type(s).__name__} is not a sink: a sink needs on_measurement, on_metrics, on_event, flush and "
+                "close methods (subclass noisescale.sink.BaseSink and override what you need)"
+            )
+    for cb in callbacks:
+        if not callable(cb):
+            raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
+    all_sinks: list[Sink] = [*sinks, *(CallbackSink(cb) for cb in callbacks)]
+    owned = [True] * len(all_sinks)
+    if run is not None:
+        if is_sink(run):
+            all_sinks.append(run)
+        elif callable(getattr(run, "log_measurement", None)):
+            all_sinks.append(_LogMeasurementSink(run))
+        else:
+            raise ConfigError(
+                f"run must be a run store (ns.Run), a sink, or have a log_measurement(measurement) method, got "
+                f"{type(run).__name__}"
+            )
+        owned.append(False)
+    return SinkQueue(all_sinks, owned=owned)
