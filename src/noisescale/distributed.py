@@ -182,10 +182,14 @@ class DataParallelSync:
         stats = source.collect(max(local, 1), micro_batch_sizes)
         device = source.params[0][1].device if source.params else None
         small = stats.small_sq_sum.tensor(device)  # the collective needs a tensor
+        pre = stats.preconditioned.tensor(device) if stats.preconditioned is not None else None
         scale = (batch_size / (world * max(local, 1))) ** 2
         if scale != 1.0:
             small = small * scale
-        return dataclasses.replace(stats, small_sq_sum=ParamSums(small))
+            pre = pre * scale if pre is not None else None
+        return dataclasses.replace(
+            stats, small_sq_sum=ParamSums(small), preconditioned=ParamSums(pre) if pre is not None else None
+        )
 
     def start_sum(self, vec: torch.Tensor) -> PendingSum:
         """Launch the gather of ``vec`` from every rank (asynchronous); ``finish_sum`` gives the sum over ranks.
@@ -220,26 +224,35 @@ class DataParallelSync:
         world = self.world_size
         small = stats.small_sq_sum.tensor().to(torch.float64)
         n_params = small.numel()
+        has_pre = stats.preconditioned is not None
         if stats.in_flight is not None:  # the collector launched the gather of its sums when the backward ended
             total = self.finish_sum(stats.in_flight)
+            pre = None
+            if stats.preconditioned is not None:  # taken after the gradients' all-reduce: a gather of its own
+                local = stats.preconditioned.tensor(small.device).to(dtype=torch.float64)
+                pre = ParamSums(self.finish_sum(self.start_sum(local)))
             out = dataclasses.replace(
                 stats,
                 small_sq_sum=ParamSums(total),
                 n_small=world * stats.n_small,
                 inv_size_sum=world * stats.inv_size_sum,
                 in_flight=None,
+                preconditioned=pre,
             )
             return out, big.sq_norms
         parts = [small]
+        if stats.preconditioned is not None:  # the preconditioned sums travel in the same gather
+            parts.append(stats.preconditioned.tensor(small.device).to(dtype=torch.float64))
         if big.rank_part:  # FSDP2: each rank holds part of p.grad, so the big norm is a sum over ranks too
             parts.append(big.sq_norms.tensor(small.device).to(device=small.device, dtype=torch.float64))
-        vec = torch.cat([*parts, small.new_zeros(3)])  # (P + 3,), or (2P + 3,) when sharded
+        vec = torch.cat([*parts, small.new_zeros(3)])  # (P + 3,), P more for each of the two above
         # Python scalars into a device tensor: fill kernels, no host-device copy or sync.
         vec[-3] = stats.n_small
         vec[-2] = stats.inv_size_sum
         vec[-1] = stats.examples if stats.examples is not None else 0
         total = self.finish_sum(self.start_sum(vec))
-        big_sums = ParamSums(total[n_params : 2 * n_params]) if big.rank_part else big.sq_norms
+        after = 2 * n_params if has_pre else n_params
+        big_sums = ParamSums(total[after : after + n_params]) if big.rank_part else big.sq_norms
 
         if stats.per_example:  # one small batch per example, all ranks together
             n_small, inv_size_sum, examples = batch_size, float(batch_size), batch_size
@@ -253,6 +266,7 @@ class DataParallelSync:
             n_small=n_small,
             inv_size_sum=inv_size_sum,
             examples=examples,
+            preconditioned=ParamSums(total[n_params : 2 * n_params]) if has_pre else None,
         )
         return out, big_sums
 

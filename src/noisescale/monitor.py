@@ -35,6 +35,7 @@ from noisescale.estimators.step import StepConstants
 from noisescale.events import Event, Metrics, metric_values
 from noisescale.grad_norms import grad_sq_norms, grad_sq_norms_host
 from noisescale.group_stats import DEFAULT_MAX_GROUPS, DEFAULT_SCORE_EVERY, GroupStats
+from noisescale.preconditioned_noise import PreconditionedNoise
 from noisescale.sink import Sink
 from noisescale.sink_queue import monitor_sinks
 from noisescale.source_choice import Source, SourceChoice
@@ -53,7 +54,7 @@ _ARMED_LATE = (
 )
 _POLICIES = ("error", "warn", "ignore")
 _SCOPES = ("all", "norm")
-_STATE_VERSION = 2  # 2: the cadence (every=, budget=); version 1 states still load
+_STATE_VERSION = 3  # 2: the cadence (every=, budget=); 3: the preconditioned estimate; older states still load
 DEFAULT_HALFLIFE_STEPS = 25
 """With ``halflife=None`` the half-life is this many steps of the first step's batch size (in examples)."""
 
@@ -117,6 +118,13 @@ class GNSMonitor:
             exact form: ``nn.Linear`` on sequences (``B T k (d_in + d_out)`` instead of the Gram or materialised
             forms), convolutions and embeddings.  Unbiased, so the estimator stays unbiased; the band widens by
             the sketch's variance, which the smoothing sees from step to step (``collectors.rules.sketch``).
+        precondition: the Adam-family optimizer training the model (``torch.optim.Adam``, ``AdamW``, ...): also
+            measure B_simple of the gradients divided by Adam's ``sqrt(v_hat) + eps``, the noise of the update
+            direction (McCandlish et al. 2018, sec. 2.2; Pollux), as ``m.b_precond`` and ``m.preconditioned``,
+            beside the plain value; a controller follows it with ``signal="b_precond"``.  From the micro-batch
+            and rank sources; undefined, with the reason, before the optimizer's first step and with the example
+            source (``noisescale.preconditioner``).  Sinks receive it as the metrics ``b_precond``,
+            ``b_precond_low``, ``b_precond_high`` and ``b_precond_raw``.
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -143,6 +151,7 @@ class GNSMonitor:
         every: int = 1,
         budget: float | None = None,
         sketch: int | None = None,
+        precondition: torch.optim.Optimizer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -175,18 +184,28 @@ class GNSMonitor:
         self.requested_source: Source = source
         self._closed = False
         self._dist = data_parallel_sync(model)  # None unless DDP / FSDP2 over >= 2 ranks (before any hook)
+        self._pre: PreconditionedNoise | None = None
+        if precondition is not None:  # checked before any hook is installed
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            self._pre = PreconditionedNoise(precondition, named, z_for(confidence))
         watch = BackwardWatch()
-        self._sources = SourceChoice(
-            model,
-            source,
-            on_unsupported=on_unsupported,
-            scope=scope,
-            loss_couples_examples=bool(loss_couples_examples),
-            comm_hook=comm_hook,
-            sync=self._dist,
-            watch=watch,
-            sketch=sketch,
-        )
+        try:
+            self._sources = SourceChoice(
+                model,
+                source,
+                on_unsupported=on_unsupported,
+                scope=scope,
+                loss_couples_examples=bool(loss_couples_examples),
+                comm_hook=comm_hook,
+                sync=self._dist,
+                watch=watch,
+                sketch=sketch,
+                preconditioner=self._pre.preconditioner if self._pre is not None else None,
+            )
+        except Exception:
+            if self._pre is not None:
+                self._pre.close()
+            raise
         # |p.grad|^2 read when backward ends, so clipping or unscaling before step() cannot change it.
         trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         self._big = BigBatchCapture(trainable, self._big_norms, watch)
@@ -278,6 +297,8 @@ class GNSMonitor:
             for c in self._sources.collectors.values():
                 c.reset()
             self._big.reset()
+            if self._pre is not None:
+                self._pre.preconditioner.reset()
         if self.halflife is None:
             self.halflife = float(DEFAULT_HALFLIFE_STEPS * batch_size)
         measurement = self._measure(collector, stats, big, batch_size)  # counts only once this step is measured
@@ -340,6 +361,8 @@ class GNSMonitor:
         self._sources.close()
         self._groups.close()
         self._big.close()
+        if self._pre is not None:
+            self._pre.close()
         self._closed = True
         self._sinks.close()
 
@@ -363,12 +386,13 @@ class GNSMonitor:
             "last_measured_step": self._last_measured_step,
             **self._engine.state_dict(),  # "ema", "skipped"
             "groups": self._groups.state_dict(),
+            "preconditioned": self._pre.engine.state_dict() if self._pre is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; the model must have the same measured parameters (and cadence options)."""
         version = state.get("version")
-        if version not in (1, _STATE_VERSION):
+        if version not in (1, 2, _STATE_VERSION):
             raise ConfigError(f"unsupported monitor state version {version!r}; expected {_STATE_VERSION}")
         src = state["source"]
         if src is not None:
@@ -377,6 +401,8 @@ class GNSMonitor:
         self.examples = int(state["examples"])
         self.halflife = state["halflife"]
         self._engine.load_state_dict(state)
+        if self._pre is not None and state.get("preconditioned") is not None:
+            self._pre.engine.load_state_dict(state["preconditioned"])
         self._saved_rows = state["row_names"]
         self._layout = None
         self._last = None
@@ -452,6 +478,8 @@ class GNSMonitor:
             source=self._sources.name or "",
             coverage=collector.coverage,
         )
+        if self._pre is not None:
+            self._last.preconditioned = self._pre.current(layout, self._last)
         return self._last
 
     def _measure(
@@ -488,7 +516,7 @@ class GNSMonitor:
         self.examples += batch_size
         self._since = 0
         self._last_measured_step = self.step_count
-        return Measurement(
+        measurement = Measurement(
             table=out.table,
             flags=out.flags,
             layer_names=layout.layer_names,
@@ -500,6 +528,9 @@ class GNSMonitor:
             coverage=collector.coverage,
             undefined_reason=undefined_reason,
         )
+        if self._pre is not None:
+            measurement.preconditioned = self._pre.measure(layout, stats, big_norms, consts, self._unscale, measurement)
+        return measurement
 
     def _unscale(self, sums: ParamSums) -> ParamSums:
         """Squared norms of gradients at a ``GradScaler``'s loss scale, divided by the scale squared.
@@ -521,8 +552,17 @@ class GNSMonitor:
         if self._dist is not None and self._dist.has_sharded_grads(params):
             return BigBatchNorms(ParamSums(self._dist.big_sq_contributions(params, device)), rank_part=True)
         if all(g.device.type == "cpu" for g in grads):
-            return BigBatchNorms(ParamSums(grad_sq_norms_host(params)))
-        return BigBatchNorms(ParamSums(grad_sq_norms(params, device)))
+            norms = BigBatchNorms(ParamSums(grad_sq_norms_host(params)))
+        else:
+            norms = BigBatchNorms(ParamSums(grad_sq_norms(params, device)))
+        return norms if self._pre is None else self._pre.big_norms(params, norms, self._loss_scale())
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The scale a ``GradScaler`` put on the gradients, as a 0-d tensor (no host read), or ``None``."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+            return None
+        return scaler._scale
 
     def _layout_for(self, collector: Collector) -> RowLayout:
         if self._layout is None:

@@ -128,6 +128,10 @@ class SinkQueue:
             events = self._call(i, getattr(sink, method), item)
             if events:
                 self._broadcast(events, source=i)
+        companion = getattr(item, "companion_metrics", None)
+        values = companion() if method == "on_measurement" and companion is not None else None
+        if values:  # reported beside the measurement (b_precond): metrics of the same step, for every sink
+            self._deliver(Metrics(step=item.step, examples=item.examples, wall_time=item.wall_time, values=values))
 
     def _broadcast(self, events: Iterable[Event], *, source: int) -> None:
         for event in events:

@@ -32,6 +32,7 @@ from noisescale.collectors.microbatch import MicrobatchCollector
 from noisescale.collectors.rank import RankCollector
 from noisescale.distributed import CommHook, DataParallelSync, is_ddp
 from noisescale.errors import ConfigError, NoiseScaleError
+from noisescale.preconditioner import AdamPreconditioner
 
 __all__ = ["SOURCES", "Source", "SourceChoice"]
 
@@ -53,6 +54,7 @@ class SourceChoice:
         sketch: for the example collector: random projections per layer where they pay (``None``: exact).
         sync: the monitor's data-parallel sync, if the model trains over several ranks.
         watch: told by every collector of each backward pass it sees.
+        preconditioner: for the micro-batch and rank collectors: also gather Adam-preconditioned squares.
 
     Raises:
         ConfigError: an option that does not fit the source; what the chosen collector raises at construction.
@@ -70,6 +72,7 @@ class SourceChoice:
         sync: DataParallelSync | None,
         watch: BackwardWatch,
         sketch: int | None = None,
+        preconditioner: AdamPreconditioner | None = None,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
@@ -79,6 +82,12 @@ class SourceChoice:
             raise ConfigError(
                 f"sketch={sketch} estimates per-example norms, which source={source!r} does not use: pass "
                 "source='example' or 'auto', or leave sketch out"
+            )
+        if preconditioner is not None and (source == "example" or scope == "norm"):
+            raise ConfigError(
+                "precondition= measures the preconditioned noise scale from micro-batches or ranks, and per-example "
+                "norms are not preconditioned: use source='microbatch' (gradient accumulation), 'rank' (DDP) or "
+                "'auto' with scope='all'"
             )
         if comm_hook is not None and source != "rank":
             raise ConfigError(f"comm_hook=(state, hook) is for the rank source: pass source='rank', not {source!r}")
@@ -107,15 +116,17 @@ class SourceChoice:
                     raise
                 self.example_refusal = str(e)
         if source in ("microbatch", "auto"):
-            self.collectors["microbatch"] = MicrobatchCollector(model, watch=watch)
+            self.collectors["microbatch"] = MicrobatchCollector(model, watch=watch, preconditioner=preconditioner)
         if source == "rank":
-            self.collectors["rank"] = RankCollector(model, comm_hook=comm_hook, sync=sync, watch=watch)
+            self.collectors["rank"] = RankCollector(
+                model, comm_hook=comm_hook, sync=sync, watch=watch, preconditioner=preconditioner
+            )
             self.select("rank")
         elif source != "auto":
             self.select(source)
         elif sync is not None and is_ddp(model) and scope == "all":
             # Under DDP the ranks are small batches for free: the cheapest source.
-            self.collectors["rank"] = RankCollector(model, sync=sync, watch=watch)
+            self.collectors["rank"] = RankCollector(model, sync=sync, watch=watch, preconditioner=preconditioner)
             self.select("rank")
 
     def select(self, name: str) -> None:

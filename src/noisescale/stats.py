@@ -92,6 +92,9 @@ class SmallBatchStats:
         per_example: each small batch is one example, so over data-parallel ranks ``k`` and ``sum_j 1 / b_j``
             are both the step's batch size.
         in_flight: the sum of ``small_sq_sum`` over the ranks, already launched by the collector, if any.
+        preconditioned: with a preconditioner (``noisescale.preconditioner``), ``sum_j |D^-1 G_{j,p}|^2`` in the
+            same units; ``None`` without one, or when it could not be applied (``preconditioned_reason``).
+        preconditioned_reason: why ``preconditioned`` is missing although a preconditioner was given.
     """
 
     small_sq_sum: ParamSums
@@ -100,6 +103,8 @@ class SmallBatchStats:
     examples: int | None
     per_example: bool = False
     in_flight: PendingSum | None = None
+    preconditioned: ParamSums | None = None
+    preconditioned_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,10 @@ class BigBatchNorms:
         sq_norms: one entry per parameter.
         rank_part: the entries are this rank's part only (gradients sharded over the ranks, FSDP2): their sum
             over the ranks is the whole.
+        preconditioned: with a preconditioner, ``|D^-1 G_{B,p}|^2`` per parameter; ``None`` without one or when
+            this step has none.
     """
 
     sq_norms: ParamSums
     rank_part: bool = False
+    preconditioned: ParamSums | None = None

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 from noisescale.columns import COLUMNS, RowsView
 
-__all__ = ["COLUMNS", "LayerMeasurement", "Measurement", "Status"]
+__all__ = ["COLUMNS", "PRECONDITIONED_METRICS", "LayerMeasurement", "Measurement", "Status"]
+
+PRECONDITIONED_METRICS = ("b_precond", "b_precond_low", "b_precond_high", "b_precond_raw")
+"""The metric names under which sinks receive the preconditioned noise scale (``Measurement.companion_metrics``)."""
 
 Status = Literal["ok", "skipped", "undefined", "unmeasured"]
 
@@ -121,6 +124,11 @@ class Measurement:
         groups: with ``step(groups=ids)``, each group's noise (``GroupMeasurement``) by id; empty otherwise or when
             ``groups_reason`` says why not.
         example_scores: with ``step(example_ids=ids)`` on a sampled step, each example's squared gradient norm.
+        preconditioned: with ``GNSMonitor(precondition=optimizer)``, the same measurement of Adam's preconditioned
+            gradients (``noisescale.preconditioner``), with its own status, band and layers; ``None`` otherwise.
+        b_precond, b_precond_low, b_precond_high, b_precond_raw: its whole-model values (``None`` while it is
+            undefined); reading them without ``precondition=`` raises ``AttributeError``, so a controller told
+            to follow ``"b_precond"`` says what is missing instead of holding forever.
     """
 
     def __init__(
@@ -159,6 +167,7 @@ class Measurement:
         self._groups: Callable[[], Mapping[int, GroupMeasurement]] | Mapping[int, GroupMeasurement] = {}
         self.groups_reason: str | None = None
         self.example_scores: ExampleScores | None = None
+        self.preconditioned: Measurement | None = None
 
     @classmethod
     def unmeasured(
@@ -169,7 +178,7 @@ class Measurement:
         Reads nothing now: the numbers are ``last``'s, read (once, shared) when one of them is first read.
         """
         last = last.last  # always the measured one
-        return cls(
+        carried = cls(
             table=lambda: _CarriedRows(last._materialize()),
             flags=lambda: (0, 0, last.skipped_steps),
             layer_names=last._layer_names,
@@ -182,6 +191,11 @@ class Measurement:
             wall_time=wall_time,
             last=last,
         )
+        if last.preconditioned is not None:
+            carried.preconditioned = cls.unmeasured(
+                last.preconditioned, step=step, examples=examples, batch_size=batch_size, wall_time=wall_time
+            )
+        return carried
 
     @property
     def last(self) -> Measurement:
@@ -270,6 +284,42 @@ class Measurement:
         """Whole-model ``trace_cov_raw`` (see ``LayerMeasurement``)."""
         return self._value(7)
 
+    def _preconditioned_value(self, col: int) -> float | None:
+        pre = self.preconditioned
+        if pre is None:
+            raise AttributeError(
+                f"this measurement has no preconditioned noise scale ({COLUMNS[col].replace('b_simple', 'b_precond')})"
+                ": create the monitor with GNSMonitor(model, precondition=optimizer) to measure it"
+            )
+        return pre._value(col)
+
+    @property
+    def b_precond(self) -> float | None:
+        """Smoothed B_simple of Adam's preconditioned gradients (``preconditioned.b_simple``)."""
+        return self._preconditioned_value(0)
+
+    @property
+    def b_precond_low(self) -> float | None:
+        """Lower end of ``b_precond``'s band."""
+        return self._preconditioned_value(1)
+
+    @property
+    def b_precond_high(self) -> float | None:
+        """Upper end of ``b_precond``'s band."""
+        return self._preconditioned_value(2)
+
+    @property
+    def b_precond_raw(self) -> float | None:
+        """This step's ``b_precond`` alone."""
+        return self._preconditioned_value(3)
+
+    def companion_metrics(self) -> dict[str, float | None]:
+        """The values reported beside the measurement's own columns, by name: ``b_precond`` and its band and raw
+        value with ``precondition=``, else nothing.  Sinks receive them as metrics of the same step."""
+        if self.preconditioned is None:
+            return {}
+        return {name: self._preconditioned_value(i) for i, name in enumerate(PRECONDITIONED_METRICS)}
+
     def _row(self, i: int) -> LayerMeasurement:
         return LayerMeasurement(*(_clean(v) for v in self._checked(i)))
 
@@ -334,6 +384,13 @@ class Measurement:
             out["groups"] = {g: v.to_dict() for g, v in self.groups.items()}
         if self.example_scores is not None:
             out["example_scores"] = self.example_scores.to_dict()
+        pre = self.preconditioned
+        if pre is not None:
+            out["preconditioned"] = {
+                "status": pre.status,
+                "undefined_reason": pre.undefined_reason,
+                **pre.total.to_dict(),
+            }
         return out
 
     def __repr__(self) -> str:

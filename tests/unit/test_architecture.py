@@ -21,11 +21,11 @@ PACKAGE = Path(noisescale.__file__).resolve().parent
 # Innermost first; each entry is a set of top-level names under noisescale/ (a module or a subpackage).
 LAYERS: list[set[str]] = [
     {"errors", "events", "stats", "device_index", "grad_norms", "types", "group_types", "version", "columns"},
-    {"distributed"},
+    {"distributed", "preconditioner"},
     {"collectors"},
     {"estimators"},
     {"controllers", "alerts"},
-    {"sink", "sink_queue", "source_choice", "cadence", "group_stats", "monitor"},
+    {"sink", "sink_queue", "source_choice", "cadence", "group_stats", "preconditioned_noise", "monitor"},
     {"store"},
     {"sinks", "report", "planning"},
     {"integrations", "dashboard", "demo"},

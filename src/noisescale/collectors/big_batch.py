@@ -111,11 +111,16 @@ class BigBatchCapture:
         if len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params)):
             return norms
         index = [self._position[id(p)] for p in params]
-        sq = norms.sq_norms
+        pre = norms.preconditioned
+        return BigBatchNorms(
+            self._picked(norms.sq_norms, index),
+            rank_part=norms.rank_part,
+            preconditioned=self._picked(pre, index) if pre is not None else None,
+        )
+
+    def _picked(self, sq: ParamSums, index: list[int]) -> ParamSums:
         if sq.on_host:
             values = sq.floats()
-            picked = ParamSums([values[i] for i in index])
-        else:
-            t = sq.tensor()
-            picked = ParamSums(t.index_select(0, self._index.get(index, t.device)))
-        return BigBatchNorms(picked, rank_part=norms.rank_part)
+            return ParamSums([values[i] for i in index])
+        t = sq.tensor()
+        return ParamSums(t.index_select(0, self._index.get(index, t.device)))

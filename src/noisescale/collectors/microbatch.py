@@ -24,6 +24,7 @@ from noisescale.collectors.base import BackwardWatch, HookOwner, equal_split
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import StepError
 from noisescale.grad_norms import tensor_sq_norm
+from noisescale.preconditioner import AdamPreconditioner
 from noisescale.stats import ParamSums, SmallBatchStats
 
 __all__ = ["MicrobatchCollector"]
@@ -40,9 +41,18 @@ class MicrobatchCollector(HookOwner):
     Args:
         model: the model whose trainable parameters are hooked.
         watch: told of every backward pass the hooks see (``BackwardWatch``).
+        preconditioner: also hand each micro-batch's gradient to it, and report the preconditioned sums
+            ``sum_j (B / b_j)^2 |c_{j,p} / d_p|^2`` it takes at the end of the backward pass
+            (``SmallBatchStats.preconditioned``; equal micro-batches only).
     """
 
-    def __init__(self, model: nn.Module, *, watch: BackwardWatch | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        watch: BackwardWatch | None = None,
+        preconditioner: AdamPreconditioner | None = None,
+    ) -> None:
         super().__init__(watch)
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.coverage = 1.0 if self.params else 0.0
@@ -52,6 +62,7 @@ class MicrobatchCollector(HookOwner):
         self._counts = [0] * len(self.params)
         self._slots = DeviceIndex()  # the parameter of every norm gathered
         self._host_floats: bool | None = None  # None: floats for host memory (tests force tensors on a CPU)
+        self._pre = preconditioner
 
     def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
         if not (self.armed and self.enabled):
@@ -62,6 +73,8 @@ class MicrobatchCollector(HookOwner):
         host = grad.is_cpu if self._host_floats is None else self._host_floats
         self._vals.append(sq.item() if host else sq)  # see the module docstring
         self._counts[slot] += 1
+        if self._pre is not None:
+            self._pre.accumulate(self.params[slot][1], grad)
 
     def backward_passes(self) -> int:
         """Backward passes seen since the last reset (the most any one parameter received)."""
@@ -94,19 +107,37 @@ class MicrobatchCollector(HookOwner):
                     f"sum to batch_size={batch_size}"
                 )
         weights = self._weights(batch_size, sizes)
-        if all(isinstance(v, float) for v in self._vals):
-            host = [0.0] * len(self.params)
-            for slot, value, weight in zip(self._idx, self._vals, weights):
-                host[slot] += weight * float(value)
-            sums = ParamSums(host)
-        else:
-            sums = ParamSums(self._device_sums(weights))
+        preconditioned, reason = self._preconditioned(sizes, weights)
         return SmallBatchStats(
-            small_sq_sum=sums,
+            small_sq_sum=self._summed(self._vals, weights),
             n_small=k,
             inv_size_sum=sum(1.0 / s for s in sizes),
             examples=None,
+            preconditioned=preconditioned,
+            preconditioned_reason=reason,
         )
+
+    def _preconditioned(self, sizes: list[int], weights: list[float]) -> tuple[ParamSums | None, str | None]:
+        """The preconditioned sums in the step's units, or why there are none."""
+        pre = self._pre
+        if pre is None:
+            return None, None
+        if len(set(sizes)) > 1:  # the buffer sums the squares of all micro-batches with one weight
+            return None, (
+                f"the preconditioned noise scale needs micro-batches of equal size, got {sizes}: the squares of "
+                "their gradients are summed before Adam's divisor of the step is known"
+            )
+        sums = pre.small_sums([p for _, p in self.params])
+        return (None, pre.reason) if sums is None else (sums.scaled(weights[0]), None)
+
+    def _summed(self, vals: list[float | torch.Tensor], weights: list[float]) -> ParamSums:
+        """``sum_j (B / b_j)^2 |c_{j,p}|^2`` per parameter, from the squares gathered in ``_idx``'s order."""
+        if all(isinstance(v, float) for v in vals):
+            host = [0.0] * len(self.params)
+            for slot, value, weight in zip(self._idx, vals, weights):
+                host[slot] += weight * float(value)
+            return ParamSums(host)
+        return ParamSums(self._device_sums(vals, weights))
 
     def _weights(self, batch_size: int, sizes: list[int]) -> list[float]:
         """``(B / b_j)^2`` for each gathered square, ``j`` its micro-batch: the n-th gradient a parameter received."""
@@ -119,15 +150,12 @@ class MicrobatchCollector(HookOwner):
             seen[slot] += 1
         return weights
 
-    def _device_sums(self, weights: list[float]) -> torch.Tensor:
+    def _device_sums(self, squares: list[float | torch.Tensor], weights: list[float]) -> torch.Tensor:
         """The weighted squares summed per parameter on the device that holds them (one ``index_add_``)."""
-        device = next(v.device for v in self._vals if isinstance(v, torch.Tensor))
+        device = next(v.device for v in squares if isinstance(v, torch.Tensor))
         # Parameters spread over host and device memory leave a mix of floats and tensors; stack promotes dtypes.
         vals = torch.stack(
-            [
-                v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=device)
-                for v in self._vals
-            ]
+            [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64, device=device) for v in squares]
         )
         sums = torch.zeros(len(self.params), dtype=vals.dtype, device=device)
         index = self._slots.get(self._idx, device)

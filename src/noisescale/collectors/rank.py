@@ -26,6 +26,7 @@ from noisescale.device_index import DeviceIndex
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import FALLBACK_HINT, ConfigError, StepError
 from noisescale.grad_norms import tensor_sq_norm
+from noisescale.preconditioner import AdamPreconditioner
 from noisescale.stats import ParamSums, PendingSum, SmallBatchStats
 
 __all__ = ["RankCollector"]
@@ -45,6 +46,8 @@ class RankCollector(HookOwner):
             this rank's sums is launched (asynchronously, behind DDP's all-reduces), so ``monitor.step()`` adds no
             round trip of its own.
         watch: told of every backward pass the hooks see (``BackwardWatch``).
+        preconditioner: also hand this rank's gradient to it, and report the preconditioned square
+            ``|g_p / d_p|^2`` it takes at the end of the backward pass (``SmallBatchStats.preconditioned``).
 
     Raises:
         ConfigError: ``model`` is not DDP, or ``comm_hook`` is malformed or cannot be registered.
@@ -57,6 +60,7 @@ class RankCollector(HookOwner):
         comm_hook: CommHook | None = None,
         sync: DataParallelSync | None = None,
         watch: BackwardWatch | None = None,
+        preconditioner: AdamPreconditioner | None = None,
     ) -> None:
         if not is_ddp(model):
             raise ConfigError(
@@ -76,6 +80,7 @@ class RankCollector(HookOwner):
         self._sync = sync
         self._device = self.params[0][1].device if self.params else torch.device("cpu")
         self._latest: dict[int, torch.Tensor] = {}  # slot -> |local grad|^2 (0-d), the last synchronising pass
+        self._pre = preconditioner
         self._in_backward = False
         self._sync_passes = 0
         self._with_grads = DeviceIndex()  # the slots of the parameters that got a gradient
@@ -104,6 +109,8 @@ class RankCollector(HookOwner):
         if grad is None:
             return
         self._latest[slot] = tensor_sq_norm(grad)
+        if self._pre is not None:  # before DDP's all-reduce overwrites p.grad with the average
+            self._pre.accumulate(param, grad)
 
     def _after_backward(self) -> None:
         # Runs when the backward pass ends, after DDP has launched every bucket's all-reduce: the gather of this
@@ -148,12 +155,16 @@ class RankCollector(HookOwner):
                 "rank's gradient: run all micro-batches but the last under ddp_model.no_sync(), or use " + FALLBACK_HINT
             )
         sums = self._sums if self._sums is not None else self._local_sums()
+        pre = self._pre
+        preconditioned = pre.small_sums([p for _, p in self.params]) if pre is not None else None
         return SmallBatchStats(
             small_sq_sum=ParamSums(sums),
             n_small=1,
             inv_size_sum=1.0 / batch_size,
             examples=None,
             in_flight=self._pending,
+            preconditioned=preconditioned,
+            preconditioned_reason=pre.reason if pre is not None else None,
         )
 
     def reset(self) -> None:

@@ -1,0 +1,54 @@
+"""What the spawned ranks run for the preconditioned noise scale under DDP (2 CPU processes, gloo).
+
+Each rank trains the same DDP model with Adam and records, per step, the parameters before it, its batch, Adam's
+divisor after ``optimizer.step()`` (the same on every rank) and the measurement, for the rank source and for the
+micro-batch source under ``no_sync()``; the parent recomputes everything alone.
+"""
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dist_scenarios import LOCAL, _ddp, _state, make_batch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import noisescale as ns
+from noisescale.preconditioner import WARMUP_STEPS
+
+STEPS = WARMUP_STEPS + 3
+MICRO = 2
+
+
+def _divisors(opt: torch.optim.Optimizer, model: DDP) -> dict[str, torch.Tensor]:
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    out = {}
+    for n, p in model.named_parameters():
+        state = opt.state[p]
+        out[n.removeprefix("module.")] = (state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps
+    return out
+
+
+def _run(rank: int, world: int, source: str, micro: int) -> list[dict[str, Any]]:
+    model = _ddp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = ns.GNSMonitor(model, source=source, precondition=opt)  # type: ignore[arg-type]
+    records = []
+    for step in range(STEPS):
+        state = _state(model)
+        x, y = make_batch(step, rank)
+        for j, (xj, yj) in enumerate(zip(x.chunk(micro), y.chunk(micro), strict=True)):
+            sync = contextlib.nullcontext() if j == micro - 1 else model.no_sync()
+            with sync:
+                (F.cross_entropy(model(xj), yj) / micro).backward()
+        m = monitor.step(batch_size=world * LOCAL)
+        opt.step()
+        opt.zero_grad()
+        records.append({"state": state, "x": x, "y": y, "d": _divisors(opt, model), "m": m.to_dict()})
+    monitor.close()
+    return records
+
+
+def precond_worker(rank: int, world: int) -> dict[str, Any]:
+    return {"rank": _run(rank, world, "rank", 1), "microbatch": _run(rank, world, "microbatch", MICRO)}
