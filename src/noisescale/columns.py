@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import overload
 
-__all__ = ["COLUMNS", "RowsView"]
+__all__ = ["COLUMNS", "PRECONDITIONED", "RowsView"]
 
 COLUMNS = (
     "b_simple",
@@ -22,6 +22,10 @@ COLUMNS = (
     "trace_cov_raw",
 )
 """The columns of a measurement table, in order; one row for the whole model, then one per layer/module."""
+
+PRECONDITIONED = ("b_precond", "b_precond_low", "b_precond_high", "b_precond_raw")
+"""The metric names under which sinks receive Adam's preconditioned noise scale (``GNSMonitor(precondition=)``):
+its ``b_simple``, band and raw value, the first four ``COLUMNS`` of ``Measurement.preconditioned``."""
 
 
 class RowsView(Sequence[list[float]]):

@@ -15,12 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from noisescale.group_types import ExampleScores, GroupMeasurement
 
-from noisescale.columns import COLUMNS, RowsView
+from noisescale.columns import COLUMNS, PRECONDITIONED, RowsView
 
-__all__ = ["COLUMNS", "PRECONDITIONED_METRICS", "LayerMeasurement", "Measurement", "Status"]
-
-PRECONDITIONED_METRICS = ("b_precond", "b_precond_low", "b_precond_high", "b_precond_raw")
-"""The metric names under which sinks receive the preconditioned noise scale (``Measurement.companion_metrics``)."""
+__all__ = ["COLUMNS", "PRECONDITIONED", "LayerMeasurement", "Measurement", "Status"]
 
 Status = Literal["ok", "skipped", "undefined", "unmeasured"]
 
@@ -318,7 +315,7 @@ class Measurement:
         value with ``precondition=``, else nothing.  Sinks receive them as metrics of the same step."""
         if self.preconditioned is None:
             return {}
-        return {name: self._preconditioned_value(i) for i, name in enumerate(PRECONDITIONED_METRICS)}
+        return {name: self._preconditioned_value(i) for i, name in enumerate(PRECONDITIONED)}
 
     def _row(self, i: int) -> LayerMeasurement:
         return LayerMeasurement(*(_clean(v) for v in self._checked(i)))

@@ -123,6 +123,12 @@ def text_summary(
         f"first fifth {fmt_num(b['first_fifth'])} -> last fifth {fmt_num(b['last_fifth'])}"
         + (f" (x{b['growth']:.1f})" if b["growth"] else ""),
     ]
+    pre = s.get("b_precond")
+    if pre is not None:
+        lines.append(
+            f"B_precond {fmt_num(pre['last'])} [{fmt_num(pre['low'])}, {fmt_num(pre['high'])}] at step "
+            f"{pre['step'] if pre['step'] is not None else '-'} (Adam's preconditioned noise scale)"
+        )
     if s["loss"]:
         lo = s["loss"]
         lines.append(f"loss      {lo['first']:.4g} -> {lo['last']:.4g} (min {lo['min']:.4g})")

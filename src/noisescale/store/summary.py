@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from noisescale.columns import PRECONDITIONED
 from noisescale.store.reader import RunReader
 
 __all__ = ["summarize", "window_b_simple"]
@@ -38,6 +39,7 @@ def summarize(reader: RunReader) -> dict[str, Any]:
         n_events = len(reader.events())
         n_layers = len(reader.layer_names("param"))
         metrics = reader.metric_names()
+        precond = [reader.metric(k) for k in PRECONDITIONED] if PRECONDITIONED[0] in metrics else None
     end = info.ended_at if info.ended_at is not None else info.updated_at
     out: dict[str, Any] = {
         "id": info.id,
@@ -71,6 +73,7 @@ def summarize(reader: RunReader) -> dict[str, Any]:
         "last_fifth": last_w,
         "growth": (last_w / first_w) if first_w and last_w is not None and math.isfinite(last_w) else None,
     }
+    out["b_precond"] = _last_preconditioned(precond) if precond is not None else None
     vals = [v for v in loss.value if v is not None]
     fifth_l = max(1, len(vals) // 5)
     out["loss"] = (
@@ -85,3 +88,22 @@ def summarize(reader: RunReader) -> dict[str, Any]:
         else None
     )
     return out
+
+
+def _last_preconditioned(series: list[Any]) -> dict[str, Any]:
+    """Adam's preconditioned noise scale at the last step it was defined (``GNSMonitor(precondition=)``)."""
+    value, low, high = series[0], series[1], series[2]
+    i = next((i for i in range(len(value) - 1, -1, -1) if value.value[i] is not None), None)
+    if i is None:
+        return {"last": None, "low": None, "high": None, "step": None}
+    at = value.step[i]
+    return {
+        "last": value.value[i],
+        "low": _at(low, at),
+        "high": _at(high, at),
+        "step": at,
+    }
+
+
+def _at(series: Any, step: int) -> float | None:
+    return next((v for s, v in zip(series.step, series.value) if s == step), None)
