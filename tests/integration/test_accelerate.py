@@ -173,3 +173,24 @@ def test_the_accelerators_grad_scaler_reaches_the_monitor(monkeypatch):
     gns = AccelerateMonitor(accelerator, tiny_net())
     assert gns.monitor.scaler is scaler
     gns.close()
+
+
+def test_precondition_measures_adams_noise_scale():
+    x, y = regression_data(n=64)
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = tiny_net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=MICRO)
+    model, opt, loader = accelerator.prepare(net, opt, loader)
+    rows: list[ns.Measurement] = []
+    gns = AccelerateMonitor(accelerator, model, callbacks=[rows.append], precondition=opt)
+    for xb, yb in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(nn.functional.mse_loss(model(xb), yb))
+            gns.after_backward(len(xb))
+            opt.step()
+            opt.zero_grad()
+    gns.close()
+    assert len(rows) == 8
+    assert [m.b_precond is None for m in rows] == [True] * 5 + [False] * 3  # Adam's warm-up, then measured
+    assert rows[-1].preconditioned.status == "ok"

@@ -274,3 +274,35 @@ def test_the_accelerators_grad_scaler_reaches_the_monitor():
     cb.on_train_begin(Args(), State(), None, model=Regression(tiny_net()), optimizer=optimizer)
     assert cb.monitor is not None and cb.monitor.scaler is scaler
     cb.on_train_end(Args(), State(), None)
+
+
+def test_precondition_measures_adams_noise_scale_as_the_plain_loop(tmp_path):
+    x, y = regression_data(n=64)
+    net = tiny_net()
+    plain_net = copy.deepcopy(net)
+    rows: list[ns.Measurement] = []
+    cb = NoiseScaleTrainerCallback(callbacks=[rows.append], precondition=True)
+    recorder = Recorder()
+    trainer = transformers.Trainer(
+        model=Regression(net),
+        args=arguments(tmp_path, optim="adamw_torch", learning_rate=0.01, gradient_accumulation_steps=2),
+        train_dataset=Rows(x, y),
+        callbacks=[cb, recorder],
+    )
+    trainer.train()
+    opt = torch.optim.AdamW(plain_net.parameters(), lr=0.01, weight_decay=0.0)
+    monitor = ns.GNSMonitor(plain_net, "microbatch", precondition=opt)
+    want = []
+    for step in steps(recorder, 2):
+        for xb, yb in step:
+            (nn.functional.mse_loss(plain_net(xb), yb) / 2).backward()
+        want.append(monitor.step(2 * MICRO))
+        opt.step()
+        opt.zero_grad()
+    assert len(rows) == len(want) == 8 and rows[-1].b_precond is not None
+    for got, ref in zip(rows, want, strict=True):
+        assert (got.b_precond is None) == (ref.b_precond is None)
+        if ref.b_precond is not None:
+            assert math.isclose(got.b_precond, ref.b_precond, rel_tol=1e-5)
+    logged = [h for h in trainer.state.log_history if "noisescale/b_precond" in h]
+    assert logged and logged[-1]["noisescale/b_precond"] == rows[-1].b_precond

@@ -231,3 +231,45 @@ def test_a_grad_scaler_is_unscaled_as_in_the_plain_loop(tmp_path):
             opt.zero_grad()
     assert_same_series([row(m) for m in rows], want, rel=1e-6)
     assert all(m.grad_sq_raw is not None and abs(m.grad_sq_raw) < 1e3 for m in rows)  # not times 2^20
+
+
+class AdamRegression(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_precondition_measures_adams_noise_scale_as_the_plain_loop(tmp_path):
+    x, y = regression_data(n=64)  # 8 steps of two micro-batches: past Adam's warm-up
+    net = tiny_net()
+    plain_net = copy.deepcopy(net)
+    rows: list[ns.Measurement] = []
+    cb = NoiseScaleCallback(callbacks=[rows.append], precondition=True)
+    logger = L.loggers.CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [cb], accumulate_grad_batches=2, logger=logger, log_every_n_steps=1).fit(
+        AdamRegression(net, LR), loader(x, y)
+    )
+    opt = torch.optim.Adam(plain_net.parameters(), lr=0.01)
+    monitor = ns.GNSMonitor(plain_net, "microbatch", precondition=opt)
+    want = []
+    for step in steps_of(x, y, MICRO, 2):
+        for xb, yb in step:
+            (nn.functional.mse_loss(plain_net(xb), yb) / 2).backward()
+        want.append(monitor.step(2 * MICRO))
+        opt.step()
+        opt.zero_grad()
+    assert len(rows) == len(want) == 8
+    for got, ref in zip(rows, want, strict=True):
+        assert (got.b_precond is None) == (ref.b_precond is None)
+        if ref.b_precond is not None:
+            assert math.isclose(got.b_precond, ref.b_precond, rel_tol=1e-5)
+    assert rows[-1].b_precond is not None
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("noisescale/b_precond")]
+    assert logged and math.isclose(float(logged[-1]["noisescale/b_precond"]), rows[-1].b_precond, rel_tol=1e-6)
+
+
+def test_precondition_with_sgd_is_refused_when_training_starts(tmp_path):
+    x, y = regression_data(n=16)
+    cb = NoiseScaleCallback(precondition=True, source="microbatch")
+    with pytest.raises(ConfigError, match="SGD does not keep"):
+        trainer(tmp_path, [cb], accumulate_grad_batches=2).fit(Regression(tiny_net(), LR), loader(x, y))

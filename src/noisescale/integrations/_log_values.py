@@ -35,8 +35,12 @@ def check_columns(columns: Sequence[str]) -> tuple[str, ...]:
 def log_values(m: Measurement, columns: Sequence[str]) -> dict[str, float]:
     """``{"noisescale/b_simple": ..., "noisescale/band/low": ..., "noisescale/batch_size": B}``.
 
+    With ``precondition=`` the monitor's ``b_precond`` and its band and raw value come too (``noisescale/b_precond``).
+
     Undefined values (``None``: too few small batches, a skipped step) are left out, never written as 0.
     """
     out = {whole_tag(c): v for c in columns if (v := getattr(m, c)) is not None}
+    # Adam's preconditioned noise scale, when the monitor measures it (precondition=)
+    out.update({whole_tag(k): v for k, v in m.companion_metrics().items() if v is not None})
     out[whole_tag("batch_size")] = float(m.batch_size)
     return out

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from noisescale.errors import ConfigError
@@ -36,6 +37,7 @@ class MonitorOptions:
     loss_couples_examples: bool = False
     sinks: Sequence[Sink] = ()
     callbacks: Sequence[Callable[[Measurement], object]] = field(default=())
+    precondition: bool = False  # measure Adam's preconditioned noise scale, with the framework's optimizer
 
     def check(self) -> None:
         """Raise the monitor's own ``ConfigError`` for a bad option, before any training.
@@ -58,8 +60,9 @@ class MonitorOptions:
                 raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
         # The rank source needs a DDP model, which does not exist yet: the probe checks the other options.
         probe_source: Source = "auto" if self.source == "rank" else self.source
+        probe_model = nn.Linear(1, 1)
         probe = GNSMonitor(
-            nn.Linear(1, 1),
+            probe_model,
             source=probe_source,
             per_layer=self.per_layer,
             halflife=self.halflife,
@@ -67,16 +70,20 @@ class MonitorOptions:
             on_unsupported=self.on_unsupported,
             scope=self.scope,
             loss_couples_examples=self.loss_couples_examples,
+            precondition=torch.optim.Adam(probe_model.parameters()) if self.precondition else None,
         )
         probe.close()
 
-    def build(self, model: nn.Module, *, run: Any = None, scaler: Any = None, **overrides: Any) -> GNSMonitor:
+    def build(
+        self, model: nn.Module, *, run: Any = None, scaler: Any = None, optimizer: Any = None, **overrides: Any
+    ) -> GNSMonitor:
         """The monitor for ``model`` (the model as the framework trains it: wrapped in DDP, sharded).
 
         Args:
             model: the model.
             run: a run store for ``GNSMonitor(run=)`` (left open when the monitor closes).
             scaler: the framework's ``GradScaler``, if it scales the loss.
+            optimizer: the framework's optimizer (possibly wrapped), for ``precondition``.
             overrides: options that replace this object's (``source``, ``loss_couples_examples``).
         """
         kwargs: dict[str, Any] = {
@@ -92,5 +99,20 @@ class MonitorOptions:
             "run": run,
             "scaler": scaler,
         }
+        if self.precondition:
+            kwargs["precondition"] = _adam_inside(optimizer)
         kwargs.update(overrides)
         return GNSMonitor(model, **kwargs)
+
+
+def _adam_inside(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrappers, for ``precondition=``."""
+    if optimizer is None:
+        raise ConfigError("precondition=True reads the trainer's optimizer, and the trainer passed none")
+    seen = optimizer
+    for _ in range(8):  # Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ...
+        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        seen = inner
+    return seen

@@ -60,6 +60,8 @@ class AccelerateMonitor:
             ``gradient_accumulation_steps >= 2``, else ``example``.
         sinks, callbacks, run, per_layer, halflife, confidence, on_unsupported, scope, loss_couples_examples: as
             for ``GNSMonitor``.
+        precondition: the optimizer (as ``accelerator.prepare`` returned it, or the one you built) to also
+            measure Adam's preconditioned noise scale, ``m.b_precond`` (``GNSMonitor(precondition=)``).
 
     Raises:
         FrameworkVersionError: the installed accelerate lies outside the supported range.
@@ -81,6 +83,7 @@ class AccelerateMonitor:
         on_unsupported: Any = None,
         scope: Any = "all",
         loss_couples_examples: bool = False,
+        precondition: Any = None,
     ) -> None:
         SUPPORTED.check(SUPPORTED.installed(_accelerate))
         if not isinstance(accelerator, _accelerate.Accelerator):
@@ -95,10 +98,11 @@ class AccelerateMonitor:
             loss_couples_examples=loss_couples_examples,
             sinks=tuple(sinks) if isinstance(sinks, (list, tuple)) else sinks,
             callbacks=tuple(callbacks),
+            precondition=precondition is not None,
         )
         self.accelerator = accelerator
         self.sinks = list(options.sinks)
-        self.monitor: GNSMonitor = options.build(model, run=run, scaler=accelerator.scaler)
+        self.monitor: GNSMonitor = options.build(model, run=run, scaler=accelerator.scaler, optimizer=precondition)
         self._micro: list[int] = []
 
     def after_backward(self, examples: int) -> Measurement | None:

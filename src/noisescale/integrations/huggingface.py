@@ -101,6 +101,8 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
             (``noisescale/b_simple``, ``noisescale/band/low``, ..., with ``noisescale/batch_size``).
         loss_couples_examples: as for ``GNSMonitor``; ``None``: ``True`` for the paired TRL configurations.
         per_layer, halflife, confidence, on_unsupported, scope: as for ``GNSMonitor``.
+        precondition: also measure Adam's preconditioned noise scale with the Trainer's optimizer
+            (``GNSMonitor(precondition=)``; needs micro-batches: ``gradient_accumulation_steps >= 2``).
         controller: an ``ns.BatchSizeController`` with a fixed batch (``"constant"``, or ``min_batch == max_batch``)
             equal to ``per_device_train_batch_size x gradient_accumulation_steps``, built with ``optimizer="later"``:
             its learning-rate multiplier (e.g. ``lr_rule="adascale"`` with ``base_batch`` the batch your learning
@@ -135,6 +137,7 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
         on_unsupported: Any = None,
         scope: Any = "all",
         loss_couples_examples: bool | None = None,
+        precondition: bool = False,
         controller: BatchSizeController | None = None,
         restored_by_trainer: bool = False,
     ) -> None:
@@ -153,6 +156,7 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
             loss_couples_examples=bool(loss_couples_examples),
             sinks=tuple(sinks) if isinstance(sinks, (list, tuple)) else sinks,
             callbacks=tuple(callbacks),
+            precondition=bool(precondition),
         )
         self.options.check()
         if run is not None and not isinstance(run, (str, os.PathLike)) and not callable(getattr(run, "log", None)):
@@ -238,7 +242,9 @@ class NoiseScaleTrainerCallback(_callbacks.TrainerCallback, _callbacks.Exportabl
             self._owns_run = True
         optimizer = kwargs.get("optimizer")
         scaler = getattr(optimizer, "scaler", None)  # accelerate's optimizer wrapper holds the GradScaler
-        self.monitor = self.options.build(model, run=self.run, scaler=scaler, loss_couples_examples=couples)
+        self.monitor = self.options.build(
+            model, run=self.run, scaler=scaler, optimizer=optimizer, loss_couples_examples=couples
+        )
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         saved = self.saved_state
         if saved is None and state.global_step > 0:  # resuming: the Trainer loaded trainer_state.json

@@ -82,6 +82,9 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         log_loss: send the step's mean training loss to the monitor's sinks as ``"loss"`` (automatic optimization),
             which the run store records and the ``loss_stalled`` alert reads.
         per_layer, halflife, confidence, on_unsupported, scope, loss_couples_examples: as for ``GNSMonitor``.
+        precondition: also measure Adam's preconditioned noise scale with the trainer's optimizer
+            (``GNSMonitor(precondition=)``): ``noisescale/b_precond`` in the logs, ``signal="b_precond"`` for the
+            controller.
         controller: an ``ns.BatchSizeController`` to drive, built with ``micro_batch=`` (the DataLoader's batch
             size), ``world_size=`` (the trainer's) and ``optimizer="later"``: it sets ``accumulate_grad_batches``
             (at safe points, see the module docstring) and scales the learning rate of every optimizer step; its
@@ -112,6 +115,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
         on_unsupported: Any = None,
         scope: Any = "all",
         loss_couples_examples: bool = False,
+        precondition: bool = False,
         controller: BatchSizeController | None = None,
     ) -> None:
         SUPPORTED.check(SUPPORTED.installed(_lightning))
@@ -126,6 +130,7 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
             loss_couples_examples=loss_couples_examples,
             sinks=tuple(sinks) if isinstance(sinks, (list, tuple)) else sinks,
             callbacks=tuple(callbacks),
+            precondition=bool(precondition),
         )
         self.options.check()
         if run is not None and not isinstance(run, (str, os.PathLike)) and not callable(getattr(run, "log", None)):
@@ -178,7 +183,9 @@ class NoiseScaleCallback(_pl.Callback):  # type: ignore[name-defined]
             )
         # trainer.strategy.model is the model as it is trained: DDP's wrapper, so the monitor sees the ranks.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.monitor = self.options.build(trainer.strategy.model, run=self.run, scaler=scaler)
+        self.monitor = self.options.build(
+            trainer.strategy.model, run=self.run, scaler=scaler, optimizer=trainer.optimizers[0]
+        )
         if self._pending_state is not None:
             restore(self.monitor, self.options.sinks, self._pending_state, self.controller)
             self._pending_state = None
