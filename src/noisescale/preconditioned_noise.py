@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noisescale.estimators.engine import StepEngine
+from noisescale.estimators.engine import StepEngine, StepOutput
 from noisescale.estimators.rows import RowLayout
 from noisescale.estimators.step import StepConstants
 from noisescale.preconditioner import AdamPreconditioner
@@ -85,38 +85,31 @@ class PreconditionedNoise:
         if reason is not None or small_sums is None or big_sums is None:
             small_sums = big_sums = ParamSums([0.0] * len(stats.small_sq_sum))
             consts = dataclasses.replace(consts, defined=False)
-        out = self.engine.step(layout, unscale(small_sums), unscale(big_sums), consts)
-        return Measurement(
-            table=out.table,
-            flags=out.flags,
-            layer_names=layout.layer_names,
-            module_names=layout.module_names,
-            step=plain.step,
-            examples=plain.examples,
-            batch_size=plain.batch_size,
-            source=plain.source,
-            coverage=plain.coverage,
-            undefined_reason=reason,
-            wall_time=plain.wall_time,
-        )
+        return _beside(plain, self.engine.step(layout, unscale(small_sums), unscale(big_sums), consts), layout, reason)
 
     def current(self, layout: RowLayout, plain: Measurement) -> Measurement:
         """The restored averages as a measurement (``GNSMonitor`` after ``load_state_dict``)."""
-        out = self.engine.current(layout)
-        return Measurement(
-            table=out.table,
-            flags=out.flags,
-            layer_names=layout.layer_names,
-            module_names=layout.module_names,
-            step=plain.step,
-            examples=plain.examples,
-            batch_size=plain.batch_size,
-            source=plain.source,
-            coverage=plain.coverage,
-        )
+        return _beside(plain, self.engine.current(layout), layout, None)
 
     def close(self) -> None:
         self.preconditioner.close()
+
+
+def _beside(plain: Measurement, out: StepOutput, layout: RowLayout, reason: str | None) -> Measurement:
+    """The preconditioned estimate's measurement, with ``plain``'s step, examples, source and time."""
+    return Measurement(
+        table=out.table,
+        flags=out.flags,
+        layer_names=layout.layer_names,
+        module_names=layout.module_names,
+        step=plain.step,
+        examples=plain.examples,
+        batch_size=plain.batch_size,
+        source=plain.source,
+        coverage=plain.coverage,
+        undefined_reason=reason,
+        wall_time=plain.wall_time,
+    )
 
 
 def _missing(stats: SmallBatchStats, big: BigBatchNorms) -> str | None:

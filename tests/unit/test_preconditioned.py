@@ -261,12 +261,12 @@ def test_unmeasured_steps_carry_the_last_preconditioned_value():
     assert unmeasured.b_precond == measured.b_precond and unmeasured.b_precond_raw is None
 
 
-def test_a_run_store_receives_it_as_metrics(tmp_path):
+def _recorded(tmp_path) -> tuple[ns.Measurement, RunReader]:
+    """``STEPS`` steps with Adam into a run store: the last measurement and the run read back."""
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with ns.Run("precond", dir=tmp_path) as run:
         monitor = ns.GNSMonitor(model, "microbatch", precondition=opt, run=run)
-        last = None
         for step in range(STEPS):
             x, y = _batch(step)
             for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
@@ -275,7 +275,11 @@ def test_a_run_store_receives_it_as_metrics(tmp_path):
             opt.step()
             opt.zero_grad()
         monitor.close()
-    reader = RunReader(run.path)
+    return last, RunReader(run.path)
+
+
+def test_a_run_store_receives_it_as_metrics(tmp_path):
+    last, reader = _recorded(tmp_path)
     series = reader.metric("b_precond")
     assert series.step[-1] == last.step and series.value[-1] == pytest.approx(last.b_precond, rel=1e-12)
     assert series.step[0] == 1 and series.value[0] is None  # stored, undefined, while Adam warms up
@@ -286,18 +290,7 @@ def test_show_summarises_it(tmp_path):
     from noisescale.cli.show import text_summary
     from noisescale.store.summary import summarize
 
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with ns.Run("precond", dir=tmp_path) as run:
-        monitor = ns.GNSMonitor(model, "microbatch", precondition=opt, run=run)
-        for step in range(STEPS):
-            x, y = _batch(step)
-            for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
-                (F.cross_entropy(model(xb), yb) / K).backward()
-            last = monitor.step(B)
-            opt.step()
-            opt.zero_grad()
-        monitor.close()
-    s = summarize(RunReader(run.path))
+    last, reader = _recorded(tmp_path)
+    s = summarize(reader)
     assert s["b_precond"]["last"] == pytest.approx(last.b_precond, rel=1e-12) and s["b_precond"]["step"] == STEPS
     assert "B_precond " in text_summary(s, {})
