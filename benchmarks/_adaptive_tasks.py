@@ -50,6 +50,7 @@ class Workload:
     gns: dict[str, Any]  # the gns controller's settings (min_batch, max_batch, k, dwell, ...)
     halflife: float  # the monitor's smoothing half-life in examples
     seeds: int  # default number of seeds (runs to the target vary by 10-30% between seeds on digits)
+    adam: bool = False  # trained with an Adam-family optimizer: Adam's preconditioned noise scale applies
 
 
 # -- digits: MLP 64-512-512-10, SGD with momentum 0.9 ---------------------------------------------------------------
@@ -160,6 +161,7 @@ CHARLM = Workload(
     gns={"min_batch": 8, "max_batch": 256, "quantize": "pow2"},
     halflife=2_000.0,
     seeds=3,
+    adam=True,
 )
 
 WORKLOADS = {w.name: w for w in (DIGITS, CHARLM)}

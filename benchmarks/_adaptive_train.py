@@ -23,15 +23,23 @@ import torch
 import noisescale as ns
 from _adaptive_tasks import Workload
 
+MICRO = 4
+"""Micro-batches per step where the monitor measures from micro-batches (``Spec.micro``)."""
+
 
 @dataclass
 class Spec:
-    """A batch schedule: ``schedule`` is ``"fixed"``, ``"linear_ramp"`` or ``"gns"``; ``label`` names it."""
+    """A batch schedule: ``schedule`` is ``"fixed"``, ``"linear_ramp"`` or ``"gns"``; ``label`` names it.
+
+    ``micro``: measure from ``MICRO`` micro-batches per step with Adam's preconditioned noise scale beside the
+    plain one (``precondition=``), instead of per example; the controller's ``signal`` picks which it follows.
+    """
 
     label: str
     schedule: str
     batch_size: int | None = None
     controller: dict[str, Any] = field(default_factory=dict)
+    micro: bool = False
 
 
 @dataclass
@@ -97,14 +105,25 @@ def train(
     run = ns.Run(name, dir=runs_dir, config=config) if runs_dir else None
     try:
         ctrl = controller_for(w, spec, problem.optimizer, run)
-        monitor = ns.GNSMonitor(
-            problem.model,
-            source="example",
-            halflife=w.halflife,
-            per_layer=False,
-            on_unsupported=problem.on_unsupported,  # type: ignore[arg-type]
-            run=run,
-        )
+        if spec.micro:
+            monitor = ns.GNSMonitor(
+                problem.model,
+                source="microbatch",
+                halflife=w.halflife,
+                per_layer=False,
+                precondition=problem.optimizer if w.adam else None,
+                run=run,
+            )
+        else:
+            monitor = ns.GNSMonitor(
+                problem.model,
+                source="example",
+                halflife=w.halflife,
+                per_layer=False,
+                on_unsupported=problem.on_unsupported,  # type: ignore[arg-type]
+                run=run,
+            )
+        micro = MICRO if spec.micro else 1
         sampler = ns.AdaptiveBatchSampler(problem.n_train, ctrl.batch_size, seed=seed)
         steps_to: float | None = None
         examples_to: float | None = None
@@ -120,8 +139,11 @@ def train(
                 held_before = (examples, problem.heldout_loss(), problem.train_loss())
             idx = sampler.next_batch()
             x, y = problem.fetch(idx)
-            loss = problem.loss(problem.model(x), y)
-            loss.backward()
+            loss = torch.zeros(())
+            for xb, yb in zip(x.chunk(micro), y.chunk(micro), strict=True):  # equal chunks: the same mean loss
+                part = problem.loss(problem.model(xb), yb) / micro
+                part.backward()
+                loss = loss + part.detach()
             m = monitor.step(batch_size=len(idx))
             ctrl.step(m)
             problem.optimizer.step()

@@ -69,6 +69,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gns from lr batch": {"start": "ref"},
     "gns lr rule": {"lr_rule": "workload"},  # the fixed batches' rule: linear (SGD), sqrt (AdamW)
     "gns lr none": {"lr_rule": "none"},
+    # measured from 4 micro-batches a step, following Adam's preconditioned noise scale, or the plain one
+    "gns precond": {"micro": True, "signal": "b_precond"},
+    "gns precond k=0.75": {"micro": True, "signal": "b_precond", "k": 0.75},
+    "gns precond k=0.5": {"micro": True, "signal": "b_precond", "k": 0.5},
+    "gns precond k=0.35": {"micro": True, "signal": "b_precond", "k": 0.35},
+    "gns micro": {"micro": True},
 }
 TARGETS = {"steps": 0.6, "examples": 1.15, "heldout": 1.01}
 
@@ -76,14 +82,16 @@ TARGETS = {"steps": 0.6, "examples": 1.15, "heldout": 1.01}
 def gns_spec(w: Workload, name: str) -> Spec:
     settings = {**GNS, **VARIANTS[name]}
     start = settings.pop("start", "ref")
+    micro = settings.pop("micro", False)
     settings["batch_size"] = w.gns["min_batch"] if start == "min" else w.batch_ref
-    return Spec(name, "gns", None, settings)
+    return Spec(name, "gns", None, settings, micro=micro)
 
 
 def specs_for(w: Workload, variants: list[str], batches: tuple[int, ...]) -> list[Spec]:
     out = [Spec(f"fixed {b}", "fixed", b) for b in batches]
     out.append(Spec(f"ramp {w.ramp[0]}->{w.ramp[1]}", "linear_ramp"))
-    out += [gns_spec(w, v) for v in variants]
+    # Adam's preconditioned noise scale exists only where Adam trains (the digits MLP trains with SGD).
+    out += [gns_spec(w, v) for v in variants if w.adam or VARIANTS[v].get("signal") != "b_precond"]
     return out
 
 

@@ -16,9 +16,9 @@ gradient (plus ``weight_decay * theta`` for Adam's coupled L2 decay), ``d = sqrt
 (with ``amsgrad``, the running maximum of ``v``).  Pollux divides by ``v_{t-1}`` instead, which leaves out the
 step's own gradient: a coordinate whose gradient has been near zero for a while (a rare token's embedding, an input
 feature that is mostly zero) then divides a sudden gradient by almost nothing, and on the digits MLP the estimate
-of the first steps came out 10^7 times its later level and kept spiking after.  Adam's own divisor bounds every
-coordinate's ratio by ``1 / sqrt(1 - beta2)``.  It depends on the step's gradient with weight ``1 - beta2`` only,
-so the estimator stays unbiased to that order.
+of the first steps came out 10^8 times its later level and kept spiking after.  With Adam's own divisor,
+``|g_i / d_i| <= 1 / sqrt(1 - beta2)`` in every coordinate of the step's gradient.  It depends on the step's
+gradient with weight ``1 - beta2`` only, so the estimator stays unbiased to that order.
 
 Because ``d`` needs the whole step's gradient, the squares of the small batches cannot be taken as they arrive:
 each hook adds the elementwise square of its gradient to a buffer (``S_p = sum_j c_j^2``, one copy of each measured
