@@ -122,9 +122,9 @@ class GNSMonitor:
             measure B_simple of the gradients divided by Adam's ``sqrt(v_hat) + eps``, the noise of the update
             direction (McCandlish et al. 2018, sec. 2.2; Pollux), as ``m.b_precond`` and ``m.preconditioned``,
             beside the plain value; a controller follows it with ``signal="b_precond"``.  From the micro-batch
-            and rank sources; undefined, with the reason, before the optimizer's first step and with the example
-            source (``noisescale.preconditioner``).  Sinks receive it as the metrics ``b_precond``,
-            ``b_precond_low``, ``b_precond_high`` and ``b_precond_raw``.
+            (equal micro-batches) and rank sources; undefined, with the reason, in the optimizer's first 5 steps,
+            with the example source and where the divisor cannot be known (docs/how-it-works.md).  Sinks
+            receive it as the metrics ``b_precond``, ``b_precond_low``, ``b_precond_high`` and ``b_precond_raw``.
 
     Raises:
         ConfigError: for an unknown option or an out-of-range value, before any hook is installed.
@@ -280,6 +280,8 @@ class GNSMonitor:
                 measurement.groups_reason = "this step was not measured (every= / budget= left it out)"
             return measurement
         collector = self._sources.choose()
+        if self._pre is not None and self._sources.name == "example":
+            self._pre.stop()  # per-example norms are not preconditioned: free its buffers, read nothing more
         pending = self._groups.begin(collector, groups, example_ids)  # what the hooks kept for groups, ids checked
         try:
             if self._dist is None:

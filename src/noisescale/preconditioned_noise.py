@@ -63,6 +63,11 @@ class PreconditionedNoise:
             plain.sq_norms, rank_part=plain.rank_part, preconditioned=self.preconditioner.read(params, scale)
         )
 
+    def stop(self) -> None:
+        """The example source measures: nothing is preconditioned from now on (``EXAMPLE_SOURCE`` says why)."""
+        if self.preconditioner.stopped is None:
+            self.preconditioner.stop(EXAMPLE_SOURCE)
+
     def measure(
         self,
         layout: RowLayout,
@@ -114,6 +119,8 @@ def _beside(plain: Measurement, out: StepOutput, layout: RowLayout, reason: str 
 
 def _missing(stats: SmallBatchStats, big: BigBatchNorms) -> str | None:
     """Why this step has no preconditioned estimate, or ``None`` when it has one."""
+    if stats.preconditioned_reason is not None:
+        return stats.preconditioned_reason
     if stats.preconditioned is None or big.preconditioned is None:
-        return stats.preconditioned_reason or (EXAMPLE_SOURCE if stats.per_example else _NOT_READ)
+        return EXAMPLE_SOURCE if stats.per_example else _NOT_READ
     return None

@@ -29,30 +29,58 @@ reported (their values would dominate the smoothing for many half-lives).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+import noisescale.optimizer_overrides as optimizer_overrides
 from noisescale.errors import ConfigError
 from noisescale.grad_norms import dense_values
 from noisescale.stats import ParamSums
 
-__all__ = ["STEPPED_BETWEEN", "WARMUP_STEPS", "AdamPreconditioner", "warming_up"]
+__all__ = ["STEPPED_BETWEEN", "WARMUP_STEPS", "AdamPreconditioner", "missing_sums", "warming_up"]
 
 WARMUP_STEPS = 5
 """Optimizer steps before the preconditioned estimate starts (Pollux waits as many)."""
 STEPPED_BETWEEN = (
-    "the optimizer stepped between this step's backward passes and the reading of its gradient, so they would be "
-    "divided by two different preconditioners: call monitor.step() right after the last backward pass, before "
-    "optimizer.step()"
+    "the optimizer stepped between two backward passes of this step, so its micro-batches would be divided by two "
+    "different preconditioners: call optimizer.step() once per step, after the last backward pass"
 )
 _UNREAD = (
     "the step's last backward pass was not read when it ended (a step with fewer backward passes than the one "
     "before), so its preconditioned sums are not known; the plain ones are"
 )
-_UNSUPPORTED = ("Adamax", "SparseAdam", "Adagrad", "Adadelta", "RMSprop", "SGD", "LBFGS", "Rprop", "ASGD")
+_NOT_ADAM_STATE = (
+    "the optimizer has stepped but keeps no exp_avg_sq for the measured parameters (an optimizer that shards or "
+    "quantises Adam's state, such as ZeroRedundancyOptimizer or an 8-bit Adam, keeps it elsewhere): there is no "
+    "divisor to read"
+)
+_DECAY_UNKNOWN = (
+    "the controller's keep_horizons changes Adam's coupled L2 weight decay at each step by a factor decided after "
+    "the gradient is measured, and that decay enters Adam's divisor: use AdamW (decoupled decay), or keep_horizons "
+    "without 'weight_decay'"
+)
+_RADAM_UNRECTIFIED = "RAdam takes this step without its adaptive divisor (rho_t <= 5): there is none to measure"
+_UNSUPPORTED = (
+    "Adamax",
+    "SparseAdam",
+    "Adagrad",
+    "Adadelta",
+    "RMSprop",
+    "SGD",
+    "LBFGS",
+    "Rprop",
+    "ASGD",
+    "ZeroRedundancyOptimizer",
+)
+
+
+class _NoDivisor(Exception):
+    """This step's divisor cannot be known; the message says why."""
+
 
 Scale = Callable[[], "float | torch.Tensor | None"]
 """The loss scale the gradients carry (a ``GradScaler``'s), or ``None``."""
@@ -111,6 +139,8 @@ class AdamPreconditioner:
         self._unread = False  # a square came after the last read: the small sums would be stale
         self._steps_before: int | None = None  # the optimizer's steps before it was attached (read once)
         self.reason: str | None = None  # why this step has no preconditioned sums
+        self.stopped: str | None = None  # why nothing is gathered any more (the source chosen does not use it)
+        self._seen_state = False  # some parameter's state held exp_avg_sq
         self._handle = optimizer.register_step_post_hook(self._stepped)
 
     def _stepped(self, *_: object) -> None:
@@ -123,6 +153,8 @@ class AdamPreconditioner:
 
     def accumulate(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """Add a small batch's gradient, squared elementwise, to ``param``'s buffer (one fused multiply-add)."""
+        if self.stopped is not None:
+            return
         if self._version is None:
             self._version = self.steps_taken
         if grad.is_sparse:  # Adam refuses sparse gradients; an optimizer that takes them keeps other state
@@ -157,26 +189,38 @@ class AdamPreconditioner:
             when this step has none (``reason`` says why).
         """
         self._unread = False
+        if self.stopped is not None:
+            self.reason = self.stopped
+            return None
         if self._version is not None and self._version != self.steps_taken:
             self.reason = STEPPED_BETWEEN
         steps = self._optimizer_steps(params)
         if steps < WARMUP_STEPS:
             self.reason = warming_up(steps)
+        elif not self._seen_state:
+            self._seen_state = any("exp_avg_sq" in st for st in self.optimizer.state.values())
+            if not self._seen_state:
+                self.reason = _NOT_ADAM_STATE
         if self.reason is not None:
             return None
         big: list[torch.Tensor | None] = []
         self._small = {}
-        for p in params:
-            grad = p.grad
-            if grad is None or grad.is_sparse:
-                big.append(None)
-                continue
-            g = dense_values(grad)
-            w = self._inverse_square(p, g, scale)
-            big.append(torch.dot((g * w).reshape(-1), g.reshape(-1).to(w.dtype)))
-            buf = self._squares.get(id(p))
-            if buf is not None and id(p) in self._fresh:
-                self._small[id(p)] = torch.dot(buf.reshape(-1), w.reshape(-1))
+        try:
+            for p in params:
+                grad = p.grad
+                if grad is None or grad.is_sparse:
+                    big.append(None)
+                    continue
+                g = dense_values(grad)
+                w = self._inverse_square(p, g, scale)
+                big.append(torch.dot((g * w).reshape(-1), g.reshape(-1).to(w.dtype)))
+                buf = self._squares.get(id(p))
+                if buf is not None and id(p) in self._fresh:
+                    self._small[id(p)] = torch.dot(buf.reshape(-1), w.reshape(-1).to(buf.dtype))
+        except _NoDivisor as e:
+            self.reason = str(e)
+            self._small = {}
+            return None
         return _param_sums(big)
 
     def small_sums(self, params: Sequence[nn.Parameter]) -> ParamSums | None:
@@ -194,6 +238,12 @@ class AdamPreconditioner:
         self._version = None
         self._unread = False
         self.reason = None
+
+    def stop(self, reason: str) -> None:
+        """Gather nothing from now on and free the buffers: the source in use does not use them."""
+        self.stopped = reason
+        self._squares = {}
+        self._small = {}
 
     def close(self) -> None:
         self._handle.remove()
@@ -215,13 +265,18 @@ class AdamPreconditioner:
         if id(param) not in self._group_of:  # a parameter group added since
             self._index_groups()
         group = self.optimizer.param_groups[self._group_of[id(param)]]
-        beta2, eps = group["betas"][1], group["eps"]
+        upcoming = optimizer_overrides.next_step_values(self.optimizer, group)  # a controller's keep_horizons
+        beta2, eps = upcoming.get("betas", group["betas"])[1], group["eps"]
         state = self.optimizer.state.get(param) or {}
+        if state and "exp_avg_sq" not in state:
+            raise _NoDivisor(_NOT_ADAM_STATE)
         g = grad.to(torch.promote_types(grad.dtype, torch.float32))
         if scale is not None:
             g = g / scale
-        decay = group.get("weight_decay", 0.0)
+        decay = upcoming.get("weight_decay", group.get("weight_decay", 0.0))
         if decay and not _decoupled(self.optimizer, group):  # Adam's L2 decay is part of the gradient it squares
+            if decay is optimizer_overrides.UNKNOWN:
+                raise _NoDivisor(_DECAY_UNKNOWN)
             g = g.add(param.detach(), alpha=decay)
         v = state.get("exp_avg_sq")
         v_t = g.square().mul_(1 - beta2) if v is None else torch.addcmul(v * beta2, g, g, value=1 - beta2)
@@ -232,8 +287,26 @@ class AdamPreconditioner:
             correction: float | torch.Tensor = 1 - beta2 ** (step + 1)
         else:
             correction = 1 - beta2 ** (float(step) + 1)
-        d = (v_t / correction).sqrt_().add_(eps)
+        if isinstance(self.optimizer, torch.optim.RAdam):
+            # RAdam divides by (sqrt(v) + eps) / sqrt(1 - beta2^t), and not at all while rho_t <= 5.
+            t = float(step) + 1
+            rho_inf = 2 / (1 - beta2) - 1
+            if rho_inf - 2 * t * beta2**t / (1 - beta2**t) <= 5:
+                raise _NoDivisor(_RADAM_UNRECTIFIED)
+            d = (v_t.sqrt_().add_(eps)) / math.sqrt(1 - beta2**t)
+        else:
+            d = (v_t / correction).sqrt_().add_(eps)
         return d.square_().reciprocal_()
+
+
+def missing_sums(n_params: int) -> ParamSums:
+    """What a collector reports for a step it cannot precondition (with the reason): NaN for every parameter.
+
+    Under data parallelism every rank must send the same number of values, and a NaN makes the sum over ranks NaN,
+    so the ranks that could precondition the step leave it out as non-finite (status ``"skipped"``) without having
+    to read a flag back from the device; the rank that could not says why (``"undefined"``).
+    """
+    return ParamSums([math.nan] * n_params)
 
 
 def _decoupled(optimizer: Any, group: dict[str, Any]) -> bool:

@@ -129,7 +129,11 @@ class SinkQueue:
             if events:
                 self._broadcast(events, source=i)
         companion = getattr(item, "companion_metrics", None)
-        values = companion() if method == "on_measurement" and companion is not None else None
+        try:
+            values = companion() if method == "on_measurement" and companion is not None else None
+        except Exception as e:  # pragma: no cover - a broken measurement must not stop the thread
+            warnings.warn(f"noisescale: could not read b_precond for the sinks: {e!r}", RuntimeWarning, stacklevel=1)
+            values = None
         if values:  # reported beside the measurement (b_precond): metrics of the same step, for every sink
             self._deliver(Metrics(step=item.step, examples=item.examples, wall_time=item.wall_time, values=values))
 

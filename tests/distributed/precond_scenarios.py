@@ -50,5 +50,32 @@ def _run(rank: int, world: int, source: str, micro: int) -> list[dict[str, Any]]
     return records
 
 
+def _one_rank_uneven(rank: int, world: int) -> str:
+    """Rank 1 splits its last step unevenly (it alone cannot precondition it): every rank must get an error, not
+    a collective of mismatched sizes."""
+    model = _ddp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = ns.GNSMonitor(model, source="microbatch", precondition=opt)
+    try:
+        for step in range(WARMUP_STEPS + 2):
+            x, y = make_batch(step, rank)
+            sizes = [4, 2] if rank == 1 and step == WARMUP_STEPS + 1 else [3, 3]
+            for j, (xj, yj) in enumerate(zip(x.split(sizes), y.split(sizes), strict=True)):
+                with contextlib.nullcontext() if j == len(sizes) - 1 else model.no_sync():
+                    F.cross_entropy(model(xj), yj, reduction="sum").backward()
+            monitor.step(batch_size=world * LOCAL, micro_batch_sizes=sizes)
+            opt.step()
+            opt.zero_grad()
+    except ns.NoiseScaleError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        monitor.close()
+    return "no error"
+
+
 def precond_worker(rank: int, world: int) -> dict[str, Any]:
-    return {"rank": _run(rank, world, "rank", 1), "microbatch": _run(rank, world, "microbatch", MICRO)}
+    return {
+        "rank": _run(rank, world, "rank", 1),
+        "microbatch": _run(rank, world, "microbatch", MICRO),
+        "uneven": _one_rank_uneven(rank, world),
+    }

@@ -66,3 +66,11 @@ def test_each_source_gives_the_reference_on_every_rank(runs, source, per_rank):
 def test_the_divisor_is_the_same_on_every_rank(runs):
     for name, d in runs[0]["rank"][-1]["d"].items():
         assert torch.equal(d, runs[1]["rank"][-1]["d"][name])
+
+
+def test_a_rank_that_cannot_precondition_a_step_gives_an_error_everywhere_not_a_broken_collective(runs):
+    # the rank's NaNs keep the gathered vectors the same length; the plain check then names the layout
+    assert [runs[r]["uneven"] for r in range(WORLD)] != ["no error"] * WORLD
+    assert all(
+        runs[r]["uneven"].startswith("StepError") and "small batches differ" in runs[r]["uneven"] for r in range(WORLD)
+    )

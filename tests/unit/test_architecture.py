@@ -21,6 +21,7 @@ PACKAGE = Path(noisescale.__file__).resolve().parent
 # Innermost first; each entry is a set of top-level names under noisescale/ (a module or a subpackage).
 LAYERS: list[set[str]] = [
     {"errors", "events", "stats", "device_index", "grad_norms", "types", "group_types", "version", "columns"},
+    {"optimizer_overrides"},
     {"distributed", "preconditioner"},
     {"collectors"},
     {"estimators"},

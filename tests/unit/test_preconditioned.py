@@ -59,6 +59,8 @@ def _adam_divisor(opt: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
     state = opt.state[p]
     beta2, eps, t = group["betas"][1], group["eps"], float(state["step"])
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    if isinstance(opt, torch.optim.RAdam):  # its adaptive term: sqrt(1 - beta2^t) / (sqrt(v) + eps)
+        return (v.sqrt() + eps) / math.sqrt(1 - beta2**t)
     return (v / (1 - beta2**t)).sqrt() + eps
 
 
@@ -294,3 +296,110 @@ def test_show_summarises_it(tmp_path):
     s = summarize(reader)
     assert s["b_precond"]["last"] == pytest.approx(last.b_precond, rel=1e-12) and s["b_precond"]["step"] == STEPS
     assert "B_precond " in text_summary(s, {})
+
+
+class _QuantisedStateAdam(torch.optim.Optimizer):
+    """An Adam that keeps its moments under other names (as 8-bit Adams do): there is no exp_avg_sq to read."""
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"], st["state1"], st["state2"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                st["state1"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["state2"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (st["state2"] / (1 - b2 ** st["step"])).sqrt() + group["eps"]
+                p.addcdiv_(st["state1"] / (1 - b1 ** st["step"]), denom, value=-group["lr"])
+
+
+def test_an_optimizer_without_adams_state_is_undefined_not_wrong():
+    model = _model()
+    opt = _QuantisedStateAdam(model.parameters())
+    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
+    for step in range(STEPS):
+        x, y = _batch(step)
+        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
+            (F.cross_entropy(model(xb), yb) / K).backward()
+        m = monitor.step(B)
+        opt.step()
+        opt.zero_grad()
+    assert m.status == "ok"
+    assert m.preconditioned.status == "undefined" and "no exp_avg_sq" in m.preconditioned.undefined_reason
+
+
+def test_keep_horizons_beta2_is_the_divisor_adam_uses():
+    # The controller sets beta2 = 0.999 ** (B / B0) only while optimizer.step() runs; the divisor must use it.
+    model = _model()
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    ctrl = ns.BatchSizeController(
+        "constant", batch_size=B, base_batch=B // 4, lr_rule="none", optimizer=opt, keep_horizons=("beta2",)
+    )
+    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
+    beta2 = 0.999**4
+    for step in range(STEPS):
+        x, y = _batch(step)
+        micro = []
+        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
+            micro.append(_share(model, xb, yb))
+            (F.cross_entropy(model(xb), yb) / K).backward()
+        grads = [p.grad.detach().clone() for p in params]
+        m = monitor.step(B)
+        ctrl.step(m)
+        opt.step()
+        opt.zero_grad()
+        assert opt.param_groups[0]["betas"][1] == 0.999  # the user's value is back after the step
+        t = float(opt.state[params[0]]["step"])
+        divisors = [(opt.state[p]["exp_avg_sq"] / (1 - beta2**t)).sqrt() + 1e-8 for p in params]
+        if step >= WARMUP_STEPS:
+            grad_sq, trace = _reference_raw(micro, grads, divisors)
+            assert math.isclose(m.preconditioned.grad_sq_raw, grad_sq, rel_tol=1e-9)
+            assert math.isclose(m.preconditioned.trace_cov_raw, trace, rel_tol=1e-9)
+    ctrl.close()
+
+
+def test_keep_horizons_with_coupled_decay_is_undefined():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    ctrl = ns.BatchSizeController(
+        "constant", batch_size=B, base_batch=B // 4, lr_rule="none", optimizer=opt, keep_horizons=("weight_decay",)
+    )
+    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
+    for step in range(STEPS):
+        x, y = _batch(step)
+        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
+            (F.cross_entropy(model(xb), yb) / K).backward()
+        m = monitor.step(B)
+        ctrl.step(m)
+        opt.step()
+        opt.zero_grad()
+    assert "weight decay" in m.preconditioned.undefined_reason
+    ctrl.close()
+
+
+def test_auto_settling_on_the_example_source_frees_the_buffers():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    monitor = ns.GNSMonitor(model, "auto", precondition=opt)
+    x, y = _batch(0)
+    for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):  # the first step has micro-batches: buffers filled
+        F.cross_entropy(model(xb), yb).backward()
+    monitor.step(B)
+    assert monitor.source == "microbatch" and monitor._pre.preconditioner.stopped is None
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    monitor = ns.GNSMonitor(model, "auto", precondition=opt)
+    F.cross_entropy(model(x), y).backward()
+    monitor.step(B)
+    pre = monitor._pre.preconditioner
+    assert monitor.source == "example" and pre.stopped is not None and pre._squares == {}

@@ -24,7 +24,7 @@ from noisescale.collectors.base import BackwardWatch, HookOwner, equal_split
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import StepError
 from noisescale.grad_norms import tensor_sq_norm
-from noisescale.preconditioner import AdamPreconditioner
+from noisescale.preconditioner import AdamPreconditioner, missing_sums
 from noisescale.stats import ParamSums, SmallBatchStats
 
 __all__ = ["MicrobatchCollector"]
@@ -118,17 +118,17 @@ class MicrobatchCollector(HookOwner):
         )
 
     def _preconditioned(self, sizes: list[int], weights: list[float]) -> tuple[ParamSums | None, str | None]:
-        """The preconditioned sums in the step's units, or why there are none."""
+        """The preconditioned sums in the step's units, or NaNs and why there are none (see ``missing_sums``)."""
         pre = self._pre
         if pre is None:
             return None, None
         if len(set(sizes)) > 1:  # the buffer sums the squares of all micro-batches with one weight
-            return None, (
+            return missing_sums(len(self.params)), (
                 f"the preconditioned noise scale needs micro-batches of equal size, got {sizes}: the squares of "
                 "their gradients are summed before Adam's divisor of the step is known"
             )
         sums = pre.small_sums([p for _, p in self.params])
-        return (None, pre.reason) if sums is None else (sums.scaled(weights[0]), None)
+        return (missing_sums(len(self.params)), pre.reason) if sums is None else (sums.scaled(weights[0]), None)
 
     def _summed(self, vals: list[float | torch.Tensor], weights: list[float]) -> ParamSums:
         """``sum_j (B / b_j)^2 |c_{j,p}|^2`` per parameter, from the squares gathered in ``_idx``'s order."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+import noisescale.optimizer_overrides as optimizer_overrides
 from noisescale.controllers.rules import HORIZONS, Horizon, horizon_beta, weight_decay_for
 from noisescale.errors import ConfigError
 
@@ -90,20 +91,41 @@ class OptimizerScaling:
         self.on_lr = on_lr
         self.lr_scale = 1.0
         self.ratio = 1.0
+        self.next_ratio = 1.0  # B / B0 of the step after the one ``ratio`` is for (the batch being trained now)
         self._saved: list[dict[str, Any]] | None = None
         self._running = False  # between a step's pre-hook and its post-hook
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
+        if "beta2" in self.keep or "weight_decay" in self.keep:
+            # Adam's preconditioned noise scale reads beta2 and the decay before the step that changes them.
+            optimizer_overrides.declare(optimizer, self._next_values)
 
-    def set(self, lr_scale: float, ratio: float) -> None:
+    def set(self, lr_scale: float, ratio: float, next_ratio: float | None = None) -> None:
         """Use ``lr_scale`` and the batch ratio ``B / B0`` from the next ``optimizer.step()`` on, or from now on
-        when called while a step runs (inside the closure of ``optimizer.step(closure)``)."""
+        when called while a step runs (inside the closure of ``optimizer.step(closure)``); ``next_ratio``: the
+        ratio of the batch after it (``ratio`` when ``None``), what the following step will most likely use."""
         self.lr_scale, self.ratio = float(lr_scale), float(ratio)
+        self.next_ratio = self.ratio if next_ratio is None else float(next_ratio)
         if self._saved is not None and self._running:
             self._restore()
             self._scale(self.optimizer)
+
+    def _next_values(self, group: Any) -> dict[str, Any]:
+        """What the step after the current decision will use in ``group`` (``optimizer_overrides``).
+
+        Between a step's decision and its ``optimizer.step()``, the gradient being accumulated is the next batch's,
+        whose ratio is ``next_ratio``.  The decay also depends on that step's learning-rate multiplier, decided
+        only after the gradient is measured.
+        """
+        out: dict[str, Any] = {}
+        betas = group.get("betas")
+        if "beta2" in self.keep and isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) for b in betas):
+            out["betas"] = (betas[0], horizon_beta(betas[1], self.next_ratio))
+        if "weight_decay" in self.keep and _real(group.get("weight_decay")) and group["weight_decay"] > 0:
+            out["weight_decay"] = optimizer_overrides.UNKNOWN
+        return out
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._restore()  # a step that raised last time left its values in place
@@ -154,3 +176,4 @@ class OptimizerScaling:
         for h in self._handles:
             h.remove()
         self._handles = []
+        optimizer_overrides.withdraw(self.optimizer, self._next_values)

@@ -290,7 +290,9 @@ class BatchSizeController:
     def _apply(self, scale: float, gradient_batch: int, *, next_batch: int | None = None) -> None:
         self._lr_scale = scale
         if self._scaling is not None:
-            self._scaling.set(scale, gradient_batch / self.config.reference_batch)
+            ref = self.config.reference_batch
+            upcoming = gradient_batch if next_batch is None else next_batch
+            self._scaling.set(scale, gradient_batch / ref, upcoming / ref)
         if self.sampler is not None:
             self.sampler.batch_size = gradient_batch if next_batch is None else next_batch
 
