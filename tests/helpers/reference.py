@@ -91,26 +91,29 @@ def torch_func_sq_norms(
     inputs: dict[str, torch.Tensor],
     loss_of: Callable[[object], torch.Tensor] = lambda out: out.loss,  # type: ignore[attr-defined]
 ) -> dict[str, torch.Tensor]:
-    """Each example's share of the batch loss's squared gradient norm, per parameter, from ``torch.func``.
+    """Each example's share of the batch loss's squared gradient norm, per parameter, one example at a time.
 
     ``inputs`` are keyword arguments of ``model`` whose first dimension is the batch; ``loss_of(output)`` is the
     example's mean loss (a Hugging Face model's ``.loss``).  The batch loss is the mean over examples (equal
-    numbers of tokens), so example ``i``'s share of ``p.grad`` is its gradient divided by ``B``.
+    numbers of tokens), so example ``i``'s share of ``p.grad`` is its gradient divided by ``B``.  Each example runs
+    alone through ``torch.func.functional_call`` on detached copies of the parameters (no hook of the model sees
+    it), in a plain loop: models whose forward branches on the data (Hugging Face's packed-sequence check) cannot
+    run under ``vmap``.
 
     Returns:
         ``{param_name: (B,) float64}`` for every trainable parameter.
     """
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call
 
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
-    names = list(inputs)
     b = next(iter(inputs.values())).shape[0]
-
-    def loss_of_one(p: dict[str, torch.Tensor], *one: torch.Tensor) -> torch.Tensor:
-        kwargs = {n: t[None] for n, t in zip(names, one)}
-        return loss_of(functional_call(model, ({**p, **frozen}, buffers), args=(), kwargs=kwargs))
-
-    per_example = vmap(grad(loss_of_one), in_dims=(None, *([0] * len(names))))(params, *inputs.values())
-    return {n: g.reshape(b, -1).to(torch.float64).square().sum(1) / b**2 for n, g in per_example.items()}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(b):
+        params = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
+        kwargs = {n: t[i : i + 1] for n, t in inputs.items()}
+        loss = loss_of(functional_call(model, ({**params, **frozen}, buffers), args=(), kwargs=kwargs))
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads, strict=True):
+            rows[n].append(torch.zeros((), dtype=torch.float64) if g is None else g.to(torch.float64).square().sum())
+    return {n: torch.stack(v) / b**2 for n, v in rows.items()}
