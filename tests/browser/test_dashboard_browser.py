@@ -27,12 +27,13 @@ def site(tmp_path_factory):
     done = train_run(root, name="done", steps=40)
     # Run names cannot hold markup through `Run`, but a file can be edited: the page must still show text.
     evil = train_run(root, name="evil", steps=6, events=False)
+    adam = train_run(root, name="adam", steps=30, events=False, adam=True)
     with sqlite3.connect(evil) as conn:
         conn.execute("UPDATE run SET name = ?", (EVIL_NAME,))
     live = LiveTraining(root, name="live", delay=0.03).start()
     live.wait_for_step(5)
     with DashboardServer(root, port=0, poll_interval=0.2).start() as server:
-        yield {"server": server, "done": done, "live": live, "root": root}
+        yield {"server": server, "done": done, "live": live, "root": root, "adam": adam}
     live.stop()
 
 
@@ -57,9 +58,9 @@ def _open_run(p, server, run_id: str) -> None:
 def test_runs_list_and_charts_draw(site, page):
     server = site["server"]
     page.page.goto(server.url)
-    page.page.wait_for_selector("[data-testid=run-row] >> nth=2")
+    page.page.wait_for_selector("[data-testid=run-row] >> nth=3")
     names = page.page.locator("[data-testid=run-name] a").all_text_contents()
-    assert sorted(names) == sorted(["done", "live", EVIL_NAME])  # a name with markup, shown as text
+    assert sorted(names) == sorted(["adam", "done", "live", EVIL_NAME])  # a name with markup, shown as text
     assert page.page.evaluate("typeof window.__pwned") == "undefined"
     page.shot("runs-list")
     page.page.get_by_role("link", name="done", exact=True).click()
@@ -184,3 +185,30 @@ def test_a_token_guarded_dashboard_works_from_its_printed_address(site, page):
         p.wait_for_selector("[data-testid=chart-noise] canvas")
         page.errors = [e for e in page.errors if "401" not in e]  # the first, token-less visit
         assert page.errors == []
+
+
+def _legend(p, testid: str) -> list[str]:
+    return p.eval_on_selector_all(
+        f"[data-testid={testid}] .u-legend .u-series th", "ths => ths.map(t => t.textContent)"
+    )
+
+
+def test_adams_noise_scale_is_drawn_with_b_simple_and_the_x_axis_switches(site, page):
+    server = site["server"]
+    _open_run(page, server, site["adam"].stem)
+    p = page.page
+    legend = _legend(p, "chart-noise")
+    assert any("B_precond" in t for t in legend), legend
+    titles = p.eval_on_selector_all("[data-testid=metric-charts] h3", "hs => hs.map(h => h.textContent)")
+    assert not [t for t in titles if t.startswith("b_precond")], titles  # not four small charts of its own
+    drawn = p.evaluate(
+        "() => { const u = [...document.querySelectorAll('[data-testid=chart-noise] .u-legend .u-series th')];"
+        " return u.length; }"
+    )
+    assert drawn >= 9  # x, B_simple and band, batch, lr, B_precond and band
+    page.shot("run-adam")
+    for axis in ("step", "wall_time", "examples"):
+        p.get_by_test_id("x-axis").select_option(axis)
+        p.wait_for_selector("[data-testid=chart-noise] canvas")
+        assert any("B_precond" in t for t in _legend(p, "chart-noise"))
+    assert page.errors == []

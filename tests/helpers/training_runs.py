@@ -44,16 +44,24 @@ def controller_data(before: int, after: int) -> dict[str, Any]:
 
 
 class TinyTraining:
-    """A seeded MLP on synthetic data, measured by ``GNSMonitor`` and recorded into ``run``."""
+    """A seeded MLP on synthetic data, measured by ``GNSMonitor`` and recorded into ``run``.
 
-    def __init__(self, run: Run, *, seed: int = 0, batch_size: int = 16) -> None:
+    ``adam``: trained with Adam in two micro-batches a step, Adam's preconditioned noise scale measured too.
+    """
+
+    def __init__(self, run: Run, *, seed: int = 0, batch_size: int = 16, adam: bool = False) -> None:
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.x = torch.randn(512, 6, generator=g)
         self.y = (self.x[:, 0] + 0.5 * self.x[:, 1] > 0).long() + (self.x[:, 2] > 1).long()
         self.model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
-        self.monitor = GNSMonitor(self.model, run=run)
+        self.adam = adam
+        if adam:
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(self.model.parameters(), lr=0.01)
+            self.monitor = GNSMonitor(self.model, "microbatch", run=run, precondition=self.opt)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+            self.monitor = GNSMonitor(self.model, run=run)
         self.run = run
         self.batch_size = batch_size
         self.step = 0
@@ -64,7 +72,11 @@ class TinyTraining:
         idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.g)
         out = self.model(self.x[idx])
         loss = nn.functional.cross_entropy(out, self.y[idx])
-        loss.backward()
+        if self.adam:  # the same mean loss, from two micro-batches
+            for half in idx.chunk(2):
+                (nn.functional.cross_entropy(self.model(self.x[half]), self.y[half]) / 2).backward()
+        else:
+            loss.backward()
         self.monitor.step(batch_size=self.batch_size)
         lr = self.opt.param_groups[0]["lr"]
         acc = (out.argmax(1) == self.y[idx]).float().mean()
@@ -76,11 +88,13 @@ class TinyTraining:
         self.monitor.close()
 
 
-def train_run(dir: Path, *, name: str = "tiny", steps: int = 40, seed: int = 0, events: bool = True) -> Path:
-    """Train ``steps`` steps into a new finished run in ``dir``; returns its file."""
+def train_run(
+    dir: Path, *, name: str = "tiny", steps: int = 40, seed: int = 0, events: bool = True, adam: bool = False
+) -> Path:
+    """Train ``steps`` steps into a new finished run in ``dir``; returns its file (``adam``: see ``TinyTraining``)."""
     config = {"lr": 0.1, "batch_size": 16, "seed": seed, "note": MARKUP, "nested": {"depth": [1, 2]}}
     with Run(name, dir=dir, config=config, flush_interval=0.05) as run:
-        t = TinyTraining(run, seed=seed)
+        t = TinyTraining(run, seed=seed, adam=adam)
         for _ in range(steps):
             t.train_step()
             if events and t.step == steps // 4:

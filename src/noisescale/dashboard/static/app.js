@@ -8,6 +8,8 @@
   const POINTS = 1000; // points per series asked from the server (it keeps each bucket's min and max)
   const NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "batch_size"];
   const GRAD_COLUMNS = ["grad_sq", "trace_cov"];
+  // Adam's preconditioned noise scale (GNSMonitor(precondition=)), stored as metrics: drawn with B_simple.
+  const PRECOND = ["b_precond", "b_precond_low", "b_precond_high"];
   const MEASUREMENT_FIELDS = [
     "b_simple", "b_simple_low", "b_simple_high", "b_simple_raw", "grad_sq", "trace_cov", "grad_sq_raw",
     "trace_cov_raw", "batch_size", "coverage", "skipped_steps",
@@ -359,7 +361,7 @@
     xSelect.value = xKey;
     xSelect.addEventListener("change", () => {
       xKey = xSelect.value;
-      for (const c of Object.values(charts)) c.destroy();
+      for (const k of ["noise", "loss", "grad"]) if (charts[k]) charts[k].destroy();  // charts holds more than charts
       draw();
     });
     const box = (testid) => el("div", { class: "chart", testid: testid });
@@ -398,14 +400,22 @@
       el("table", { class: "config", testid: "config" }, configBody)));
 
     const charts = {};
+    let noiseHasPre = false; // whether the noise chart was built with b_precond's series
     const markers = (u) => drawMarkers(u, state.events, xKey);
 
     function noiseChart() {
       const base = table(state.meas, xKey, NOISE_COLUMNS, positive);
       const lr = state.metrics.lr ? table(state.metrics.lr, xKey, ["value"], finite) : [[], []];
-      const data = joined([base, lr]);
+      const pre = PRECOND.map((k) => (state.metrics[k] ? table(state.metrics[k], xKey, ["value"], positive) : [[], []]));
+      const data = joined([base, lr, ...pre]);
       const hasLr = lr[0].length > 0;
+      const hasPre = pre[0][0].length > 0;
+      if (charts.noise && noiseHasPre !== hasPre) {  // b_precond appeared: its series are drawn from now on
+        charts.noise.destroy();
+        charts.noise = null;
+      }
       if (!charts.noise) {
+        noiseHasPre = hasPre;
         charts.noise = makeChart(noiseBox, {
           height: 280,
           uplot: {
@@ -417,8 +427,11 @@
               { label: "band high", stroke: "rgba(192,57,43,0.35)", width: 1, spanGaps: true, value: (u, v) => fmt(v) },
               { label: "batch size", stroke: COLORS[1], width: 2, paths: uPlot.paths.stepped({ align: 1 }), spanGaps: true, value: (u, v) => fmt(v) },
               { label: "lr", stroke: COLORS[3], width: 1.5, scale: "lr", spanGaps: true, show: hasLr, value: (u, v) => fmt(v) },
+              { label: "B_precond", stroke: COLORS[4], width: 2, dash: [6, 3], spanGaps: true, show: hasPre, value: (u, v) => fmt(v) },
+              { label: "precond low", stroke: "rgba(125,60,152,0.35)", width: 1, spanGaps: true, show: hasPre, value: (u, v) => fmt(v) },
+              { label: "precond high", stroke: "rgba(125,60,152,0.35)", width: 1, spanGaps: true, show: hasPre, value: (u, v) => fmt(v) },
             ],
-            bands: [{ series: [3, 2], fill: "rgba(192,57,43,0.12)" }],
+            bands: [{ series: [3, 2], fill: "rgba(192,57,43,0.12)" }, { series: [8, 7], fill: "rgba(125,60,152,0.10)" }],
             axes: [
               { values: xKey === "wall_time" ? undefined : (u, vs) => vs.map(fmt) },
               { scale: "y", label: "examples", values: (u, vs) => vs.map(fmt) },
@@ -465,7 +478,9 @@
       ]);
       lossCap.setAttribute("data-points", String(data[0].length));
       // One small chart per other metric (lr is drawn with B_simple above).
-      const others = Object.keys(state.metrics).filter((k) => !["loss", "val_loss", "lr"].includes(k)).slice(0, 12);
+      const others = Object.keys(state.metrics)
+        .filter((k) => !["loss", "val_loss", "lr"].includes(k) && !k.startsWith("b_precond"))
+        .slice(0, 12);
       charts.metrics = charts.metrics || {};
       for (const k of others) {
         if (!charts.metrics[k]) {
