@@ -39,7 +39,7 @@ from noisescale.collectors.example_plan import LeftOut, RuleLayer, Scope, plan_e
 from noisescale.collectors.rules.linear import GramCache, use_gram_cache
 from noisescale.collectors.rules.registry import ForwardCheck, LayerHooks, NormRule, TiedWeights
 from noisescale.collectors.rules.sketch import Sketch, use_sketch
-from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs
+from noisescale.collectors.saved_inputs import Held, SavedInputs, keep_inputs
 from noisescale.device_index import DeviceIndex
 from noisescale.errors import FALLBACK_HINT, StepError, UnsupportedLayerError
 from noisescale.grad_norms import dense_values
@@ -222,7 +222,7 @@ class ExampleCollector(HookOwner):
     def _on_leaf_grad(
         self,
         module: nn.Module,
-        inputs: tuple[object, ...] | SavedInputs,
+        inputs: Held,
         lead: tuple[int, ...] | None,
         grad: torch.Tensor,
     ) -> None:
@@ -231,7 +231,7 @@ class ExampleCollector(HookOwner):
     def _on_node_grad(
         self,
         module: nn.Module,
-        inputs: tuple[object, ...] | SavedInputs,
+        held: Held,
         lead: tuple[int, ...] | None,
         nr: int,
         shape: torch.Size | None,
@@ -240,9 +240,11 @@ class ExampleCollector(HookOwner):
         grad = grad_outputs[nr]
         if grad is None or not self.enabled or module in self._dropped:
             return
+        kept = held.take()
+        if kept is None:  # pragma: no cover - autograd refuses a second pass through a graph it did not keep
+            return
         self.watch.touch()
-        if isinstance(inputs, SavedInputs):
-            inputs = inputs.unpack()
+        inputs = kept.unpack() if isinstance(kept, SavedInputs) else kept
         if shape is not None:
             grad = grad.reshape(shape)
         if torch.is_grad_enabled():  # backward(create_graph=True): keep the statistics out of the graph

@@ -41,7 +41,7 @@ from noisescale.collectors.attention.dispatch import ProductSpy, storage_address
 from noisescale.collectors.attention.graph import walk_products
 from noisescale.collectors.rules.linear import sequence_linear_sq_norms
 from noisescale.collectors.rules.registry import register_layer_hooks
-from noisescale.collectors.saved_inputs import SavedInputs, keep_inputs, saved_tensor_hooks_active
+from noisescale.collectors.saved_inputs import Held, SavedInputs, keep_inputs, saved_tensor_hooks_active
 from noisescale.errors import FALLBACK_HINT, UnsupportedLayerError
 
 __all__ = ["AttentionProjections", "attention_param_names", "unsupported_attention"]
@@ -176,12 +176,15 @@ class AttentionProjections:
         call: _Call,
         weight: str,
         bias: str | None,
-        kept: tuple[object, ...] | SavedInputs,
+        held: Held,
         count_examples: bool,
         grad_outputs: tuple[torch.Tensor | None, ...],
     ) -> None:
         grad = grad_outputs[0]  # a product node has one output
         if grad is None:
+            return
+        kept = held.take()
+        if kept is None:  # pragma: no cover - autograd refuses a second pass through a graph it did not keep
             return
         (x,) = kept.unpack() if isinstance(kept, SavedInputs) else kept
         assert isinstance(x, torch.Tensor)
