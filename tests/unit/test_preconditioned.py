@@ -54,10 +54,12 @@ def _share(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Ten
     return list(torch.autograd.grad(loss, list(copies.values())))
 
 
-def _adam_divisor(opt: torch.optim.Optimizer, p: nn.Parameter) -> torch.Tensor:
+def _adam_divisor(opt: torch.optim.Optimizer, p: nn.Parameter, beta2: float | None = None) -> torch.Tensor:
+    """Adam's divisor of the step just taken, from its state (``beta2``: the one the step used, if not the group's)."""
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     state = opt.state[p]
-    beta2, eps, t = group["betas"][1], group["eps"], float(state["step"])
+    beta2 = group["betas"][1] if beta2 is None else beta2
+    eps, t = group["eps"], float(state["step"])
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
     if isinstance(opt, torch.optim.RAdam):  # its adaptive term: sqrt(1 - beta2^t) / (sqrt(v) + eps)
         return (v.sqrt() + eps) / math.sqrt(1 - beta2**t)
@@ -75,10 +77,22 @@ def _reference_raw(micro: list[list[torch.Tensor]], grads: list[torch.Tensor], d
     return grad_sq, trace
 
 
-def _train(opt_name: str, steps: int = STEPS, **monitor_kwargs):
+def _train(
+    opt_name: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    steps: int = STEPS,
+    *,
+    between: Callable[[ns.Measurement], object] | None = None,
+    beta2: float | None = None,
+    **monitor_kwargs,
+):
+    """``steps`` steps of ``K`` micro-batches: each step's measurement, micro-batch shares, gradient and divisors.
+
+    ``between`` runs after ``monitor.step()`` and before ``optimizer.step()`` (a controller); ``beta2`` is the one
+    the optimizer's steps use when it is not the group's.
+    """
     model = _model()
     params = list(model.parameters())
-    opt = OPTIMIZERS[opt_name](params)
+    opt = (OPTIMIZERS[opt_name] if isinstance(opt_name, str) else opt_name)(params)
     monitor = ns.GNSMonitor(model, "microbatch", precondition=opt, **monitor_kwargs)
     out = []
     for step in range(steps):
@@ -89,9 +103,11 @@ def _train(opt_name: str, steps: int = STEPS, **monitor_kwargs):
             (F.cross_entropy(model(xb), yb) / K).backward()
         grads = [p.grad.detach().clone() for p in params]
         m = monitor.step(B)
+        if between is not None:
+            between(m)
         opt.step()
         opt.zero_grad()
-        out.append((m, micro, grads, [_adam_divisor(opt, p) for p in params]))
+        out.append((m, micro, grads, [_adam_divisor(opt, p, beta2) for p in params]))
     monitor.close()
     return out
 
@@ -338,33 +354,24 @@ def test_an_optimizer_without_adams_state_is_undefined_not_wrong():
 
 def test_keep_horizons_beta2_is_the_divisor_adam_uses():
     # The controller sets beta2 = 0.999 ** (B / B0) only while optimizer.step() runs; the divisor must use it.
-    model = _model()
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=1e-2)
-    ctrl = ns.BatchSizeController(
-        "constant", batch_size=B, base_batch=B // 4, lr_rule="none", optimizer=opt, keep_horizons=("beta2",)
-    )
-    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
-    beta2 = 0.999**4
-    for step in range(STEPS):
-        x, y = _batch(step)
-        micro = []
-        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
-            micro.append(_share(model, xb, yb))
-            (F.cross_entropy(model(xb), yb) / K).backward()
-        grads = [p.grad.detach().clone() for p in params]
-        m = monitor.step(B)
-        ctrl.step(m)
-        opt.step()
-        opt.zero_grad()
-        assert opt.param_groups[0]["betas"][1] == 0.999  # the user's value is back after the step
-        t = float(opt.state[params[0]]["step"])
-        divisors = [(opt.state[p]["exp_avg_sq"] / (1 - beta2**t)).sqrt() + 1e-8 for p in params]
-        if step >= WARMUP_STEPS:
-            grad_sq, trace = _reference_raw(micro, grads, divisors)
-            assert math.isclose(m.preconditioned.grad_sq_raw, grad_sq, rel_tol=1e-9)
-            assert math.isclose(m.preconditioned.trace_cov_raw, trace, rel_tol=1e-9)
-    ctrl.close()
+    controllers = []
+
+    def adam_with_controller(params):
+        opt = torch.optim.Adam(params, lr=1e-2)
+        controllers.append(
+            ns.BatchSizeController(
+                "constant", batch_size=B, base_batch=B // 4, lr_rule="none", optimizer=opt, keep_horizons=("beta2",)
+            )
+        )
+        return opt
+
+    records = _train(adam_with_controller, between=lambda m: controllers[0].step(m), beta2=0.999**4)
+    assert controllers[0].optimizer.param_groups[0]["betas"][1] == 0.999  # the user's value is back after steps
+    for m, micro, grads, divisors in records[WARMUP_STEPS:]:
+        grad_sq, trace = _reference_raw(micro, grads, divisors)
+        assert math.isclose(m.preconditioned.grad_sq_raw, grad_sq, rel_tol=1e-9)
+        assert math.isclose(m.preconditioned.trace_cov_raw, trace, rel_tol=1e-9)
+    controllers[0].close()
 
 
 def test_keep_horizons_with_coupled_decay_is_undefined():
