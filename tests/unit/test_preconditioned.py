@@ -279,19 +279,27 @@ def test_unmeasured_steps_carry_the_last_preconditioned_value():
     assert unmeasured.b_precond == measured.b_precond and unmeasured.b_precond_raw is None
 
 
+def _run(model, opt, monitor, steps: int = STEPS, between=None) -> ns.Measurement:
+    """``steps`` plain steps of ``K`` micro-batches; the last measurement."""
+    for step in range(steps):
+        x, y = _batch(step)
+        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
+            (F.cross_entropy(model(xb), yb) / K).backward()
+        m = monitor.step(B)
+        if between is not None:
+            between(m)
+        opt.step()
+        opt.zero_grad()
+    return m
+
+
 def _recorded(tmp_path) -> tuple[ns.Measurement, RunReader]:
     """``STEPS`` steps with Adam into a run store: the last measurement and the run read back."""
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with ns.Run("precond", dir=tmp_path) as run:
         monitor = ns.GNSMonitor(model, "microbatch", precondition=opt, run=run)
-        for step in range(STEPS):
-            x, y = _batch(step)
-            for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
-                (F.cross_entropy(model(xb), yb) / K).backward()
-            last = monitor.step(B)
-            opt.step()
-            opt.zero_grad()
+        last = _run(model, opt, monitor)
         monitor.close()
     return last, RunReader(run.path)
 
@@ -340,14 +348,7 @@ class _QuantisedStateAdam(torch.optim.Optimizer):
 def test_an_optimizer_without_adams_state_is_undefined_not_wrong():
     model = _model()
     opt = _QuantisedStateAdam(model.parameters())
-    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
-    for step in range(STEPS):
-        x, y = _batch(step)
-        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
-            (F.cross_entropy(model(xb), yb) / K).backward()
-        m = monitor.step(B)
-        opt.step()
-        opt.zero_grad()
+    m = _run(model, opt, ns.GNSMonitor(model, "microbatch", precondition=opt))
     assert m.status == "ok"
     assert m.preconditioned.status == "undefined" and "no exp_avg_sq" in m.preconditioned.undefined_reason
 
@@ -380,15 +381,7 @@ def test_keep_horizons_with_coupled_decay_is_undefined():
     ctrl = ns.BatchSizeController(
         "constant", batch_size=B, base_batch=B // 4, lr_rule="none", optimizer=opt, keep_horizons=("weight_decay",)
     )
-    monitor = ns.GNSMonitor(model, "microbatch", precondition=opt)
-    for step in range(STEPS):
-        x, y = _batch(step)
-        for xb, yb in zip(x.chunk(K), y.chunk(K), strict=True):
-            (F.cross_entropy(model(xb), yb) / K).backward()
-        m = monitor.step(B)
-        ctrl.step(m)
-        opt.step()
-        opt.zero_grad()
+    m = _run(model, opt, ns.GNSMonitor(model, "microbatch", precondition=opt), between=ctrl.step)
     assert "weight decay" in m.preconditioned.undefined_reason
     ctrl.close()
 
