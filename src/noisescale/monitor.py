@@ -539,10 +539,9 @@ class GNSMonitor:
 
         Both the hooks and the big batch read the gradients before ``unscale_()`` can run, so both are scaled.
         """
-        scaler = self.scaler
-        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+        scale = self._loss_scale()
+        if scale is None:
             return sums
-        scale = scaler._scale
         if sums.on_host:  # host path: the scale is on the host as well
             return sums.scaled(1.0 / float(scale.item()) ** 2)
         return sums.scaled(scale.to(device=sums.device, dtype=torch.float64).reciprocal().square())

@@ -30,7 +30,7 @@ reported (their values would dominate the smoothing for many half-lives).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,10 +80,6 @@ _UNSUPPORTED = (
 
 class _NoDivisor(Exception):
     """This step's divisor cannot be known; the message says why."""
-
-
-Scale = Callable[[], "float | torch.Tensor | None"]
-"""The loss scale the gradients carry (a ``GradScaler``'s), or ``None``."""
 
 
 def warming_up(steps: int) -> str:
@@ -223,12 +219,13 @@ class AdamPreconditioner:
             return None
         return _param_sums(big)
 
-    def small_sums(self, params: Sequence[nn.Parameter]) -> ParamSums | None:
-        """``sum_j |c_{j,p} / d_p|^2`` per parameter from the last ``read`` (``None`` with ``reason``)."""
+    def small_sums(self, params: Sequence[nn.Parameter]) -> ParamSums:
+        """``sum_j |c_{j,p} / d_p|^2`` per parameter from the last ``read``; ``missing_sums`` when ``reason`` says
+        why this step has none."""
         if self.reason is None and self._unread:
             self.reason = _UNREAD
         if self.reason is not None:
-            return None
+            return missing_sums(len(params))
         return _param_sums([self._small.get(id(p)) for p in params])
 
     def reset(self) -> None:
@@ -283,17 +280,15 @@ class AdamPreconditioner:
         if group.get("amsgrad") and "max_exp_avg_sq" in state:
             v_t = torch.maximum(v_t, state["max_exp_avg_sq"])
         step = state.get("step", 0)
-        if isinstance(step, torch.Tensor) and step.device.type != "cpu":  # capturable / fused: no host read
-            correction: float | torch.Tensor = 1 - beta2 ** (step + 1)
-        else:
-            correction = 1 - beta2 ** (float(step) + 1)
+        # this step's count; a tensor on the device (capturable, fused) stays there: no host read
+        t = step + 1 if isinstance(step, torch.Tensor) and step.device.type != "cpu" else float(step) + 1
+        correction = 1 - beta2**t
         if isinstance(self.optimizer, torch.optim.RAdam):
             # RAdam divides by (sqrt(v) + eps) / sqrt(1 - beta2^t), and not at all while rho_t <= 5.
-            t = float(step) + 1
             rho_inf = 2 / (1 - beta2) - 1
-            if rho_inf - 2 * t * beta2**t / (1 - beta2**t) <= 5:
+            if rho_inf - 2 * float(t) * beta2 ** float(t) / float(correction) <= 5:
                 raise _NoDivisor(_RADAM_UNRECTIFIED)
-            d = (v_t.sqrt_().add_(eps)) / math.sqrt(1 - beta2**t)
+            d = v_t.sqrt_().add_(eps) / correction**0.5
         else:
             d = (v_t / correction).sqrt_().add_(eps)
         return d.square_().reciprocal_()

@@ -93,7 +93,7 @@ class SmallBatchStats:
             are both the step's batch size.
         in_flight: the sum of ``small_sq_sum`` over the ranks, already launched by the collector, if any.
         preconditioned: with a preconditioner (``noisescale.preconditioner``), ``sum_j |D^-1 G_{j,p}|^2`` in the
-            same units; ``None`` without one, or when it could not be applied (``preconditioned_reason``).
+            same units (NaN where it could not be applied: ``preconditioned_reason``); ``None`` without one.
         preconditioned_reason: why ``preconditioned`` is missing although a preconditioner was given.
     """
 

@@ -118,7 +118,7 @@ class MicrobatchCollector(HookOwner):
         )
 
     def _preconditioned(self, sizes: list[int], weights: list[float]) -> tuple[ParamSums | None, str | None]:
-        """The preconditioned sums in the step's units, or NaNs and why there are none (see ``missing_sums``)."""
+        """The preconditioned sums in the step's units, or NaNs and why there are none (``missing_sums``)."""
         pre = self._pre
         if pre is None:
             return None, None
@@ -128,7 +128,7 @@ class MicrobatchCollector(HookOwner):
                 "their gradients are summed before Adam's divisor of the step is known"
             )
         sums = pre.small_sums([p for _, p in self.params])
-        return (missing_sums(len(self.params)), pre.reason) if sums is None else (sums.scaled(weights[0]), None)
+        return sums.scaled(weights[0]), pre.reason
 
     def _summed(self, vals: list[float | torch.Tensor], weights: list[float]) -> ParamSums:
         """``sum_j (B / b_j)^2 |c_{j,p}|^2`` per parameter, from the squares gathered in ``_idx``'s order."""

@@ -26,7 +26,7 @@ from noisescale.device_index import DeviceIndex
 from noisescale.distributed import CommHook, DataParallelSync, ddp_ignored_parameter_names, is_ddp, register_comm_hook
 from noisescale.errors import FALLBACK_HINT, ConfigError, StepError
 from noisescale.grad_norms import tensor_sq_norm
-from noisescale.preconditioner import AdamPreconditioner, missing_sums
+from noisescale.preconditioner import AdamPreconditioner
 from noisescale.stats import ParamSums, PendingSum, SmallBatchStats
 
 __all__ = ["RankCollector"]
@@ -156,11 +156,8 @@ class RankCollector(HookOwner):
             )
         sums = self._sums if self._sums is not None else self._local_sums()
         pre = self._pre
-        preconditioned = None
-        if pre is not None:  # with a reason when missing: NaNs, so every rank sends as many values
-            preconditioned = pre.small_sums([p for _, p in self.params])
-            if preconditioned is None:
-                preconditioned = missing_sums(len(self.params))
+        # NaNs with a reason when missing (``missing_sums``): every rank sends as many values.
+        preconditioned = pre.small_sums([p for _, p in self.params]) if pre is not None else None
         return SmallBatchStats(
             small_sq_sum=ParamSums(sums),
             n_small=1,
