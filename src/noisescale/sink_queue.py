@@ -24,7 +24,7 @@ from noisescale.sink import BaseSink, CallbackSink, Sink, is_sink
 if TYPE_CHECKING:
     from noisescale.types import Measurement
 
-__all__ = ["SinkQueue", "monitor_sinks"]
+__all__ = ["SinkQueue", "check_sinks", "monitor_sinks"]
 
 _STOP = object()
 
@@ -179,11 +179,8 @@ class _LogMeasurementSink(BaseSink):
         return repr(self.run)
 
 
-def monitor_sinks(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measurement], object]], run: Any) -> SinkQueue:
-    """A monitor's sinks, checked, in one queue.
-
-    ``sinks=`` are closed with the monitor, then come ``callbacks=``, then ``run=``, which its owner closes.
-    """
+def check_sinks(sinks: object, callbacks: Sequence[object]) -> None:
+    """Raise ``ConfigError`` unless ``sinks`` is a list of sinks and every callback is callable."""
     if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence):
         raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(sinks).__name__}")
     for s in sinks:
@@ -195,6 +192,14 @@ def monitor_sinks(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measureme
     for cb in callbacks:
         if not callable(cb):
             raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
+
+
+def monitor_sinks(sinks: Sequence[Sink], callbacks: Sequence[Callable[[Measurement], object]], run: Any) -> SinkQueue:
+    """A monitor's sinks, checked, in one queue.
+
+    ``sinks=`` are closed with the monitor, then come ``callbacks=``, then ``run=``, which its owner closes.
+    """
+    check_sinks(sinks, callbacks)
     all_sinks: list[Sink] = [*sinks, *(CallbackSink(cb) for cb in callbacks)]
     owned = [True] * len(all_sinks)
     if run is not None:

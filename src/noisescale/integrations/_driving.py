@@ -63,7 +63,7 @@ def fixed_batch(controller: BatchSizeController) -> bool:
     return grid.low == grid.high or controller.config.policy == "constant"
 
 
-def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def innermost_optimizer(optimizer: Any, needed_by: str = "the controller scales") -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``, ...).
 
     Raises:
@@ -76,7 +76,7 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             break
         seen = inner
     if not isinstance(seen, torch.optim.Optimizer):
-        raise ConfigError(f"the controller scales a torch.optim.Optimizer, the trainer has {type(optimizer).__name__}")
+        raise ConfigError(f"{needed_by} a torch.optim.Optimizer, the trainer has {type(optimizer).__name__}")
     return seen
 
 

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from noisescale.errors import ConfigError
+from noisescale.integrations._driving import innermost_optimizer
 from noisescale.monitor import GNSMonitor
-from noisescale.sink import Sink, is_sink
+from noisescale.sink import Sink
+from noisescale.sink_queue import check_sinks
 from noisescale.source_choice import SOURCES, Source
 from noisescale.types import Measurement
 
@@ -47,17 +49,7 @@ class MonitorOptions:
         """
         if self.source not in SOURCES:
             raise ConfigError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
-        if isinstance(self.sinks, (str, bytes)) or not isinstance(self.sinks, Sequence):
-            raise ConfigError(f"sinks must be a list of sinks, e.g. sinks=[run], got {type(self.sinks).__name__}")
-        for s in self.sinks:
-            if not is_sink(s):
-                raise ConfigError(
-                    f"{type(s).__name__} is not a sink: a sink needs on_measurement, on_metrics, on_event, flush and "
-                    "close methods (subclass noisescale.sink.BaseSink and override what you need)"
-                )
-        for cb in self.callbacks:
-            if not callable(cb):
-                raise ConfigError(f"callbacks must be functions of a Measurement, got {type(cb).__name__}")
+        check_sinks(self.sinks, self.callbacks)
         # The rank source needs a DDP model, which does not exist yet: the probe checks the other options.
         probe_source: Source = "auto" if self.source == "rank" else self.source
         probe_model = nn.Linear(1, 1)
@@ -100,19 +92,8 @@ class MonitorOptions:
             "scaler": scaler,
         }
         if self.precondition:
-            kwargs["precondition"] = _adam_inside(optimizer)
+            if optimizer is None:
+                raise ConfigError("precondition=True reads the trainer's optimizer, and the trainer passed none")
+            kwargs["precondition"] = innermost_optimizer(optimizer, "precondition=True reads")
         kwargs.update(overrides)
         return GNSMonitor(model, **kwargs)
-
-
-def _adam_inside(optimizer: Any) -> Any:
-    """The torch optimizer inside a framework's wrappers, for ``precondition=``."""
-    if optimizer is None:
-        raise ConfigError("precondition=True reads the trainer's optimizer, and the trainer passed none")
-    seen = optimizer
-    for _ in range(8):  # Accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer, ...
-        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        seen = inner
-    return seen
