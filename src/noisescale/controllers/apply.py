@@ -66,6 +66,19 @@ def _real(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _betas(group: Any) -> tuple[float, float] | None:
+    """A parameter group's ``(beta1, beta2)`` when they are plain numbers (not tensors), else ``None``."""
+    betas = group.get("betas")
+    if isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) for b in betas):
+        return betas
+    return None
+
+
+def _decays(group: Any) -> bool:
+    """Whether a parameter group has a plain, positive weight decay."""
+    return _real(group.get("weight_decay")) and group["weight_decay"] > 0
+
+
 class OptimizerScaling:
     """Step hooks on one optimizer that apply ``lr_scale`` (and the horizons) for the length of each step.
 
@@ -120,10 +133,10 @@ class OptimizerScaling:
         only after the gradient is measured.
         """
         out: dict[str, Any] = {}
-        betas = group.get("betas")
-        if "beta2" in self.keep and isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) for b in betas):
+        betas = _betas(group)
+        if "beta2" in self.keep and betas is not None:
             out["betas"] = (betas[0], horizon_beta(betas[1], self.next_ratio))
-        if "weight_decay" in self.keep and _real(group.get("weight_decay")) and group["weight_decay"] > 0:
+        if "weight_decay" in self.keep and _decays(group):
             out["weight_decay"] = optimizer_overrides.UNKNOWN
         return out
 
@@ -140,8 +153,8 @@ class OptimizerScaling:
             if "momentum" in self.keep and _real(g.get("momentum")) and g["momentum"] > 0:
                 keep["momentum"] = g["momentum"]
                 g["momentum"] = horizon_beta(g["momentum"], self.ratio)
-            betas = g.get("betas")
-            if isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) for b in betas):
+            betas = _betas(g)
+            if betas is not None:
                 b1, b2 = betas
                 if "momentum" in self.keep:
                     b1 = horizon_beta(b1, self.ratio)
@@ -150,7 +163,7 @@ class OptimizerScaling:
                 if (b1, b2) != betas:
                     keep["betas"] = betas
                     g["betas"] = (b1, b2)
-            if "weight_decay" in self.keep and _real(g.get("weight_decay")) and g["weight_decay"] > 0:
+            if "weight_decay" in self.keep and _decays(g):
                 keep["weight_decay"] = g["weight_decay"]
                 g["weight_decay"] = weight_decay_for(g["weight_decay"], self.ratio, self.lr_scale)
             saved.append(keep)
