@@ -63,6 +63,8 @@ def restore(monitor: GNSMonitor, sinks: Sequence[object], state: dict[str, Any],
             "controller=, or from a checkpoint saved with it"
         )
     monitor.load_state_dict(state["monitor"])
+    # What the monitor still has queued would reach the sinks after their states are loaded, and add to them.
+    monitor.flush()
     saved = list(state.get("sinks") or [])
     for i, sink in enumerate(sinks):
         entry = saved[i] if i < len(saved) else None
