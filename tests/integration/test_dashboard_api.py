@@ -177,6 +177,25 @@ def test_events_alerts_and_decisions(server, folder, spec):
     assert ctrl[0]["data"]["after"]["batch_size"] == 32 and "doubling" in ctrl[0]["message"]
 
 
+def test_an_event_written_before_its_steps_measurement_gets_its_examples(tmp_path, spec):
+    # The event and the measurement travel on different threads: the event may land first, without examples.
+    from tests.helpers.training_runs import TinyTraining
+
+    from noisescale.store import Run
+
+    with Run("early", dir=tmp_path) as run:
+        run.event("note", "written before step 1's measurement", step=1)
+        training = TinyTraining(run)
+        training.train_step()
+        training.close()
+    with RunReader(run.path) as reader:
+        stored = reader.events()
+    assert stored[0]["examples"] == 16  # the reader fills it in from the measurement
+    with DashboardServer(tmp_path, port=0, poll_interval=0.05).start() as s:
+        doc = spec.check(s.port, f"/api/runs/{run.path.stem}/events", run=run.path.stem).json()
+    assert [{k: v for k, v in e.items() if k != "id"} for e in doc["events"]] == stored
+
+
 def test_compare_overlays_runs(server, folder, spec):
     ids = [folder["first"].stem, folder["second"].stem]
     doc = spec.check(server.port, "/api/compare", {"runs": ",".join(ids), "column": "batch_size"}).json()

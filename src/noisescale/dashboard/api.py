@@ -282,12 +282,14 @@ def _cursor(reader: Any) -> dict[str, int]:
 
 def _events(reader: Any, *, after: int, limit: int, kinds: list[str] | None) -> list[dict[str, Any]]:
     params: list[Any]
-    where, params = "id > ?", [after]
+    where, params = "e.id > ?", [after]
     if kinds:
-        where += f" AND kind IN ({', '.join('?' * len(kinds))})"
+        where += f" AND e.kind IN ({', '.join('?' * len(kinds))})"
         params += kinds
+    # As RunReader.events: an event written before its step's measurement takes the measurement's examples.
     rows = reader.query(
-        f"SELECT id, step, examples, wall_time, kind, message, data FROM events WHERE {where} ORDER BY id LIMIT ?",
+        "SELECT e.id, e.step, COALESCE(e.examples, s.examples), e.wall_time, e.kind, e.message, e.data "
+        f"FROM events e LEFT JOIN measurements s ON s.step = e.step WHERE {where} ORDER BY e.id LIMIT ?",
         (*params, limit),
     )
     return [
