@@ -116,6 +116,21 @@ def test_conv_without_im2col_equals_the_patches_and_autograd(monkeypatch, case):
     torch.testing.assert_close(conv_layer_weight_sq_norms(conv, x, g), exact, rtol=1e-10, atol=0.0)
 
 
+def test_grouped_conv_keeps_each_chunk_within_the_cpu_working_set(monkeypatch):
+    """Chunks of ``CPU_WORKING_SET // per-example`` examples (so glibc keeps the pages), equal to one call."""
+    conv, x, g, exact = _conv_case(nn.Conv2d, 4, 6, (3, 3), {"padding": 1})
+    x, g = x.repeat(3, 1, 1, 1), g.repeat(3, 1, 1, 1)  # 9 examples
+    whole = conv_grouped_weight_sq_norms(conv, x, g)
+    torch.testing.assert_close(whole, exact.repeat(3), rtol=1e-10, atol=0.0)
+    per_example = 6 * 4 * 9
+    monkeypatch.setattr(linear_forms, "CPU_WORKING_SET", 2 * per_example)  # 2 examples a chunk: 5 calls
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        chunked = conv_grouped_weight_sq_norms(conv, x, g)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
+    assert calls == 5
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0.0)
+
+
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c[0].__name__}-{c[4]}")
 def test_conv_sketch_is_unbiased_for_every_layout(case):
     conv, x, g, exact = _conv_case(*case)

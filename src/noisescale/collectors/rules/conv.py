@@ -217,7 +217,8 @@ def conv_grouped_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Te
     The batch is folded into the channels, ``(1, B C_in, *spatial)``, and the layer's ``groups`` into ``B * groups``
     groups, so one call of the weight gradient of that grouped convolution returns every example's own weight
     gradient, ``(B C_out, C_in / groups, *kernel)``, without an im2col copy.  Chunks of examples keep that buffer
-    within ``linear_forms.MAX_BUFFER`` elements.
+    within ``linear_forms.CPU_WORKING_SET`` elements (so the allocator keeps its pages between calls; see there),
+    and never beyond ``linear_forms.MAX_BUFFER``.
     """
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     nd = len(module.kernel_size)
@@ -231,7 +232,7 @@ def conv_grouped_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Te
     b, c_in = x.shape[0], x.shape[1]
     c_out, groups = g.shape[1], module.groups
     per_example = c_out * (c_in // groups) * math.prod(module.kernel_size)
-    step = max(1, linear_forms.MAX_BUFFER // per_example)
+    step = max(1, min(linear_forms.MAX_BUFFER, linear_forms.CPU_WORKING_SET) // per_example)
     parts = []
     for i in range(0, b, step):
         xi, gi = x[i : i + step], g[i : i + step]
