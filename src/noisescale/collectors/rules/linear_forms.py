@@ -28,10 +28,10 @@ MAX_BUFFER = 1 << 24
 """Elements of the largest temporary a form allocates (64 MiB in float32); more is computed in chunks."""
 
 CPU_WORKING_SET = 1 << 17
-"""Elements of one chunk's per-example buffer where a CPU form runs many small chunks-worth of work per step.
+"""Elements of one chunk's per-example buffer in the forms that run on a CPU only (``conv``'s grouped form).
 
 glibc's allocator hands a freed block at the top of its heap back to the system once the free space there passes
-its trim threshold (twice the largest block freed so far, typically a few MiB in a small model), and the next
+its trim threshold (twice the largest mapped block freed so far, a few MiB in a small model), and the next
 call faults those pages in again, zeroed.  On the digits CNN the per-example weight gradients of the second
 convolution, 2.4 MiB twice over plus the kernel's own reorders, went that way on every step: 6.5 ms a call
 against 1.9 ms with the pages kept; chunks of 512 KiB stay under the threshold and keep them.
