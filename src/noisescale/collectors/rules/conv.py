@@ -196,7 +196,7 @@ def conv_layer_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Tens
         return conv_grouped_weight_sq_norms(module, x, g)
     b = x.shape[0]
     per_example = (k_in * groups) * n_pos
-    step = max(1, linear_forms.MAX_BUFFER // max(per_example, 1))
+    step = linear_forms.chunk_size(per_example, linear_forms.MAX_BUFFER)
     parts = []
     for i in range(0, b, step):  # the patch matrix in chunks of examples
         patches = conv_patches(
@@ -232,7 +232,7 @@ def conv_grouped_weight_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Te
     b, c_in = x.shape[0], x.shape[1]
     c_out, groups = g.shape[1], module.groups
     per_example = c_out * (c_in // groups) * math.prod(module.kernel_size)
-    step = max(1, min(linear_forms.MAX_BUFFER, linear_forms.CPU_WORKING_SET) // per_example)
+    step = linear_forms.chunk_size(per_example, min(linear_forms.MAX_BUFFER, linear_forms.CPU_WORKING_SET))
     parts = []
     for i in range(0, b, step):
         xi, gi = x[i : i + step], g[i : i + step]
@@ -274,7 +274,7 @@ def conv_sketched_sq_norms(module: nn.Module, x: torch.Tensor, g: torch.Tensor, 
     gg = g.reshape(b * groups, g.shape[1] // groups, -1)  # (B G, C_out / G, L)
     if xr.shape[2] != gg.shape[2]:
         raise ValueError(f"{xr.shape[2]} projected positions but {gg.shape[2]} output positions")
-    step = max(1, linear_forms.MAX_BUFFER // (groups * gg.shape[1] * k))
+    step = linear_forms.chunk_size(groups * gg.shape[1] * k, linear_forms.MAX_BUFFER)
     parts = [
         torch.linalg.vector_norm(
             torch.bmm(

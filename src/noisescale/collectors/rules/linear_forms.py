@@ -22,7 +22,14 @@ import torch
 from noisescale.collectors.rules.common import bmm_float
 from noisescale.collectors.rules.sketch import Sketch
 
-__all__ = ["CPU_WORKING_SET", "MAX_BUFFER", "ghost_sq_norms", "materialised_sq_norms", "sketched_sq_norms"]
+__all__ = [
+    "CPU_WORKING_SET",
+    "MAX_BUFFER",
+    "chunk_size",
+    "ghost_sq_norms",
+    "materialised_sq_norms",
+    "sketched_sq_norms",
+]
 
 MAX_BUFFER = 1 << 24
 """Elements of the largest temporary a form allocates (64 MiB in float32); more is computed in chunks."""
@@ -38,7 +45,7 @@ against 1.9 ms with the pages kept; chunks of 512 KiB stay under the threshold a
 """
 
 
-def _chunk(per_item: int, limit: int) -> int:
+def chunk_size(per_item: int, limit: int) -> int:
     """How many items of ``per_item`` elements fit in ``limit`` (at least one)."""
     return max(1, limit // max(per_item, 1))
 
@@ -58,8 +65,8 @@ def ghost_sq_norms(x: torch.Tensor, g: torch.Tensor, *, gram_x: torch.Tensor | N
         gram_g = bmm_float(g, g.transpose(1, 2))
         return gram_g.mul_(gram_x).sum(dim=(1, 2))
     out = []
-    examples = _chunk(2 * t * t, MAX_BUFFER)
-    rows = t if examples > 1 or 2 * t * t <= MAX_BUFFER else _chunk(2 * t, MAX_BUFFER)
+    examples = chunk_size(2 * t * t, MAX_BUFFER)
+    rows = t if examples > 1 or 2 * t * t <= MAX_BUFFER else chunk_size(2 * t, MAX_BUFFER)
     for i in range(0, b, examples):
         xi, gi = x[i : i + examples], g[i : i + examples]
         total = None
@@ -79,8 +86,8 @@ def materialised_sq_norms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if b * n * m <= MAX_BUFFER:
         per_example = bmm_float(g.transpose(1, 2), x)  # (B, n, m)
         return torch.linalg.vector_norm(per_example, dim=(1, 2)).square()  # one pass, no temporary of squares
-    examples = _chunk(n * m, MAX_BUFFER)
-    rows = n if examples > 1 or n * m <= MAX_BUFFER else _chunk(m, MAX_BUFFER)
+    examples = chunk_size(n * m, MAX_BUFFER)
+    rows = n if examples > 1 or n * m <= MAX_BUFFER else chunk_size(m, MAX_BUFFER)
     out = []
     for i in range(0, b, examples):
         xi, gt = x[i : i + examples], g[i : i + examples].transpose(1, 2)
@@ -118,7 +125,7 @@ def sketched_sq_norms(
         gl = torch.matmul(g, sketch.gaussian(n, g.device, g.dtype))  # (B, T, k)
         left, right = gl.transpose(1, 2), x  # (B, k, T) @ (B, T, m)
         width = m
-    examples = _chunk(width * k, MAX_BUFFER)
+    examples = chunk_size(width * k, MAX_BUFFER)
     parts = [
         torch.linalg.vector_norm(bmm_float(left[i : i + examples], right[i : i + examples]), dim=(1, 2))
         for i in range(0, b, examples)
