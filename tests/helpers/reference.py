@@ -26,8 +26,24 @@ PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def double_model(model: nn.Module) -> nn.Module:
-    """A float64 deep copy of ``model`` (same values, no hooks shared with the original)."""
-    return copy.deepcopy(model).to(torch.float64)
+    """A float64 deep copy of ``model`` (same values), without noisescale's hooks.
+
+    A deep copy copies a module's hooks, and with a collector's bound methods the collector itself: the reference
+    would run a copy of the code it checks (with the state it had), not plain autograd.
+    """
+    ref = copy.deepcopy(model).to(torch.float64)
+    for module in ref.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks):
+            for key in [k for k, fn in hooks.items() if _from_noisescale(fn)]:
+                del hooks[key]
+    return ref
+
+
+def _from_noisescale(fn: object) -> bool:
+    """Whether a hook is noisescale's (a function, a bound method or a ``functools.partial`` of one)."""
+    fn = getattr(fn, "func", fn)
+    fn = getattr(fn, "__func__", fn)
+    return str(getattr(fn, "__module__", "")).startswith("noisescale")
 
 
 def _double(t: torch.Tensor) -> torch.Tensor:
