@@ -3,6 +3,7 @@ positions-first models, flattened tokens, and what ``warn`` leaves out, each aga
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 import noisescale as ns
 from noisescale.collectors.example import ExampleCollector
+from noisescale.collectors.example_layout import flattened_from, mark_flattened
 from noisescale.errors import StepError, UnsupportedLayerError
 
 
@@ -167,6 +169,35 @@ def test_flattened_tokens_are_grouped_by_example():
     sq_loss(model(x), y).sum().backward()
     assert collector.collect(4).examples == 4
     _check_exact(collector, per_example_sq_norms(model, x, y, sq_loss))
+
+
+def test_each_forward_pass_reads_its_own_flattened_shape():
+    """Micro-batches of one step with the same rows in different (B, T) shapes: each pass is grouped by its own
+    examples.  The graph of an earlier micro-batch is freed by then, and must not lend its shape to a new node that
+    happens to reuse its memory (it did, through a table keyed by the node's id)."""
+    torch.manual_seed(0)
+    model = FlattensTokens().double()
+    collector = ExampleCollector(model, keep_per_example=True)
+    shapes = [(4, 5), (2, 10), (5, 4), (10, 2), (4, 5), (1, 20), (20, 1)] * 3
+    xs = [torch.randn(b, t, 6, dtype=torch.float64) for b, t in shapes]
+    ys = [torch.randn_like(x) for x in xs]
+    for x, y in zip(xs, ys):
+        sq_loss(model(x), y).sum().backward()  # the graph goes with the loss, before the next pass
+    batch = sum(b for b, _ in shapes)
+    assert collector.collect(batch, micro_batch_sizes=[b for b, _ in shapes]).examples == batch
+    refs = [per_example_sq_norms(model, x, y, sq_loss) for x, y in zip(xs, ys)]
+    _check_exact(collector, {name: torch.cat([r[name] for r in refs]) for name in refs[0]})
+
+
+def test_a_flattened_mark_stays_with_its_own_node():
+    """The mark lives on the autograd node: found through element-wise operations after every Python handle on the
+    node is gone, and never found from another graph of the same shape."""
+    out = torch.randn(20, 6, requires_grad=True) * 2  # stands for a layer's output over 4 x 5 tokens
+    mark_flattened(out, (4, 5))
+    others = [torch.randn(20, 6, requires_grad=True) * 2 for _ in range(50)]  # unmarked, same rows
+    gc.collect()
+    assert flattened_from(torch.relu(out)) == (4, 5)
+    assert all(flattened_from(torch.relu(o)) is None for o in others)
 
 
 class CopiedRows(nn.Module):

@@ -32,6 +32,7 @@ from noisescale.collectors.example_layout import (
     bind_inputs,
     flattened_from,
     is_reshape,
+    mark_flattened,
     reshaped_base,
 )
 from noisescale.collectors.example_messages import AMBIGUOUS, CountEvidence, Policy, apply_policy
@@ -133,7 +134,7 @@ class ExampleCollector(HookOwner):
         self._refused: dict[nn.Module, str] = {}  # layers refused in this step: why
         self._calls: dict[nn.Module, int] = {}  # backward calls per layer in this step
         self._dropped: set[nn.Module] = set()  # layers left out since a step refused them
-        self._flat_outputs: dict[int, tuple[int, ...]] = {}  # output nodes of flattened layers -> (B, T, ...)
+        self._flat_seen = False  # a layer read flattened rows since the last reset (``mark_flattened``)
         # (tie, module) -> the module's last forward inputs and flattened shape, handed to the tie in backward
         self._tie_inputs: dict[tuple[int, int], tuple[nn.Module, tuple[object, ...], tuple[int, ...] | None]] = {}
         self._steps = 0
@@ -191,10 +192,11 @@ class ExampleCollector(HookOwner):
         lead = None
         if isinstance(x, torch.Tensor):
             self._shapes[module] = tuple(x.shape)
-            if x.dim() <= 2 and (self._flat_outputs or x._base is not None or is_reshape(x.grad_fn)):
-                lead = flattened_from(x, self._flat_outputs)
-                if lead is not None and output.grad_fn is not None:
-                    self._flat_outputs[id(output.grad_fn)] = lead
+            if x.dim() <= 2 and (self._flat_seen or x._base is not None or is_reshape(x.grad_fn)):
+                lead = flattened_from(x)
+                if lead is not None:
+                    mark_flattened(output, lead)
+                    self._flat_seen = True
         if layer.tie is not None:
             self._tie_inputs[(id(layer.tie), id(module))] = (module, inputs, lead)
         # A pre-hook on the autograd node that produced the output receives the output's gradient.  It is cheaper
@@ -556,7 +558,7 @@ class ExampleCollector(HookOwner):
         self._examples = {}
         self._calls = {}
         self._refused = {}
-        self._flat_outputs = {}
+        self._flat_seen = False
         self._tie_inputs = {}
         self._evidence.reset()
         for tie in self._ties:

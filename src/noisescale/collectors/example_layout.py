@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Layout", "LayoutEvidence", "bind_inputs", "flattened_from", "is_reshape", "reshaped_base"]
+__all__ = [
+    "Layout",
+    "LayoutEvidence",
+    "bind_inputs",
+    "flattened_from",
+    "is_reshape",
+    "mark_flattened",
+    "reshaped_base",
+]
 
 
 @functools.cache
@@ -112,13 +120,28 @@ _ELEMENTWISE = frozenset(
 _RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0"})
 
 
-def flattened_from(x: torch.Tensor, verified: dict[int, tuple[int, ...]]) -> tuple[int, ...] | None:
+_LEAD = "noisescale.flattened_lead"
+"""The key, in an autograd node's ``metadata``, of the leading shape of a layer output read as flattened."""
+
+
+def mark_flattened(output: torch.Tensor, lead: tuple[int, ...]) -> None:
+    """Note on ``output``'s autograd node that its rows flatten ``lead``: element-wise operations from there keep
+    the grouping, so a later layer reading them is grouped alike (``flattened_from``).
+
+    Kept on the node itself, not in a table keyed by ``id(node)``: a node of a freed graph (an earlier micro-batch)
+    can leave its address to a new one, which would then inherit a shape that is not its own.
+    """
+    node: Any = output.grad_fn  # an autograd Node (its type stub does not show ``metadata`` as a dict)
+    if node is not None:
+        node.metadata[_LEAD] = lead
+
+
+def flattened_from(x: torch.Tensor) -> tuple[int, ...] | None:
     """The leading shape ``(B, T, ...)`` that ``x`` (2-D rows, or 1-D ids) flattens, or ``None``.
 
     Args:
-        x: a layer's first input.
-        verified: autograd nodes (by ``id``) of outputs of layers already read as flattened, with their leading
-            shape: element-wise operations from there keep the grouping.
+        x: a layer's first input: a plain reshape of a wider tensor, or reached by element-wise operations from
+            a reshape or from a layer output marked by ``mark_flattened``.
     """
     if x.dim() not in (1, 2) or x.shape[0] == 0:
         return None
@@ -134,15 +157,13 @@ def flattened_from(x: torch.Tensor, verified: dict[int, tuple[int, ...]]) -> tup
     node = x.grad_fn
     if node is None:
         return None
-    return _lead_of_node(node, x.shape[0], trailing, verified, depth=0)
+    return _lead_of_node(node, x.shape[0], trailing, depth=0)
 
 
-def _lead_of_node(
-    node: Any, rows: int, trailing: tuple[int, ...], verified: dict[int, tuple[int, ...]], depth: int
-) -> tuple[int, ...] | None:
+def _lead_of_node(node: Any, rows: int, trailing: tuple[int, ...], depth: int) -> tuple[int, ...] | None:
     if depth > 8:
         return None
-    lead = verified.get(id(node))
+    lead = node.metadata.get(_LEAD)
     if lead is not None:
         return lead
     name = type(node).__name__
@@ -161,7 +182,7 @@ def _lead_of_node(
     for parent, _ in node.next_functions:
         if parent is None or type(parent).__name__ == "AccumulateGrad":
             continue  # a constant or a parameter broadcast over the rows
-        lead = _lead_of_node(parent, rows, trailing, verified, depth + 1)
+        lead = _lead_of_node(parent, rows, trailing, depth + 1)
         if lead is None or (found is not None and lead != found):
             return None
         found = lead
